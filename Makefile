@@ -1,0 +1,40 @@
+# Every target sets itself up from a fresh clone: a .venv, torch first and alone, then the package.
+# GPU users: make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: demo test bench docs setup-test setup-bench setup-docs clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch goes in alone, before anything that depends on it, so no dependency range can swap it.
+$(VENV)/.torch: | $(PY)
+	$(PIP) install $(TORCH)
+	touch $@
+
+$(VENV)/.extra-%: pyproject.toml $(VENV)/.torch
+	$(PIP) install -e ".[$*]"
+	touch $@
+
+setup-test: $(VENV)/.extra-test
+setup-bench: $(VENV)/.extra-bench $(VENV)/.extra-test
+setup-docs: $(VENV)/.extra-docs
+
+demo: setup-bench
+	$(PY) examples/decompose.py
+
+test: setup-test
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup-bench
+	$(PY) benchmarks/decomp_bench.py
+
+docs: setup-docs
+	$(VENV)/bin/mkdocs build --strict
+
+clean:
+	rm -rf $(VENV) site .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Gradient-projection and rotated optimizers built on :mod:`decomp` (not implemented yet)."""

@@ -1,0 +1,95 @@
+"""The shared validation layer: every public function reports bad input through these."""
+
+import pytest
+import torch
+
+from decomp import _checks
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        ([1.0, 2.0], TypeError, "x must be a torch.Tensor, got list"),
+        (torch.ones(3, dtype=torch.int64), TypeError, "real floating dtype"),
+        (torch.ones(3, dtype=torch.complex64), TypeError, "real floating dtype"),
+        (torch.ones(3), ValueError, r"ndim >= 2, got shape \(3,\)"),
+        (torch.ones(0, 3), ValueError, "must not be empty"),
+        (torch.tensor([[1.0, float("nan")]]), ValueError, "NaN or Inf"),
+        (torch.tensor([[1.0, float("inf")]]), ValueError, "NaN or Inf"),
+    ],
+)
+def test_check_tensor_rejects(value, error, match):
+    with pytest.raises(error, match=match):
+        _checks.check_tensor(value, "x", min_ndim=2)
+
+
+def test_check_tensor_max_ndim_and_skip_finite():
+    with pytest.raises(ValueError, match=r"ndim in \[3, 5\]"):
+        _checks.check_tensor(torch.ones(2, 2), "W", min_ndim=3, max_ndim=5)
+    nan = torch.full((2, 2), float("nan"))
+    assert _checks.check_tensor(nan, "x", min_ndim=2, check_finite=False) is nan
+
+
+def test_finiteness_check_does_not_mistake_an_overflowing_sum_for_inf():
+    huge = torch.full((4, 4), 3e38)  # finite, but its sum overflows float32
+    assert _checks.check_tensor(huge, "x") is huge
+    huge[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        _checks.check_tensor(huge, "x")
+
+
+def test_finiteness_check_sums_half_inputs_in_float32():
+    big = torch.full((64, 64), 6e4, dtype=torch.float16)  # finite, sum far beyond float16's range
+    assert _checks.check_tensor(big, "x") is big
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_compute_in_float32(dtype):
+    assert _checks.compute_dtype(dtype) is torch.float32
+    assert _checks.to_compute(torch.ones(2, dtype=dtype)).dtype is torch.float32
+
+
+def test_full_precision_inputs_are_not_copied():
+    x = torch.ones(2, dtype=torch.float64)
+    assert _checks.to_compute(x) is x
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (0, ValueError, r"rank must be in \[1, 4\], got 0"),
+        (5, ValueError, r"rank must be in \[1, 4\], got 5"),
+        (2.0, TypeError, "rank must be an int, got float"),
+        (True, TypeError, "rank must be an int, got bool"),
+    ],
+)
+def test_check_rank_rejects(value, error, match):
+    with pytest.raises(error, match=match):
+        _checks.check_rank(value, "rank", 4)
+
+
+def test_check_rank_accepts_numpy_and_torch_free_ints():
+    import numpy as np
+
+    assert _checks.check_rank(np.int64(3), "rank", 4) == 3
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, 1.5])
+def test_check_fraction_rejects(value):
+    with pytest.raises(ValueError, match=r"energy must be in \(0, 1\]"):
+        _checks.check_fraction(value, "energy")
+
+
+def test_check_choice_and_generator():
+    with pytest.raises(ValueError, match=r"method must be one of \['a', 'b'\], got 'c'"):
+        _checks.check_choice("c", "method", ("a", "b"))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        _checks.check_generator(0)
+
+
+def test_randn_is_reproducible_from_a_generator():
+    def draw():
+        generator = torch.Generator().manual_seed(7)
+        return _checks.randn((3, 2), dtype=torch.float32, device=torch.device("cpu"), generator=generator)
+
+    assert torch.equal(draw(), draw())
