@@ -13,4 +13,10 @@ returned in the input dtype), each returning a small typed result with an invers
 :mod:`decomp.adapters` builds parametrizations on these.
 """
 
-__all__: list[str] = []
+from ._dct import dct, dct_matrix, idct
+
+__all__ = [
+    "dct_matrix",
+    "dct",
+    "idct",
+]
