@@ -14,8 +14,11 @@ returned in the input dtype), each returning a small typed result with an invers
 """
 
 from ._dct import dct, dct_matrix, idct
+from ._rsvd import SVD, rsvd
 
 __all__ = [
+    "SVD",
+    "rsvd",
     "dct_matrix",
     "dct",
     "idct",
