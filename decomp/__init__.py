@@ -14,11 +14,15 @@ returned in the input dtype), each returning a small typed result with an invers
 """
 
 from ._dct import dct, dct_matrix, idct
+from ._kron import KronSum, kpsvd, kron_shapes
 from ._rsvd import SVD, rsvd
 
 __all__ = [
     "SVD",
     "rsvd",
+    "KronSum",
+    "kpsvd",
+    "kron_shapes",
     "dct_matrix",
     "dct",
     "idct",
