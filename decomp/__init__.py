@@ -16,10 +16,13 @@ returned in the input dtype), each returning a small typed result with an invers
 from ._dct import dct, dct_matrix, idct
 from ._kron import KronSum, kpsvd, kron_shapes
 from ._rsvd import SVD, rsvd
+from ._tucker import Tucker, tucker
 
 __all__ = [
     "SVD",
     "rsvd",
+    "Tucker",
+    "tucker",
     "KronSum",
     "kpsvd",
     "kron_shapes",
