@@ -15,6 +15,7 @@ returned in the input dtype), each returning a small typed result with an invers
 
 from ._dct import dct, dct_matrix, idct
 from ._kron import KronSum, kpsvd, kron_shapes
+from ._ldu import LDU, ldu
 from ._rsvd import SVD, rsvd
 from ._tucker import Tucker, tucker
 
@@ -26,6 +27,8 @@ __all__ = [
     "KronSum",
     "kpsvd",
     "kron_shapes",
+    "LDU",
+    "ldu",
     "dct_matrix",
     "dct",
     "idct",
