@@ -13,6 +13,7 @@ returned in the input dtype), each returning a small typed result with an invers
 :mod:`decomp.adapters` builds parametrizations on these.
 """
 
+from ._atoms import Atoms, atoms
 from ._dct import dct, dct_matrix, idct
 from ._kron import KronSum, kpsvd, kron_shapes
 from ._ldu import LDU, ldu
@@ -29,6 +30,8 @@ __all__ = [
     "kron_shapes",
     "LDU",
     "ldu",
+    "Atoms",
+    "atoms",
     "dct_matrix",
     "dct",
     "idct",
