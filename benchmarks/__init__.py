@@ -1,0 +1,1 @@
+"""Benchmark scripts (one per area) and the harness they share; not part of the installed library."""
