@@ -8,6 +8,7 @@ and the allowed range.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Sequence
 
@@ -83,14 +84,41 @@ def check_rank(rank: object, name: str, high: int) -> int:
     return check_int(rank, name, low=1, high=high)
 
 
+def check_real(
+    value: object,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = False,
+    high_inclusive: bool = False,
+) -> float:
+    """Validate a finite real number, optionally in an interval, and return it as ``float``.
+
+    ``check_real(alpha, "alpha", low=0)`` accepts ``alpha > 0``;
+    ``check_real(s, "sparsity", low=0, high=1, low_inclusive=True)`` accepts ``[0, 1)``.
+    """
+    if low is not None and high is not None:
+        allowed = f"a float in {'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
+    elif low is not None:
+        allowed = f"a float {'>=' if low_inclusive else '>'} {low:g}"
+    elif high is not None:
+        allowed = f"a float {'<=' if high_inclusive else '<'} {high:g}"
+    else:
+        allowed = "a finite float"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__}")
+    value = float(value)
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if not math.isfinite(value) or too_low or too_high:
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+    return value
+
+
 def check_fraction(value: object, name: str) -> float:
     """Validate an energy fraction: a float in ``(0, 1]``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float in (0, 1], got {type(value).__name__}")
-    value = float(value)
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {value}")
-    return value
+    return check_real(value, name, low=0.0, high=1.0, high_inclusive=True)
 
 
 def check_choice(value: object, name: str, choices: Sequence[str]) -> str:

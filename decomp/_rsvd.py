@@ -9,12 +9,11 @@ References:
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import torch
 
-from ._checks import check_generator, check_int, check_rank, check_tensor, randn, to_compute
+from ._checks import check_generator, check_int, check_rank, check_real, check_tensor, randn, to_compute
 
 # The fixed-precision basis grows in blocks, the first of at least this many columns: small enough
 # not to overshoot a low target rank by much, large enough that the per-block host sync is rare.
@@ -178,7 +177,7 @@ def rsvd(
     if rank is not None:
         rank = check_rank(rank, "rank", min(m, n))
     else:
-        tol = _check_tol(tol)
+        tol = check_real(tol, "tol", low=0.0, high=1.0)
     oversample = check_int(oversample, "oversample", low=0)
     power_iters = check_int(power_iters, "power_iters", low=0)
     generator = check_generator(generator)
@@ -195,15 +194,6 @@ def rsvd(
     if wide:
         U, Vh = Vh.mT, U.mT
     return SVD(U.to(A.dtype), S.to(A.dtype), Vh.to(A.dtype))
-
-
-def _check_tol(tol: object) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
-        raise TypeError(f"tol must be a float in (0, 1), got {type(tol).__name__}")
-    tol = float(tol)
-    if not 0.0 < tol < 1.0:
-        raise ValueError(f"tol must be in (0, 1), got {tol}")
-    return tol
 
 
 def _orthonormal_basis(Y: torch.Tensor) -> torch.Tensor:

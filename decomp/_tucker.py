@@ -24,6 +24,7 @@ from ._checks import (
     check_generator,
     check_int,
     check_rank,
+    check_real,
     check_tensor,
     to_compute,
 )
@@ -197,7 +198,7 @@ def tucker(
     if not callable(svd):
         check_choice(svd, "svd", _SVD_METHODS)
     n_iter = check_int(n_iter, "n_iter", low=1)
-    tol = _check_tol(tol)
+    tol = check_real(tol, "tol", low=0.0, low_inclusive=True)
     generator = check_generator(generator)
     requested = _check_ranks(ranks, modes, T.shape)
 
@@ -399,9 +400,3 @@ def _check_ranks(ranks: object, modes: tuple[int, ...], shape: torch.Size) -> li
     return checked
 
 
-def _check_tol(tol: object) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
-        raise TypeError(f"tol must be a float >= 0, got {type(tol).__name__}")
-    if not float(tol) >= 0.0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
-    return float(tol)

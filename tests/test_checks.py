@@ -76,7 +76,7 @@ def test_check_rank_accepts_numpy_and_torch_free_ints():
 
 @pytest.mark.parametrize("value", [0.0, -0.5, 1.5])
 def test_check_fraction_rejects(value):
-    with pytest.raises(ValueError, match=r"energy must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"energy must be a float in \(0, 1\]"):
         _checks.check_fraction(value, "energy")
 
 
@@ -93,3 +93,25 @@ def test_randn_is_reproducible_from_a_generator():
         return _checks.randn((3, 2), dtype=torch.float32, device=torch.device("cpu"), generator=generator)
 
     assert torch.equal(draw(), draw())
+
+
+@pytest.mark.parametrize(
+    ("value", "bounds", "error", "match"),
+    [
+        (0.0, {"low": 0.0}, ValueError, r"alpha must be a float > 0, got 0.0"),
+        (float("inf"), {"low": 0.0}, ValueError, r"alpha must be a float > 0, got inf"),
+        (float("nan"), {}, ValueError, r"alpha must be a finite float, got nan"),
+        (1.0, {"low": 0.0, "high": 1.0, "low_inclusive": True}, ValueError, r"must be a float in \[0, 1\), got 1.0"),
+        (2.0, {"high": 1.0, "high_inclusive": True}, ValueError, r"alpha must be a float <= 1, got 2.0"),
+        ("1", {}, TypeError, r"alpha must be a finite float, got str"),
+        (True, {"low": 0.0}, TypeError, r"alpha must be a float > 0, got bool"),
+    ],
+)
+def test_check_real_rejects(value, bounds, error, match):
+    with pytest.raises(error, match=match):
+        _checks.check_real(value, "alpha", **bounds)
+
+
+def test_check_real_accepts_inclusive_bounds_and_returns_float():
+    assert _checks.check_real(0, "sparsity", low=0.0, high=1.0, low_inclusive=True) == 0.0
+    assert isinstance(_checks.check_real(3, "scale"), float)

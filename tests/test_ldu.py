@@ -7,7 +7,6 @@ import pytest
 import scipy.linalg
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
 
 from decomp import LDU, ldu
 from tests.strategies import SEEDS, gaussian, matrices, relative_error, tolerance
