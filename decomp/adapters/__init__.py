@@ -1,0 +1,23 @@
+"""decomp.adapters: parametrizations for fine-tuning conv and linear layers.
+
+Each adapter is an ``nn.Module`` used as
+``parametrize.register_parametrization(layer, "weight", XParam(...))`` on ``nn.Linear`` and
+``nn.Conv1d/2d/3d`` (any groups, dilation and padding mode: adapters act on the weight, so the
+layer's own forward is untouched). :mod:`decomp.adapters.model` adds the model-level helpers.
+"""
+
+from .atom import AtomParam
+from .base import AdapterParam
+from .model import adapter_state_dict, apply, load_adapter, merge, report, save_adapter, trainable_parameters
+
+__all__ = [
+    "AdapterParam",
+    "AtomParam",
+    "apply",
+    "trainable_parameters",
+    "report",
+    "merge",
+    "adapter_state_dict",
+    "save_adapter",
+    "load_adapter",
+]

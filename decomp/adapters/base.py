@@ -1,0 +1,135 @@
+r"""What every adapter shares: a parametrization :math:`W \mapsto W'` built from a layer's weight.
+
+An adapter is an ``nn.Module`` used as
+
+.. code-block:: python
+
+    parametrize.register_parametrization(layer, "weight", XParam(...))
+
+``register_parametrization`` calls :meth:`AdapterParam.right_inverse` with the pretrained weight,
+which builds the adapter's frozen buffers and trainable ``Parameter``\ s from it (lazily, so
+``XParam()`` needs no shapes), and then :meth:`AdapterParam.forward` maps the frozen weight
+:math:`W` to the adapted one. Subclasses implement three small hooks:
+
+* ``_build(weight)`` -- create buffers and Parameters from the (detached) pretrained weight;
+* ``delta(weight)`` -- the update :math:`\Delta W` (zero at init for methods that define one);
+* ``trainable_count(shape, **config)`` -- the closed-form number of trainable parameters.
+
+and may override ``compose``/``decompose`` for a non-additive update (Lie: :math:`W \odot
+\exp(\Delta W)`). The base class owns validation, dtype handling (the update is computed in fp32
+for fp16/bf16 weights and returned in the weight's dtype), the shape check, ``from_weight`` and
+``extra_repr``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .._checks import check_tensor, compute_dtype
+
+
+class AdapterParam(nn.Module):
+    r"""Base class of every adapter: :math:`W' = \mathrm{compose}(W, \Delta W)`, default :math:`W + \Delta W`.
+
+    Subclasses set ``min_ndim``/``max_ndim`` (2 = linear, 3..5 = conv 1-3 D) and implement
+    ``_build``, ``delta`` and ``trainable_count``.
+    """
+
+    min_ndim: ClassVar[int] = 2
+    max_ndim: ClassVar[int] = 5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight_shape: torch.Size | None = None
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _build(self, weight: torch.Tensor) -> None:
+        """Create buffers and trainable Parameters from the detached pretrained ``weight``."""
+        raise NotImplementedError
+
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        r"""The update :math:`\Delta W`, shape of ``weight``, in the compute dtype."""
+        raise NotImplementedError
+
+    @classmethod
+    def trainable_count(cls, shape: tuple[int, ...], **config: Any) -> int:
+        """Closed-form number of trainable parameters for a weight of ``shape`` and ``config``."""
+        raise NotImplementedError
+
+    def compose(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        r""":math:`W'` from the frozen :math:`W` and :math:`\Delta W` (both in the compute dtype)."""
+        return weight + delta
+
+    def decompose(self, value: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        r"""The frozen :math:`W` with ``compose(W, delta) == value``: the inverse of :meth:`compose`."""
+        return value - delta
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments (shown by ``repr`` and used to rebuild the adapter)."""
+        return {}
+
+    # ------------------------------------------------------------------ shared behaviour
+    @property
+    def is_built(self) -> bool:
+        return self.weight_shape is not None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, **config: Any) -> AdapterParam:
+        """An adapter of this class built from ``weight`` (what ``register_parametrization`` does).
+
+        Example:
+            >>> from decomp.adapters import AtomParam
+            >>> adapter = AtomParam.from_weight(torch.randn(8, 4, 3, 3), num_atoms=4)
+            >>> adapter.is_built
+            True
+        """
+        adapter = cls(**config)
+        adapter.right_inverse(weight)
+        return adapter
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        """Build from ``value`` on first use; later, the frozen weight that ``forward`` maps to ``value``.
+
+        On registration ``value`` is the pretrained weight and, as every update starts at zero
+        (or is documented otherwise), it is stored unchanged. Assigning ``layer.weight = X``
+        afterwards stores the weight that reproduces ``X`` under the current update.
+        """
+        if not self.is_built:
+            check_tensor(value, "weight", min_ndim=self.min_ndim, max_ndim=self.max_ndim)
+            self._build(value.detach())
+            self.weight_shape = value.shape
+            return value
+        self._check_shape(value)
+        work = value.to(compute_dtype(value.dtype))
+        return self.decompose(work, self.delta(work)).to(value.dtype)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        self._check_shape(weight)
+        work = weight.to(compute_dtype(weight.dtype))
+        return self.compose(work, self.delta(work)).to(weight.dtype)
+
+    def num_trainable(self) -> int:
+        """Number of trainable elements this adapter holds."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def _check_shape(self, weight: torch.Tensor) -> None:
+        if not self.is_built:
+            raise RuntimeError(
+                f"{type(self).__name__} is not built yet: register it on a layer "
+                f"(parametrize.register_parametrization) or use {type(self).__name__}.from_weight"
+            )
+        if weight.shape != self.weight_shape:
+            raise ValueError(
+                f"{type(self).__name__} was built for a weight of shape {tuple(self.weight_shape)}, "
+                f"got {tuple(weight.shape)}"
+            )
+
+    def extra_repr(self) -> str:
+        parts = [f"{key}={value!r}" for key, value in self.config().items()]
+        if self.is_built:
+            parts.append(f"weight_shape={tuple(self.weight_shape)}")
+            parts.append(f"trainable={self.num_trainable()}")
+        return ", ".join(parts)

@@ -1,0 +1,53 @@
+"""Hypothesis strategies shared by the adapter tests and the contract suite."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+LAYER_KINDS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+CONV_TYPES = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@st.composite
+def layers(draw, kinds: frozenset[str] = LAYER_KINDS, dtype: torch.dtype = torch.float64):
+    """A freshly initialised Linear or Conv1d/2d/3d (groups, dilation, stride, bias, every padding
+    mode, non-square kernels) of one of ``kinds``, and a batch of inputs for it.
+
+    The global torch seed is set from a drawn seed on purpose: the layer's init and the random
+    inits of an adapter registered on it afterwards (drawn from the global generator, as
+    ``nn.Module`` inits are) are then reproducible per example.
+    """
+    kind = draw(st.sampled_from(sorted(kinds)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    torch.manual_seed(seed)
+    if kind == "linear":
+        layer = nn.Linear(draw(st.integers(1, 12)), draw(st.integers(1, 12)), bias=draw(st.booleans()))
+        x = torch.randn(3, layer.in_features, generator=seeded(seed + 1))
+        return layer.to(dtype), x.to(dtype)
+    spatial = int(kind[-2])
+    groups = draw(st.integers(1, 3))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(spatial))
+    dilation = draw(st.integers(1, 2))
+    padding = draw(st.integers(0, 2))
+    layer = CONV_TYPES[kind](
+        groups * draw(st.integers(1, 3)),
+        groups * draw(st.integers(1, 3)),
+        kernel,
+        stride=draw(st.integers(1, 2)),
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=draw(st.booleans()),
+        padding_mode=draw(st.sampled_from(PADDING_MODES)),
+    )
+    # Large enough for the dilated kernel, and above the padding ('reflect' needs padding < size).
+    size = max(dilation * (max(kernel) - 1) + 1, padding + 1) + draw(st.integers(0, 2))
+    x = torch.randn(2, layer.in_channels, *([size] * spatial), generator=seeded(seed + 1))
+    return layer.to(dtype), x.to(dtype)

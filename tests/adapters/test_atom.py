@@ -1,0 +1,198 @@
+"""AtomParam: the update formulas (level 1, level 2, linear block view), defaults, counts, errors.
+
+The shared properties (identity at init over drawn layers, merge, save/load, deepcopy, bf16)
+run in tests/contracts/test_adapter_contract.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import parametrize
+
+from decomp import atoms
+from decomp.adapters import AtomParam
+
+
+def gaussian(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def randomise_trainables(adapter: AtomParam, seed: int = 1) -> None:
+    with torch.no_grad():
+        for offset, parameter in enumerate(adapter.parameters()):
+            parameter.copy_(gaussian(*parameter.shape, seed=seed + offset))
+
+
+@st.composite
+def conv_weights(draw):
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(draw(st.integers(1, 3))))
+    shape = (draw(st.integers(1, 5)), draw(st.integers(1, 5)), *kernel)
+    return gaussian(*shape, seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@settings(max_examples=25)
+@given(weight=conv_weights(), data=st.data())
+def test_level1_update_is_coefficients_times_atom_change(weight, data):
+    kernel_size = weight[0, 0].numel()
+    m = data.draw(st.integers(1, kernel_size))
+    adapter = AtomParam.from_weight(weight, num_atoms=m)
+    torch.testing.assert_close(adapter.coeffs, atoms(weight, m).coeffs)
+    randomise_trainables(adapter)
+    expected = torch.zeros_like(weight)
+    for o in range(weight.shape[0]):
+        for i in range(weight.shape[1]):
+            for j in range(m):
+                expected[o, i] += adapter.coeffs[o, i, j] * adapter.atom_delta[j]
+    torch.testing.assert_close(adapter.delta(weight), expected)
+    torch.testing.assert_close(adapter(weight), weight + expected)
+
+
+@settings(max_examples=20)
+@given(weight=conv_weights(), data=st.data())
+def test_level2_update_is_the_clean_recursive_formula(weight, data):
+    kernel_size = weight[0, 0].numel()
+    m = data.draw(st.integers(1, kernel_size))
+    m1 = data.draw(st.integers(1, kernel_size))
+    adapter = AtomParam.from_weight(weight, num_atoms=m, levels=2, sub_atoms=m1)
+    torch.testing.assert_close(adapter.sub_coeffs.detach(), atoms(weight, m, levels=2, sub_atoms=m1).sub_coeffs)
+    torch.testing.assert_close(adapter(weight), weight)  # D1 starts at zero
+    randomise_trainables(adapter)
+    beta, sub_atom_delta = adapter.sub_coeffs.detach(), adapter.sub_atom_delta.detach()
+    expected = torch.zeros_like(weight)
+    for o in range(weight.shape[0]):
+        for c in range(weight.shape[1]):
+            for j in range(m):
+                channel_atom = sum(beta[c, j, a] * sub_atom_delta[j, a] for a in range(m1))
+                expected[o, c] += adapter.coeffs[o, c, j] * channel_atom
+    torch.testing.assert_close(adapter.delta(weight), expected)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_linear_block_view_treats_each_tile_as_a_filter(levels):
+    weight = gaussian(8, 12)
+    adapter = AtomParam.from_weight(weight, num_atoms=5, levels=levels, block=4)
+    tiles = weight.reshape(2, 4, 3, 4).permute(0, 2, 1, 3)  # tile (o, i) = W[4o:4o+4, 4i:4i+4]
+    torch.testing.assert_close(tiles[1, 2], weight[4:8, 8:12])
+    reference = AtomParam.from_weight(tiles.contiguous(), num_atoms=5, levels=levels)
+    torch.testing.assert_close(adapter.coeffs, reference.coeffs)
+    randomise_trainables(adapter)
+    randomise_trainables(reference)
+    tile_update = reference.delta(tiles.contiguous())
+    torch.testing.assert_close(adapter.delta(weight), tile_update.permute(0, 2, 1, 3).reshape(8, 12))
+
+
+@pytest.mark.parametrize(
+    ("shape", "config", "count"),
+    [
+        ((64, 64, 3, 3), {}, 81),  # m = 9 atoms of 3x3
+        ((64, 64, 1, 1), {}, 1),  # 1x1 conv: one atom, one scalar
+        ((16, 1, 7, 7), {}, 9 * 49),  # depthwise 7x7
+        ((8, 4, 5), {}, 5 * 5),  # conv1d k=5: m clamped to K = 5
+        ((4, 2, 3, 3, 3), {"num_atoms": 27}, 27 * 27),
+        ((64, 64, 3, 3), {"levels": 2}, 9 * 3 * (9 + 64)),
+        ((64, 64, 3, 3), {"num_atoms": 4, "levels": 2, "sub_atoms": 2}, 4 * 2 * (9 + 64)),
+        ((768, 3072), {}, 9 * 16),  # block 4: 4x4 tiles, 9 atoms
+        ((6, 9), {}, 9 * 9),  # largest block <= 4 dividing both dims is 3
+        ((5, 7), {}, 1),  # coprime dims: block 1, one scalar
+        ((8, 8), {"block": 2}, 4 * 4),
+    ],
+)
+def test_trainable_count_closed_form(shape, config, count):
+    assert AtomParam.trainable_count(shape, **config) == count
+    adapter = AtomParam.from_weight(gaussian(*shape), **config)
+    assert adapter.num_trainable() == count
+
+
+def test_registration_on_conv_is_identity_in_float64():
+    conv = nn.Conv2d(6, 9, 3, padding=2, dilation=2, groups=3, padding_mode="reflect").double()
+    x = gaussian(2, 6, 7, 7)
+    before = conv(x)
+    parametrize.register_parametrization(conv, "weight", AtomParam(num_atoms=4, levels=2))
+    assert torch.equal(conv(x), before)
+
+
+def test_parameters_follow_the_weight_dtype():
+    adapter = AtomParam.from_weight(torch.randn(4, 2, 3, 3, dtype=torch.bfloat16), levels=2)
+    assert {p.dtype for p in adapter.parameters()} == {torch.bfloat16}
+    assert adapter(torch.zeros(4, 2, 3, 3, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_training_only_the_atoms_fits_a_target_update():
+    # A target update inside the adapter's span: dW = alpha x dD* for a hidden dD*. Gradient
+    # descent on the atoms alone must recover it (the frozen coefficients are the right ones).
+    weight = gaussian(6, 4, 3, 3)
+    adapter = AtomParam.from_weight(weight, num_atoms=4)
+    hidden = gaussian(4, 3, 3, seed=5)
+    target = torch.einsum("oij,jkl->oikl", adapter.coeffs, hidden)
+    optimizer = torch.optim.LBFGS(adapter.parameters(), max_iter=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (adapter.delta(weight) - target).square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    torch.testing.assert_close(adapter.atom_delta.detach(), hidden, rtol=1e-6, atol=1e-6)
+
+
+def test_config_repr_and_rebuild():
+    adapter = AtomParam(num_atoms=4, levels=2, sub_atoms=2)
+    assert adapter.config() == {"num_atoms": 4, "levels": 2, "sub_atoms": 2, "block": None}
+    assert "num_atoms=4" in repr(adapter)
+    built = AtomParam.from_weight(gaussian(8, 3, 3, 3), **adapter.config())
+    assert "trainable=" in repr(built)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"num_atoms": 0}, ValueError, r"num_atoms must be >= 1, got 0"),
+        ({"num_atoms": 2.5}, TypeError, r"num_atoms must be an int"),
+        ({"levels": 3}, ValueError, r"levels must be in \[1, 2\], got 3"),
+        ({"sub_atoms": 2}, ValueError, r"sub_atoms is only used with levels=2"),
+        ({"levels": 2, "sub_atoms": 0}, ValueError, r"sub_atoms must be >= 1"),
+        ({"block": 0}, ValueError, r"block must be >= 1"),
+        ({"block": "4"}, TypeError, r"block must be an int"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        AtomParam(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("shape", "kwargs", "message"),
+    [
+        ((4, 4, 3, 3), {"num_atoms": 10}, r"num_atoms must be in \[1, K\] = \[1, 9\] for kernel size \(3, 3\), got 10"),
+        ((4, 4, 1, 1), {"num_atoms": 2}, r"num_atoms must be in \[1, K\] = \[1, 1\]"),
+        ((4, 4, 3), {"levels": 2, "sub_atoms": 4}, r"sub_atoms must be in \[1, K\] = \[1, 3\]"),
+        ((8, 6), {"block": 4}, r"block must divide both dims of the linear weight \(d_out=8, d_in=6\), got block=4"),
+        ((8, 8), {"block": 2, "num_atoms": 5}, r"num_atoms must be in \[1, K\] = \[1, 4\]"),
+    ],
+)
+def test_out_of_range_budget_raises_and_registers_nothing(shape, kwargs, message):
+    layer = nn.Linear(shape[1], shape[0]) if len(shape) == 2 else nn.Conv2d(shape[1], shape[0], shape[2:])
+    if len(shape) == 3:
+        layer = nn.Conv1d(shape[1], shape[0], shape[2])
+    with pytest.raises(ValueError, match=message):
+        parametrize.register_parametrization(layer, "weight", AtomParam(**kwargs))
+    assert not parametrize.is_parametrized(layer)
+    with pytest.raises(ValueError, match=message):
+        AtomParam.trainable_count(shape, **kwargs)
+
+
+def test_unbuilt_adapter_explains_how_to_build():
+    with pytest.raises(RuntimeError, match="not built yet"):
+        AtomParam()(torch.zeros(4, 4, 3, 3))
+
+
+def test_trainable_count_validates_like_the_constructor():
+    with pytest.raises(ValueError, match=r"levels must be in \[1, 2\]"):
+        AtomParam.trainable_count((4, 4, 3, 3), levels=3)
+    with pytest.raises(ValueError, match=r"shape must have 2 \(linear\) to 5 \(conv3d\) dims"):
+        AtomParam.trainable_count((4,))

@@ -1,0 +1,31 @@
+"""The adapters under the shared contract suite (``test_adapter_contract.py``).
+
+A new adapter gets the whole suite by appending one ``AdapterCase`` line to ``ADAPTER_CASES``.
+``factory`` returns a new, unbuilt adapter each call; ``layers`` names the layer kinds it
+supports (a subset of ``ALL_LAYERS``); ``expect_identity_at_init`` is False for methods whose
+update is not zero at init (SNELL/SNELLA kernels).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from decomp.adapters import (
+    AdapterParam,
+    AtomParam,
+)
+
+ALL_LAYERS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
+
+
+class AdapterCase(NamedTuple):
+    name: str
+    factory: Callable[[], AdapterParam]
+    layers: frozenset[str] = ALL_LAYERS
+    expect_identity_at_init: bool = True
+
+
+ADAPTER_CASES: list[AdapterCase] = [
+    AdapterCase("atom", lambda: AtomParam()),
+    AdapterCase("atom-levels2", lambda: AtomParam(levels=2)),
+]

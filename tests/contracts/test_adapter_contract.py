@@ -1,0 +1,222 @@
+"""The contract every adapter meets, run over every entry of ``registry.ADAPTER_CASES``.
+
+Identity at init over hypothesis-drawn layers (Linear, Conv1d/2d/3d with groups, dilation,
+stride and every padding mode), the closed-form trainable count, merge equivalence after a
+training step, gradients reaching only adapter tensors, adapter save -> load into a fresh model,
+``copy.deepcopy`` independence, bf16 layers, the ``state_dict`` round trip, and all-or-nothing
+rejection of unsupported layers.
+
+Example counts are per adapter case and kept small so that the file stays fast as cases are
+added; ``HYPOTHESIS_PROFILE=dev`` does not raise them (the per-test settings win), so explore with
+``--hypothesis-seed`` or by raising them locally.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import parametrize
+
+from decomp.adapters import (
+    AdapterParam,
+    adapter_state_dict,
+    apply,
+    load_adapter,
+    merge,
+    save_adapter,
+    trainable_parameters,
+)
+
+from tests.adapters.strategies import layers, seeded
+
+from .registry import ADAPTER_CASES, AdapterCase
+
+IDS = [case.name for case in ADAPTER_CASES]
+class LayerBank(nn.Module):
+    """One layer of each supported kind, each fed its own input; the output is all outputs, flat."""
+
+    def __init__(self, kinds: frozenset[str], dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            available = {
+                "linear": lambda: nn.Linear(8, 6),
+                "conv1d": lambda: nn.Conv1d(4, 6, 3, padding=1, padding_mode="circular"),
+                "conv2d": lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="reflect"),
+                "conv3d": lambda: nn.Conv3d(2, 4, 2, dilation=2, padding=1, padding_mode="replicate"),
+            }
+            self.layers = nn.ModuleDict({kind: available[kind]() for kind in sorted(kinds)}).to(dtype)
+        shapes = {"linear": (3, 8), "conv1d": (2, 4, 7), "conv2d": (2, 4, 5, 5), "conv3d": (2, 2, 4, 4, 4)}
+        self.inputs = {kind: torch.randn(*shapes[kind], generator=seeded(1)).to(dtype) for kind in self.layers}
+
+    def forward(self) -> torch.Tensor:
+        return torch.cat([layer(self.inputs[kind]).flatten() for kind, layer in self.layers.items()])
+
+
+def adapt(model: nn.Module, case: AdapterCase) -> nn.Module:
+    return apply(model, lambda name, module: case.factory())
+
+
+def train_step(model: nn.Module, seed: int = 0) -> None:
+    """One Adam step on a random linear loss: any non-zero gradient moves every adapter tensor."""
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-2)
+    output = model()
+    direction = torch.randn(output.shape, generator=seeded(seed)).to(output.dtype)
+    (output * direction).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    difference = torch.linalg.vector_norm((approx - exact).double())
+    return float(difference / torch.linalg.vector_norm(exact.double()).clamp_min(1e-30))
+
+
+def adapter_of(layer: nn.Module) -> AdapterParam:
+    return layer.parametrizations.weight[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Properties over drawn layers
+
+
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+@settings(max_examples=20)
+@given(data=st.data())
+def test_identity_at_init(case, data):
+    if not case.expect_identity_at_init:
+        pytest.skip(f"{case.name} does not start at the pretrained weight (documented)")
+    layer, x = data.draw(layers(case.layers, torch.float32))
+    with torch.no_grad():
+        before = layer(x)
+        parametrize.register_parametrization(layer, "weight", case.factory())
+        after = layer(x)
+    assert relative_error(after, before) <= 1e-6
+
+
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+@settings(max_examples=10)
+@given(data=st.data())
+def test_trainable_count_equals_closed_form(case, data):
+    layer, _ = data.draw(layers(case.layers, torch.float32))
+    parametrize.register_parametrization(layer, "weight", case.factory())
+    adapter = adapter_of(layer)
+    expected = type(adapter).trainable_count(tuple(adapter.weight_shape), **adapter.config())
+    assert adapter.num_trainable() == expected > 0
+
+
+class Wrapped(nn.Module):
+    def __init__(self, layer: nn.Module, x: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = layer
+        self.x = x
+
+    def forward(self) -> torch.Tensor:
+        return self.layer(self.x)
+
+
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+@settings(max_examples=8)
+@given(data=st.data())
+def test_training_step_changes_output_and_merge_keeps_it(case, data):
+    layer, x = data.draw(layers(case.layers, torch.float32))
+    model = adapt(Wrapped(layer, x), case)
+    before = model().detach()
+    train_step(model)
+    with torch.no_grad():
+        trained = model()
+        assert not torch.equal(trained, before), "a training step left the output unchanged"
+        merge(model)
+        assert not parametrize.is_parametrized(model.layer)
+        assert relative_error(model(), trained) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+@settings(max_examples=8)
+@given(data=st.data())
+def test_gradients_reach_only_adapter_tensors(case, data):
+    layer, x = data.draw(layers(case.layers, torch.float32))
+    model = adapt(Wrapped(layer, x), case)
+    adapter_ids = {id(p) for p in adapter_of(model.layer).parameters()}
+    assert {id(p) for p in trainable_parameters(model)} == adapter_ids
+    output = model()
+    (output * torch.randn(output.shape, generator=seeded(0))).sum().backward()
+    for name, parameter in model.named_parameters():
+        if id(parameter) in adapter_ids:
+            continue
+        assert parameter.grad is None and not parameter.requires_grad, name
+    gradients = [p.grad for p in adapter_of(model.layer).parameters()]
+    assert any(g is not None and bool(g.abs().sum() > 0) for g in gradients)
+
+
+# --------------------------------------------------------------------------------------------
+# Model-level behaviour on a bank of every supported layer kind
+
+
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+def test_save_then_load_into_fresh_model_reproduces_outputs(case, tmp_path):
+    pretrained = LayerBank(case.layers)
+    model = adapt(copy.deepcopy(pretrained), case)
+    train_step(model)
+    path = tmp_path / "adapter.safetensors"
+    save_adapter(model, path)
+    fresh = adapt(copy.deepcopy(pretrained), case)
+    assert not torch.equal(fresh().detach(), model().detach())
+    load_adapter(fresh, path)
+    torch.testing.assert_close(fresh(), model(), rtol=0, atol=0)
+    saved = adapter_state_dict(model)
+    assert all(torch.equal(adapter_state_dict(fresh)[key], value) for key, value in saved.items())
+
+
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+def test_state_dict_round_trip(case):
+    pretrained = LayerBank(case.layers)
+    model = adapt(copy.deepcopy(pretrained), case)
+    train_step(model)
+    fresh = adapt(copy.deepcopy(pretrained), case)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(), model(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+def test_deepcopy_is_independent(case):
+    model = adapt(LayerBank(case.layers), case)
+    train_step(model)
+    replica = copy.deepcopy(model)
+    reference = model().detach()
+    # parametrize's own removal, not merge(): on a class shared with the original it would
+    # delete the original's `.weight` property too.
+    for layer in replica.layers.values():
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    torch.testing.assert_close(replica(), reference, rtol=1e-5, atol=1e-6)
+    assert all(parametrize.is_parametrized(layer, "weight") for layer in model.layers.values())
+    torch.testing.assert_close(model(), reference, rtol=0, atol=0)
+    train_step(model, seed=1)
+    assert not torch.equal(model().detach(), reference)
+    torch.testing.assert_close(replica(), reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+def test_bf16_layer_keeps_bf16(case):
+    model = adapt(LayerBank(case.layers, dtype=torch.bfloat16), case)
+    output = model()
+    assert output.dtype == torch.bfloat16
+    assert all(layer.weight.dtype == torch.bfloat16 for layer in model.layers.values())
+    output.float().square().sum().backward()
+    assert all(p.grad is not None for p in trainable_parameters(model))
+
+
+@pytest.mark.parametrize("layer", [nn.Embedding(10, 4), nn.ConvTranspose2d(4, 4, 3)], ids=["embedding", "conv_transpose"])
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+def test_unsupported_layer_is_refused_and_nothing_is_registered(case, layer):
+    supported_kind = sorted(case.layers)[0]
+    model = nn.Sequential(LayerBank(frozenset({supported_kind})), copy.deepcopy(layer))
+    with pytest.raises(TypeError, match="supports? nn.Linear and nn.Conv1d/2d/3d"):
+        apply(model, lambda name, module: case.factory(), target=r".*")
+    assert not any(parametrize.is_parametrized(module) for module in model.modules())
+    assert all(parameter.requires_grad for parameter in model.parameters())
