@@ -8,11 +8,17 @@ layer's own forward is untouched). :mod:`decomp.adapters.model` adds the model-l
 
 from .atom import AtomParam
 from .base import AdapterParam
+from .dct import DCTParam
+from .ldu import LDUParam
 from .model import adapter_state_dict, apply, load_adapter, merge, report, save_adapter, trainable_parameters
+from .svd import SVDParam
 
 __all__ = [
     "AdapterParam",
     "AtomParam",
+    "LDUParam",
+    "DCTParam",
+    "SVDParam",
     "apply",
     "trainable_parameters",
     "report",

@@ -13,6 +13,9 @@ from typing import Callable, NamedTuple
 from decomp.adapters import (
     AdapterParam,
     AtomParam,
+    DCTParam,
+    LDUParam,
+    SVDParam,
 )
 
 ALL_LAYERS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
@@ -28,4 +31,13 @@ class AdapterCase(NamedTuple):
 ADAPTER_CASES: list[AdapterCase] = [
     AdapterCase("atom", lambda: AtomParam()),
     AdapterCase("atom-levels2", lambda: AtomParam(levels=2)),
+    AdapterCase("ldu", lambda: LDUParam()),
+    AdapterCase("svd-pissa", lambda: SVDParam()),
+    AdapterCase("svd-pissa-randomized", lambda: SVDParam(svd="randomized")),
+    AdapterCase("svd-svfit", lambda: SVDParam(mode="svfit")),
+    AdapterCase("svd-lora_xs", lambda: SVDParam(mode="lora_xs")),
+    AdapterCase("svd-lora_xs-normal", lambda: SVDParam(mode="lora_xs", init="normal"), expect_identity_at_init=False),
+    AdapterCase("dct", lambda: DCTParam()),
+    AdapterCase("dct-low", lambda: DCTParam(locations="low")),
+    AdapterCase("dct-random", lambda: DCTParam(locations="random")),
 ]

@@ -1,0 +1,166 @@
+r"""LoCA-style DCT-location adapter: a few trainable DCT-II coefficients of the weight update.
+
+:class:`DCTParam` trains ``n`` coefficients of the 2-D orthonormal DCT spectrum of
+:math:`\Delta W` (the weight's ``(shape[0], -1)`` matrix view) at fixed frequency locations and
+maps them back with :func:`decomp.idct` along both dims.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._checks import check_choice, check_int, check_real
+from .._dct import dct, idct
+from .base import AdapterParam
+
+_LOCATION_RULES = ("magnitude", "low", "random")
+
+
+class DCTParam(AdapterParam):
+    r"""LoCA-style: :math:`W' = W + \alpha\, C^\top S D`, ``n`` trainable DCT coefficients in :math:`S`.
+
+    With the weight's ``(shape[0], -1)`` matrix view of shape :math:`m \times n_\mathrm{in}`
+    (``(d_out, d_in)`` for a linear layer, ``(c_out, c_in/groups * prod(kernel))`` for a conv),
+    :math:`C` (:math:`m \times m`) and :math:`D` (:math:`n_\mathrm{in} \times n_\mathrm{in}`) the
+    orthonormal DCT-II matrices (:func:`decomp.dct_matrix`) and :math:`S` zero except the
+    trainable coefficients :math:`a \in \mathbb{R}^n` at the frozen flat locations :math:`\ell`:
+
+    .. math::
+
+        \Delta W = \alpha\, C^\top S D
+        = \alpha\, \operatorname{idct}_1\!\big(\operatorname{idct}_0(S)\big),
+        \qquad S_{\ell_j} = a_j,
+
+    computed with :func:`decomp.idct` along dim 0 then dim 1 (an FFT for long dims, a cached
+    basis product for short ones), reshaped back to the weight's shape. As :math:`C, D` are
+    orthonormal, :math:`\|\Delta W\|_F = \alpha \|a\|_2`, so :math:`\alpha = 1` (default) keeps the
+    coefficients on the weights' scale (FourierFT's large scale compensates an unnormalised FFT).
+
+    **Trainable parameters:** :math:`n` (``num_coefficients``). **Init:** :math:`a = 0`, so
+    :math:`\Delta W = 0` and the layer reproduces its pretrained output exactly.
+
+    Locations (chosen once, at build, deterministically; stored as the ``locations`` buffer of
+    flat indices into :math:`S`, sorted):
+
+    * ``"magnitude"`` (default): the ``n`` largest-magnitude coefficients of the weight's own 2-D
+      DCT, :math:`|C M D^\top|` -- the frequencies the pretrained weight already uses. For a conv
+      the column axis mixes channels and kernel taps, so "low frequency" has no spatial meaning
+      there, while the weight's spectrum is meaningful for any layout.
+    * ``"low"``: the lowest frequencies, ordered by :math:`k_\mathrm{row} + k_\mathrm{col}`, then
+      :math:`k_\mathrm{row}`.
+    * ``"random"``: uniform without replacement, seeded by ``seed`` (FourierFT's and LoCA's
+      starting point).
+
+    Args:
+        num_coefficients: :math:`n`, an int in :math:`[1, m n_\mathrm{in}]`. ``None`` (default)
+            means :math:`\min(m + n_\mathrm{in}, m n_\mathrm{in})`, the budget of a rank-1 LoRA.
+        locations: ``"magnitude"`` (default), ``"low"`` or ``"random"``.
+        alpha: :math:`\alpha`, a finite real > 0 (default 1.0).
+        seed: seeds ``"random"`` locations (int >= 0, default 0).
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: ``locations`` is not one of its choices, ``num_coefficients < 1``,
+            ``alpha <= 0``; on build, ``num_coefficients > m * n_in``.
+
+    Differences from LoCA: LoCA moves the locations during training by finite-difference
+    gradient estimates, alternating with coefficient updates; **that location search is not
+    implemented** -- the locations here stay where the rule above puts them. Unlike peft's
+    FourierFT (Linear-only, ``randn`` init so :math:`\Delta W \neq 0`, complex ``ifft2``), this is
+    real, orthonormal, zero at init and works on convs through the matrix view.
+
+    Example:
+        >>> from torch.nn.utils import parametrize
+        >>> layer = torch.nn.Conv1d(4, 6, 3, padding=1, padding_mode="circular")
+        >>> x = torch.randn(2, 4, 10)
+        >>> before = layer(x)
+        >>> _ = parametrize.register_parametrization(layer, "weight", DCTParam(num_coefficients=10))
+        >>> torch.equal(layer(x), before)
+        True
+        >>> layer.parametrizations.weight[0].num_trainable(), DCTParam.trainable_count((6, 4, 3))
+        (10, 18)
+    """
+
+    def __init__(
+        self,
+        num_coefficients: int | None = None,
+        locations: str = "magnitude",
+        alpha: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.num_coefficients = (
+            None if num_coefficients is None else check_int(num_coefficients, "num_coefficients", low=1)
+        )
+        self.locations_rule = check_choice(locations, "locations", _LOCATION_RULES)
+        self.alpha = check_real(alpha, "alpha", low=0.0)
+        self.seed = check_int(seed, "seed", low=0)
+
+    @staticmethod
+    def _resolve_count(shape: tuple[int, ...], num_coefficients: int | None) -> int:
+        rows, columns = shape[0], math.prod(shape[1:])
+        if num_coefficients is None:
+            return min(rows + columns, rows * columns)
+        return check_int(num_coefficients, "num_coefficients", low=1, high=rows * columns)
+
+    @classmethod
+    def trainable_count(
+        cls,
+        shape: tuple[int, ...],
+        num_coefficients: int | None = None,
+        locations: str = "magnitude",
+        alpha: float = 1.0,
+        seed: int = 0,
+    ) -> int:
+        """``n``: ``num_coefficients``, default ``min(m + n_in, m * n_in)``.
+
+        Example:
+            >>> DCTParam.trainable_count((64, 32, 3, 3))
+            352
+            >>> DCTParam.trainable_count((64, 32), num_coefficients=100)
+            100
+        """
+        return cls._resolve_count(tuple(shape), num_coefficients)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "num_coefficients": self.num_coefficients,
+            "locations": self.locations_rule,
+            "alpha": self.alpha,
+            "seed": self.seed,
+        }
+
+    def _choose_locations(self, matrix: torch.Tensor, count: int) -> torch.Tensor:
+        rows, columns = matrix.shape
+        if self.locations_rule == "magnitude":
+            spectrum = dct(dct(matrix, dim=0, check_finite=False), dim=1, check_finite=False)
+            chosen = spectrum.abs().flatten().topk(count).indices
+        elif self.locations_rule == "low":
+            row = torch.arange(rows, device=matrix.device)[:, None]
+            column = torch.arange(columns, device=matrix.device)[None, :]
+            # Unique keys: total frequency first, then the row frequency breaks ties.
+            order_key = (row + column) * rows + row
+            chosen = order_key.flatten().topk(count, largest=False).indices
+        else:
+            generator = torch.Generator().manual_seed(self.seed)
+            chosen = torch.randperm(rows * columns, generator=generator)[:count].to(matrix.device)
+        return chosen.sort().values
+
+    def _build(self, weight: torch.Tensor) -> None:
+        matrix = weight.reshape(weight.shape[0], -1)
+        count = self._resolve_count(tuple(weight.shape), self.num_coefficients)
+        self.register_buffer("locations", self._choose_locations(matrix, count))
+        self.coefficients = nn.Parameter(torch.zeros(count, dtype=weight.dtype, device=weight.device))
+
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        rows = weight.shape[0]
+        columns = weight.numel() // rows
+        flat_spectrum = torch.zeros(rows * columns, dtype=weight.dtype, device=weight.device)
+        coefficients = self.coefficients.to(weight.dtype)
+        spectrum = flat_spectrum.scatter(0, self.locations, coefficients).view(rows, columns)
+        update = idct(idct(spectrum, dim=0, check_finite=False), dim=1, check_finite=False)
+        return (self.alpha * update).reshape(weight.shape)

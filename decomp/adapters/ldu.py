@@ -1,0 +1,133 @@
+r"""LoLDU: train the pivots and one scale of a frozen pivoted LDU factorisation of the weight.
+
+The weight's matrix view :math:`M = W.\mathrm{reshape}(c_\mathrm{out}, -1)` (``(d_out, d_in)`` for a
+linear layer, ``(c_out, c_in/groups * prod(kernel))`` for a conv) is factored by :func:`decomp.ldu`
+as :math:`M = P L \operatorname{diag}(D) U`. LoLDU keeps :math:`P L_r` and :math:`U_r` frozen and
+trains the ``r`` pivots :math:`z` and a scalar :math:`s`; see :class:`LDUParam`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._checks import check_int, check_rank, check_real
+from .._ldu import ldu
+from .base import AdapterParam
+
+
+class LDUParam(AdapterParam):
+    r"""LoLDU: :math:`W' = W + P L_r \operatorname{diag}(s z - s_0 z_0) U_r`, trainable pivots and scale.
+
+    With :math:`M = P L \operatorname{diag}(D) U` the pivoted LDU factorisation
+    (:func:`decomp.ldu`) of the weight's ``(shape[0], -1)`` matrix view, of shape
+    :math:`m \times n`, and :math:`k = \min(m, n)`:
+
+    .. math::
+
+        \Delta W = P L_r \operatorname{diag}(s z - s_0 z_0) U_r,
+        \qquad L_r = L_{:, :r},\; U_r = U_{:r, :},
+
+    reshaped back to the weight's shape. Trainable: the pivots :math:`z \in \mathbb{R}^r`
+    (initialised to :math:`z_0 = D_{:r}`) and the scalar :math:`s` (initialised to
+    :math:`s_0 = \alpha / r`); frozen buffers: ``left`` :math:`= P L_r` (``(m, r)``, the
+    permutation folded in so no :math:`m \times m` matrix is stored), ``right`` :math:`= U_r`
+    (``(r, n)``), :math:`z_0` and :math:`s_0`.
+
+    This is the official code's residual form :math:`W_\mathrm{res} + s P L_r \operatorname{diag}(z)
+    U_r` with :math:`W_\mathrm{res} = W - s_0 P L_r \operatorname{diag}(z_0) U_r`, written as an
+    additive update of the frozen :math:`W`: the same function of :math:`(z, s)`, with the layer's
+    stored weight left untouched. At init :math:`s z = s_0 z_0` bit for bit, so :math:`\Delta W`
+    is exactly zero and the layer reproduces the pretrained output exactly.
+
+    **Trainable parameters:** :math:`r + 1`. **Cost:** :math:`\Delta W` is an :math:`m \times r
+    \times n` product per forward, like a rank-``r`` LoRA merge.
+
+    Args:
+        rank: number of pivots :math:`r` trained, an int in :math:`[1, k]`. ``None`` (default)
+            trains all :math:`k = \min(m, n)` pivots, as the official ViT configuration does
+            (rank 768 on 768-wide layers): the parameter count stays :math:`k + 1`, and a
+            truncated rank only trains the pivots of the first ``r`` eliminated columns, which are
+            not the "largest" in any sense. Pass a small rank to cut the :math:`O(mnr)` cost on
+            wide layers.
+        alpha: sets the initial scale :math:`s_0 = \alpha / r` (default 1.0, the official
+            ``from_linear``/``from_conv2d`` default), a finite real > 0.
+
+    Raises:
+        TypeError: ``rank`` is not an int (or ``None``) or ``alpha`` is not a real number.
+        ValueError: ``rank < 1`` or ``alpha <= 0``; on build, ``rank > min(m, n)``, or the matrix
+            view has a zero LU pivot (:func:`decomp.ldu` cannot factor it).
+
+    Differences from the official code (SKDDJ/LoLDU ``minloldu/loldu.py``): the permutation is
+    folded into ``left`` instead of stored as a dense :math:`m \times m` parameter; ``U``'s
+    diagonal is exactly 1 and a zero pivot raises instead of producing inf/NaN; the pretrained
+    weight is not overwritten by the residual (the update form above is equivalent).
+
+    Example:
+        >>> from torch.nn.utils import parametrize
+        >>> layer = torch.nn.Conv2d(4, 6, 3)
+        >>> x = torch.randn(2, 4, 8, 8)
+        >>> before = layer(x)
+        >>> _ = parametrize.register_parametrization(layer, "weight", LDUParam(rank=4))
+        >>> torch.equal(layer(x), before)
+        True
+        >>> layer.parametrizations.weight[0].num_trainable(), LDUParam.trainable_count((6, 4, 3, 3), rank=4)
+        (5, 5)
+    """
+
+    def __init__(self, rank: int | None = None, alpha: float = 1.0) -> None:
+        super().__init__()
+        self.rank = None if rank is None else check_int(rank, "rank", low=1)
+        self.alpha = check_real(alpha, "alpha", low=0.0)
+
+    @staticmethod
+    def _resolve_rank(shape: tuple[int, ...], rank: int | None) -> int:
+        m, n = shape[0], math.prod(shape[1:])
+        if rank is None:
+            return min(m, n)
+        return check_rank(rank, "rank", min(m, n))
+
+    @classmethod
+    def trainable_count(cls, shape: tuple[int, ...], rank: int | None = None, alpha: float = 1.0) -> int:
+        """``r + 1``: the ``r`` pivots and the scale.
+
+        Example:
+            >>> LDUParam.trainable_count((16, 8)), LDUParam.trainable_count((16, 8, 3), rank=5)
+            (9, 6)
+        """
+        return cls._resolve_rank(tuple(shape), rank) + 1
+
+    def config(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": self.alpha}
+
+    def _build(self, weight: torch.Tensor) -> None:
+        matrix = weight.reshape(weight.shape[0], -1)
+        m, n = matrix.shape
+        rank = self._resolve_rank(tuple(weight.shape), self.rank)
+        try:
+            P, L, D, U = ldu(matrix, check_finite=False)
+        except ValueError as error:
+            raise ValueError(
+                f"LDUParam cannot factor the weight's ({m}, {n}) matrix view: {error}. "
+                f"Use another adapter (e.g. SVDParam) for this layer."
+            ) from error
+        self.register_buffer("left", P @ L[:, :rank])
+        self.register_buffer("right", U[:rank].clone())
+        self.register_buffer("initial_pivots", D[:rank].clone())
+        initial_scale = torch.tensor(self.alpha / rank, dtype=weight.dtype, device=weight.device)
+        self.register_buffer("initial_scale", initial_scale)
+        self.pivots = nn.Parameter(self.initial_pivots.clone())
+        self.scale = nn.Parameter(self.initial_scale.clone())
+
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        dtype = weight.dtype
+        # s z - s0 z0 is exactly zero at init, so the update is exactly zero too.
+        coefficients = self.scale.to(dtype) * self.pivots.to(dtype) - self.initial_scale.to(
+            dtype
+        ) * self.initial_pivots.to(dtype)
+        update = (self.left.to(dtype) * coefficients) @ self.right.to(dtype)
+        return update.reshape(weight.shape)
+

@@ -1,0 +1,209 @@
+r"""SVD-initialised adapters: PiSSA, SVFit and LoRA-XS as modes of one class, :class:`SVDParam`.
+
+All three start from the truncated SVD :math:`M \approx U_r \operatorname{diag}(\sigma_r) V_r^\top`
+of the weight's matrix view :math:`M = W.\mathrm{reshape}(c_\mathrm{out}, -1)` and differ in which
+factors they train.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._checks import check_choice, check_int, check_rank, check_real
+from .._rsvd import rsvd
+from .base import AdapterParam
+
+_MODES = ("pissa", "svfit", "lora_xs")
+_SVD_METHODS = ("exact", "randomized")
+_INITS = ("zero", "normal")
+_DEFAULT_RANK = 8
+# LoRA-XS's released code draws R from N(0, sigma^2) with sigma = 1e-5 (init_module_weights).
+_LORA_XS_INIT_STD = 1e-5
+
+
+class SVDParam(AdapterParam):
+    r"""PiSSA, SVFit or LoRA-XS on the top-``r`` singular triplets of the weight.
+
+    With :math:`M = U \operatorname{diag}(\sigma) V^\top` the SVD of the weight's ``(shape[0], -1)``
+    matrix view, of shape :math:`m \times n` (``(d_out, d_in)`` for a linear layer,
+    ``(c_out, c_in/groups * prod(kernel))`` for a conv), and :math:`c` = ``scale``:
+
+    * ``mode="pissa"`` (PiSSA): trainable :math:`B = U_r \operatorname{diag}(\sqrt{\sigma_r / c})`
+      ``(m, r)`` and :math:`A = \operatorname{diag}(\sqrt{\sigma_r / c}) V_r^\top` ``(r, n)``,
+      with frozen copies :math:`B_0, A_0`:
+
+      .. math:: \Delta W = c\,(B A - B_0 A_0) = c\,\big((B - B_0) A + B_0 (A - A_0)\big).
+
+      The right-hand form is computed: it is exactly zero at init (both differences are exactly
+      zero), where :math:`BA - B_0A_0` would rely on two products rounding identically. It equals
+      peft's residual form :math:`W_\mathrm{res} + c B A` with :math:`W_\mathrm{res} = W - c B_0
+      A_0`, without overwriting the pretrained weight. **Trainable:** :math:`r (m + n)`.
+    * ``mode="svfit"`` (SVFit): trainable singular values :math:`\tau \in \mathbb{R}^r`, initialised
+      to :math:`\tau_0 = \sigma_r / c`; :math:`U_r, V_r` frozen:
+
+      .. math:: \Delta W = U_r \operatorname{diag}\big(c (\tau - \tau_0)\big) V_r^\top.
+
+      **Trainable:** :math:`r`.
+    * ``mode="lora_xs"`` (LoRA-XS): frozen :math:`B = U_r` and :math:`A = \operatorname{diag}
+      (\sigma_r) V_r^\top`, trainable :math:`R` ``(r, r)``:
+
+      .. math:: \Delta W = c\, B R A.
+
+      **Trainable:** :math:`r^2`. ``init="zero"`` (default) starts at :math:`R = 0`, so the
+      layer reproduces its pretrained output (the gradient :math:`B^\top G A^\top` of
+      :math:`R` is nonzero, so it trains). ``init="normal"`` is the released code's
+      :math:`R \sim \mathcal{N}(0, 10^{-10})` (std :math:`10^{-5}`), which is **not** identity at
+      init (:math:`\Delta W \neq 0`, tiny).
+
+    For ``pissa`` and ``svfit`` the update is exactly zero at init, so the adapted layer's output
+    equals the pretrained output exactly. ``scale`` multiplies the update as peft's
+    ``lora_alpha / r`` does (the factors are divided so the initial product is unchanged); it
+    changes the training dynamics only.
+
+    Args:
+        rank: number of singular triplets :math:`r`, an int in :math:`[1, \min(m, n)]`. ``None``
+            (default) means :math:`\min(8, m, n)`.
+        mode: ``"pissa"`` (default), ``"svfit"`` or ``"lora_xs"``.
+        svd: ``"exact"`` (default, :func:`torch.linalg.svd`) or ``"randomized"``
+            (:func:`decomp.rsvd` with 2 power iterations, for large layers; seeded by ``seed``).
+        scale: :math:`c`, a finite real > 0 (default 1.0).
+        init: ``"zero"`` (default) or ``"normal"``; ``"normal"`` only with ``mode="lora_xs"``.
+        seed: seeds the randomized SVD's sketch and the ``"normal"`` init (int >= 0, default 0).
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: an option is not one of its choices, ``rank < 1``, ``scale <= 0``,
+            ``init="normal"`` with another mode than ``"lora_xs"``; on build, ``rank > min(m, n)``.
+
+    Differences from the official code: peft's PiSSA is Linear-only (its conv path raises) and
+    overwrites the base weight with the residual; here any conv goes through the matrix view
+    and the base weight stays pretrained (the update form is the same function). LoRA-XS's
+    released code runs the SVD on :math:`W^\top`, which gives the same :math:`B, A` up to the
+    signs of singular-vector pairs; its ``retain_part="bottom"`` option is not offered. SVFit's
+    "choose r to cover 99% of the information" is not automatic: pass ``rank``.
+
+    Example:
+        >>> from torch.nn.utils import parametrize
+        >>> layer = torch.nn.Linear(12, 10)
+        >>> x = torch.randn(3, 12)
+        >>> before = layer(x)
+        >>> _ = parametrize.register_parametrization(layer, "weight", SVDParam(rank=4))
+        >>> torch.equal(layer(x), before)
+        True
+        >>> tuple(SVDParam.trainable_count((10, 12), rank=4, mode=mode) for mode in ("pissa", "svfit", "lora_xs"))
+        (88, 4, 16)
+    """
+
+    def __init__(
+        self,
+        rank: int | None = None,
+        mode: str = "pissa",
+        svd: str = "exact",
+        scale: float = 1.0,
+        init: str = "zero",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.rank = None if rank is None else check_int(rank, "rank", low=1)
+        self.mode = check_choice(mode, "mode", _MODES)
+        self.svd = check_choice(svd, "svd", _SVD_METHODS)
+        self.scale = check_real(scale, "scale", low=0.0)
+        self.init = check_choice(init, "init", _INITS)
+        if self.init == "normal" and self.mode != "lora_xs":
+            raise ValueError(f"init='normal' is only defined for mode='lora_xs', got mode={self.mode!r}")
+        self.seed = check_int(seed, "seed", low=0)
+
+    @staticmethod
+    def _resolve_rank(shape: tuple[int, ...], rank: int | None) -> int:
+        smaller_side = min(shape[0], math.prod(shape[1:]))
+        if rank is None:
+            return min(_DEFAULT_RANK, smaller_side)
+        return check_rank(rank, "rank", smaller_side)
+
+    @classmethod
+    def trainable_count(
+        cls,
+        shape: tuple[int, ...],
+        rank: int | None = None,
+        mode: str = "pissa",
+        svd: str = "exact",
+        scale: float = 1.0,
+        init: str = "zero",
+        seed: int = 0,
+    ) -> int:
+        """``r (m + n)`` for PiSSA, ``r`` for SVFit, ``r^2`` for LoRA-XS.
+
+        Example:
+            >>> SVDParam.trainable_count((64, 32, 3, 3)), SVDParam.trainable_count((64, 32), mode="lora_xs")
+            (2816, 64)
+        """
+        shape = tuple(shape)
+        rank = cls._resolve_rank(shape, rank)
+        mode = check_choice(mode, "mode", _MODES)
+        if mode == "pissa":
+            return rank * (shape[0] + math.prod(shape[1:]))
+        if mode == "svfit":
+            return rank
+        return rank * rank
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "mode": self.mode,
+            "svd": self.svd,
+            "scale": self.scale,
+            "init": self.init,
+            "seed": self.seed,
+        }
+
+    def _truncated_svd(
+        self, matrix: torch.Tensor, rank: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.svd == "randomized":
+            generator = torch.Generator().manual_seed(self.seed)
+            return rsvd(matrix, rank, generator=generator, check_finite=False)
+        work = matrix.to(torch.float32) if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
+        U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+        return U[:, :rank].to(matrix.dtype), S[:rank].to(matrix.dtype), Vh[:rank].to(matrix.dtype)
+
+    def _build(self, weight: torch.Tensor) -> None:
+        matrix = weight.reshape(weight.shape[0], -1)
+        rank = self._resolve_rank(tuple(weight.shape), self.rank)
+        U, S, Vh = self._truncated_svd(matrix, rank)
+        if self.mode == "pissa":
+            root = (S / self.scale).sqrt()
+            self.register_buffer("initial_left", U * root)
+            self.register_buffer("initial_right", root[:, None] * Vh)
+            self.left = nn.Parameter(self.initial_left.clone())
+            self.right = nn.Parameter(self.initial_right.clone())
+        elif self.mode == "svfit":
+            self.register_buffer("left", U)
+            self.register_buffer("right", Vh)
+            self.register_buffer("initial_singular_values", S / self.scale)
+            self.singular_values = nn.Parameter(self.initial_singular_values.clone())
+        else:
+            self.register_buffer("left", U)
+            self.register_buffer("right", S[:, None] * Vh)
+            core = torch.zeros(rank, rank, dtype=weight.dtype, device=weight.device)
+            if self.init == "normal":
+                generator = torch.Generator().manual_seed(self.seed)
+                sample = torch.randn(rank, rank, generator=generator, dtype=torch.float64)
+                core = (_LORA_XS_INIT_STD * sample).to(weight.dtype).to(weight.device)
+            self.core = nn.Parameter(core)
+
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        dtype = weight.dtype
+        if self.mode == "pissa":
+            left, right = self.left.to(dtype), self.right.to(dtype)
+            initial_left = self.initial_left.to(dtype)
+            update = (left - initial_left) @ right + initial_left @ (right - self.initial_right.to(dtype))
+        elif self.mode == "svfit":
+            change = self.singular_values.to(dtype) - self.initial_singular_values.to(dtype)
+            update = (self.left.to(dtype) * change) @ self.right.to(dtype)
+        else:
+            update = (self.left.to(dtype) @ self.core.to(dtype)) @ self.right.to(dtype)
+        return (self.scale * update).reshape(weight.shape)

@@ -1,0 +1,181 @@
+"""SVDParam (PiSSA, SVFit, LoRA-XS): identity at init, closed forms against numpy's SVD, peft's PiSSA."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import parametrize
+
+from decomp.adapters import SVDParam
+from tests.adapters.strategies import layers
+
+MODES = ("pissa", "svfit", "lora_xs")
+
+
+def adapter_of(layer: nn.Module) -> SVDParam:
+    return layer.parametrizations.weight[0]
+
+
+def truncation(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """The best rank-``rank`` approximation by numpy's SVD (independent of the code under test)."""
+    u, s, vh = np.linalg.svd(matrix.detach().numpy(), full_matrices=False)
+    return torch.from_numpy((u[:, :rank] * s[:rank]) @ vh[:rank])
+
+
+@given(layers(), st.sampled_from(MODES), st.sampled_from(("exact", "randomized")))
+def test_identity_at_init_and_count(layer_and_input, mode, svd):
+    layer, x = layer_and_input
+    pretrained_weight, before = layer.weight.detach().clone(), layer(x)
+    parametrize.register_parametrization(layer, "weight", SVDParam(mode=mode, svd=svd))
+    assert torch.equal(layer.weight, pretrained_weight)
+    assert torch.equal(layer(x), before)
+    adapter = adapter_of(layer)
+    assert adapter.num_trainable() == SVDParam.trainable_count(tuple(layer.weight.shape), **adapter.config())
+
+
+@given(layers(), st.sampled_from(MODES), st.floats(0.25, 4.0))
+def test_closed_forms_against_numpy_svd(layer_and_input, mode, scale):
+    layer, x = layer_and_input
+    W = layer.weight.detach().clone()
+    matrix = W.reshape(W.shape[0], -1)
+    rank = min(8, *matrix.shape)
+    parametrize.register_parametrization(layer, "weight", SVDParam(mode=mode, scale=scale))
+    adapter = adapter_of(layer)
+    best = truncation(matrix, rank).reshape(W.shape)
+    with torch.no_grad():
+        if mode == "pissa":  # B = 0 removes the whole principal part
+            adapter.left.zero_()
+            expected = W - best
+        elif mode == "svfit":  # zero singular values remove it too
+            adapter.singular_values.zero_()
+            expected = W - best
+        else:  # R = I adds scale times the principal part
+            adapter.core.copy_(torch.eye(rank, dtype=W.dtype))
+            expected = W + scale * best
+    torch.testing.assert_close(layer.weight, expected, rtol=1e-9, atol=1e-9)
+
+
+@given(layers(), st.sampled_from(MODES))
+def test_training_step_merge_and_gradients(layer_and_input, mode):
+    layer, x = layer_and_input
+    parametrize.register_parametrization(layer, "weight", SVDParam(mode=mode))
+    layer.parametrizations.weight.original.requires_grad_(False)
+    adapter = adapter_of(layer)
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    # bias + the mode's own tensors; buffers never require grad
+    bias = {id(layer.bias)} if layer.bias is not None else set()
+    assert {id(p) for p in trainable} == bias | {id(p) for p in adapter.parameters()}
+    before = layer(x).detach()
+    layer(x).square().sum().backward()
+    assert layer.parametrizations.weight.original.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p -= 1e-2 * p.grad
+    after = layer(x).detach()
+    assert not torch.allclose(after, before)
+    parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    torch.testing.assert_close(layer(x), after, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+def test_half_weights_keep_dtype_and_identity(dtype, mode):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 3, groups=2).to(dtype)
+    W = layer.weight.detach().clone()
+    parametrize.register_parametrization(layer, "weight", SVDParam(rank=3, mode=mode))
+    adapter = adapter_of(layer)
+    assert layer.weight.dtype == dtype and torch.equal(layer.weight, W)
+    assert all(p.dtype == dtype for p in adapter.parameters())
+
+
+def test_lora_xs_normal_init_is_documented_non_identity():
+    torch.manual_seed(0)
+    layer = nn.Linear(10, 8, dtype=torch.float64)
+    W = layer.weight.detach().clone()
+    adapter = SVDParam(rank=4, mode="lora_xs", init="normal", seed=3)
+    parametrize.register_parametrization(layer, "weight", adapter)
+    core = adapter_of(layer).core.detach()
+    assert 0 < core.std() < 1e-4
+    assert not torch.equal(layer.weight, W)
+    torch.testing.assert_close(layer.weight, W, rtol=0, atol=1e-3)
+
+
+def test_randomized_svd_matches_exact_on_a_low_rank_weight():
+    torch.manual_seed(0)
+    W = torch.randn(40, 5, dtype=torch.float64) @ torch.randn(5, 30, dtype=torch.float64)
+    exact = SVDParam.from_weight(W, rank=5, mode="pissa")
+    randomized = SVDParam.from_weight(W, rank=5, mode="pissa", svd="randomized")
+    torch.testing.assert_close(randomized.left @ randomized.right, exact.left @ exact.right)
+    torch.testing.assert_close(exact.left @ exact.right, W)
+
+
+@pytest.mark.parametrize("lora_alpha", [4, 8])
+def test_pissa_matches_peft(lora_alpha):
+    """peft's LoRA with init_lora_weights="pissa": same product, residual, count and one SGD step."""
+    peft = pytest.importorskip("peft")
+    rank = 4
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 10))
+    ours = copy.deepcopy(base)
+    config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=["0"], init_lora_weights="pissa")
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    scale = lora_alpha / rank
+    parametrize.register_parametrization(ours[0], "weight", SVDParam(rank=rank, scale=scale))
+    ours[0].parametrizations.weight.original.requires_grad_(False)
+    ours[0].bias.requires_grad_(False)
+    adapter = adapter_of(ours[0])
+    lora_layer = theirs.base_model.model[0]
+    lora_A, lora_B = lora_layer.lora_A["default"].weight, lora_layer.lora_B["default"].weight
+    torch.testing.assert_close(adapter.left @ adapter.right, lora_B @ lora_A)
+    residual = base[0].weight - scale * adapter.initial_left @ adapter.initial_right
+    torch.testing.assert_close(lora_layer.base_layer.weight, residual)
+    peft_count = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert adapter.num_trainable() == peft_count == SVDParam.trainable_count((10, 12), rank=rank)
+
+    x, target = torch.randn(16, 12), torch.randn(16, 10)
+    for model in (ours, theirs):
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        torch.nn.functional.mse_loss(model(x), target).backward()
+        optimizer.step()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_failed_registration_leaves_layer_untouched():
+    layer = nn.Conv2d(2, 3, 1)
+    W = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 2\], got 3"):
+        parametrize.register_parametrization(layer, "weight", SVDParam(rank=3))
+    assert not parametrize.is_parametrized(layer) and torch.equal(layer.weight, W)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"rank": 0}, ValueError, r"rank must be >= 1, got 0"),
+        ({"rank": 2.0}, TypeError, r"rank must be an int"),
+        ({"mode": "lora"}, ValueError, r"mode must be one of \['pissa', 'svfit', 'lora_xs'\]"),
+        ({"svd": "fast"}, ValueError, r"svd must be one of \['exact', 'randomized'\]"),
+        ({"scale": 0.0}, ValueError, r"scale must be a float > 0, got 0.0"),
+        ({"scale": "1"}, TypeError, r"scale must be a float > 0, got str"),
+        ({"init": "normal"}, ValueError, r"init='normal' is only defined for mode='lora_xs'"),
+        ({"seed": -1}, ValueError, r"seed must be >= 0"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SVDParam(**kwargs)
+
+
+def test_explicit_rank_above_the_matrix_view_raises_in_count_too():
+    assert SVDParam.trainable_count((3, 2, 1, 1)) == 2 * 5  # default rank clamps to min(m, n) = 2
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 18\], got 19"):
+        SVDParam.trainable_count((64, 2, 3, 3), rank=19)
+    assert SVDParam.trainable_count((64, 2, 3, 3), rank=18, mode="lora_xs") == 18 * 18
