@@ -9,13 +9,19 @@ layer's own forward is untouched). :mod:`decomp.adapters.model` adds the model-l
 from .atom import AtomParam
 from .base import AdapterParam
 from .dct import DCTParam
+from .kron import KronParam
 from .ldu import LDUParam
+from .lie import LieParam
 from .model import adapter_state_dict, apply, load_adapter, merge, report, save_adapter, trainable_parameters
 from .svd import SVDParam
+from .tucker import TuckerParam
 
 __all__ = [
     "AdapterParam",
     "AtomParam",
+    "LieParam",
+    "TuckerParam",
+    "KronParam",
     "LDUParam",
     "DCTParam",
     "SVDParam",

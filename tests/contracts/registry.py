@@ -14,8 +14,11 @@ from decomp.adapters import (
     AdapterParam,
     AtomParam,
     DCTParam,
+    KronParam,
     LDUParam,
+    LieParam,
     SVDParam,
+    TuckerParam,
 )
 
 ALL_LAYERS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
@@ -40,4 +43,9 @@ ADAPTER_CASES: list[AdapterCase] = [
     AdapterCase("dct", lambda: DCTParam()),
     AdapterCase("dct-low", lambda: DCTParam(locations="low")),
     AdapterCase("dct-random", lambda: DCTParam(locations="random")),
+    AdapterCase("tucker", lambda: TuckerParam()),
+    AdapterCase("tucker-spatial", lambda: TuckerParam(spatial_rank=2)),
+    AdapterCase("kron", lambda: KronParam()),
+    AdapterCase("lie", lambda: LieParam()),
+    AdapterCase("lie-order1", lambda: LieParam(order=1)),
 ]

@@ -1,0 +1,159 @@
+r"""LieRA: a multiplicative update :math:`W' = W \odot \exp(\Delta W)` on the Hadamard Lie group.
+
+Tensors with non-zero entries form an abelian group under the elementwise product; its Lie
+algebra is all tensors and its exponential is the elementwise :math:`\exp` (Si et al., ICCV 2025,
+arXiv 2504.00851). A low-rank :math:`\Delta W` then gives a (generally) full-rank update that
+keeps :math:`W`'s structure: every entry is rescaled, none is created.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .._checks import check_int, check_real
+from .base import AdapterParam
+from .tucker import resolve_channel_rank, tucker_product
+
+# below this |1 + dW| the first-order update has (nearly) zeroed an entry, which no weight inverts
+_FIRST_ORDER_PIVOT = 1e-6
+
+
+class LieParam(AdapterParam):
+    r"""LieRA: :math:`W' = W \odot \exp(\Delta W)` (exact) or :math:`W + W \odot \Delta W` (``order=1``).
+
+    The update :math:`\Delta W` (same shape as :math:`W`) is
+
+    * **linear** :math:`(d_{out}, d_{in})`: LoRA's :math:`\Delta W = s\, B A`,
+      :math:`B \in \mathbb{R}^{d_{out} \times r}` zero-initialised,
+      :math:`A \in \mathbb{R}^{r \times d_{in}}` kaiming-uniform (:math:`a = \sqrt 5`), as in the
+      official code;
+    * **conv** :math:`(c_{out}, c_{in}/g, k_1, \dots, k_n)`: natively on the kernel, a Tucker-2
+      over the channel modes with a full spatial core,
+      :math:`\Delta W = s\, G \times_0 U_{out} \times_1 U_{in}`, :math:`G \in \mathbb{R}^{r \times r
+      \times k_1 \times \cdots \times k_n}`, :math:`U_{out} \in \mathbb{R}^{c_{out} \times r}`
+      zero-initialised (LoRA's :math:`B`), :math:`G` and :math:`U_{in} \in \mathbb{R}^{c_{in}/g
+      \times r}` kaiming-uniform. No reshape to a matrix: every kernel tap gets its own
+      :math:`r \times r` channel mixing.
+
+    ``order=None`` (default) is the exact group exponential :math:`W \odot \exp(\Delta W)`;
+    ``order=1`` is the official code's first-order truncation :math:`W \odot (1 + \Delta W) = W +
+    W \odot \Delta W`. Both keep zero weights at zero (LieRA cannot adapt an entry that is exactly
+    zero). The exact form can never flip a weight's sign (:math:`\exp > 0`); the first-order one
+    can, where :math:`\Delta W < -1`.
+
+    **Init:** :math:`U_{out} = 0` (:math:`B = 0`) gives :math:`\Delta W = 0`, so
+    :math:`W' = W` exactly: the layer's output at init is the pretrained output.
+
+    **Inverse** (:meth:`decompose`, run when a weight is assigned to the parametrized layer):
+    :math:`W = W' \odot \exp(-\Delta W)` (exact: :math:`\exp` never vanishes) or
+    :math:`W = W' / (1 + \Delta W)` (``order=1``), which raises ``ValueError`` where
+    :math:`|1 + \Delta W| < 10^{-6}` (such an entry of :math:`W'` is zero whatever :math:`W` is).
+
+    Trainable parameters (closed form, :meth:`trainable_count`): linear :math:`r(d_{out} + d_{in})`,
+    the same as LoRA at rank :math:`r` (the authors' "+0"); conv
+    :math:`r(c_{out} + c_{in}/g) + r^2 \prod_j k_j`.
+
+    Args:
+        rank: :math:`r`, an int in :math:`[1, \min(d_0, d_1)]`; ``None`` (default) is
+            :math:`\min(8, d_0, d_1)`.
+        scale: :math:`s`, a finite float (default 1.0); the official code's is
+            ``lora_alpha / r``.
+        order: ``None`` (exact exponential, default) or ``1`` (first-order).
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: ``rank`` above :math:`\min(d_0, d_1)` (checked when built on a weight), a
+            non-finite ``scale``, ``order`` not ``None`` or ``1``.
+
+    Differences from the official code: it runs the first-order form as a parallel branch
+    ``x @ (W * sBA).T``; here both forms are a weight parametrization (so merging is exact), the
+    exact exponential is the default, and conv kernels (no official code; the paper reshapes
+    to a matrix, which one is unstated) get the native Tucker-2 form.
+
+    Example:
+        >>> from torch.nn.utils import parametrize
+        >>> layer = torch.nn.Linear(12, 6)
+        >>> x = torch.randn(3, 12)
+        >>> before = layer(x)
+        >>> _ = parametrize.register_parametrization(layer, "weight", LieParam(rank=2))
+        >>> torch.equal(layer(x), before)                 # B = 0: identity at init
+        True
+        >>> layer.parametrizations.weight[0].num_trainable()   # 2 * (6 + 12), LoRA's count
+        36
+    """
+
+    def __init__(self, rank: int | None = None, *, scale: float = 1.0, order: int | None = None) -> None:
+        super().__init__()
+        self.rank = None if rank is None else check_int(rank, "rank", low=1)
+        self.scale = check_real(scale, "scale")
+        if order is not None and (isinstance(order, bool) or order != 1):
+            raise ValueError(f"order must be None (exact exp) or 1 (first order), got {order!r}")
+        self.order = order
+
+    def config(self) -> dict[str, Any]:
+        return {"rank": self.rank, "scale": self.scale, "order": self.order}
+
+    @classmethod
+    def trainable_count(
+        cls, shape: tuple[int, ...], rank: int | None = None, *, scale: float = 1.0, order: int | None = None
+    ) -> int:
+        """Closed form: :math:`r(d_0 + d_1)`, plus :math:`r^2 \\prod_j k_j` for a conv kernel
+        (``scale`` and ``order`` do not change it).
+
+        >>> LieParam.trainable_count((64, 32), rank=4), LieParam.trainable_count((64, 32, 3, 3), rank=4)
+        (384, 528)
+        """
+        r = resolve_channel_rank(shape, rank)
+        count = r * (shape[0] + shape[1])
+        if len(shape) > 2:
+            count += r * r * math.prod(shape[2:])
+        return count
+
+    def _build(self, weight: torch.Tensor) -> None:
+        r = resolve_channel_rank(weight.shape, self.rank)
+        like = {"dtype": weight.dtype, "device": weight.device}
+        self.out_factor = nn.Parameter(torch.zeros(weight.shape[0], r, **like))
+        if weight.ndim == 2:
+            self.in_factor = nn.Parameter(_kaiming_uniform((r, weight.shape[1]), **like))
+        else:
+            # drawn as (r, c_in) so its fan-in is c_in, as LoRA's A; with the core's fan-in of
+            # r * prod(kernel), the product (core x U_in) then has about LoRA's A variance
+            self.in_factor = nn.Parameter(_kaiming_uniform((r, weight.shape[1]), **like).T.contiguous())
+            self.core = nn.Parameter(_kaiming_uniform((r, r, *weight.shape[2:]), **like))
+
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        out_factor = self.out_factor.to(weight.dtype)
+        if weight.ndim == 2:
+            return self.scale * (out_factor @ self.in_factor.to(weight.dtype))
+        spatial: Sequence[None] = [None] * (weight.ndim - 2)
+        return self.scale * tucker_product(
+            self.core.to(weight.dtype), [out_factor, self.in_factor.to(weight.dtype), *spatial]
+        )
+
+    def compose(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if self.order == 1:
+            return weight + weight * delta
+        return weight * torch.exp(delta)
+
+    def decompose(self, value: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if self.order == 1:
+            multiplier = 1 + delta
+            if bool((multiplier.abs() < _FIRST_ORDER_PIVOT).any()):
+                raise ValueError(
+                    "LieParam(order=1) cannot invert the assigned weight: 1 + delta is within "
+                    f"{_FIRST_ORDER_PIVOT} of zero at some entry, where every weight maps to 0"
+                )
+            return value / multiplier
+        return value * torch.exp(-delta)
+
+
+def _kaiming_uniform(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # nn.Linear's default init (kaiming_uniform_ with a = sqrt(5)), as the official code's lora_A;
+    # drawn in fp32 so half-precision weights get the same distribution
+    tensor = torch.empty(shape, dtype=torch.float32, device=device)
+    nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+    return tensor.to(dtype)

@@ -1,0 +1,212 @@
+r"""FLoRA: an N-D Tucker update :math:`\Delta W = s\, G \times_0 U_0 \times_1 U_1 \cdots`.
+
+FLoRA (Si et al., ICLR 2025, arXiv 2405.14739) replaces LoRA's :math:`B A` by a Tucker product
+whose core :math:`G` is zero at init, so the adapted layer starts exactly at the pretrained one.
+On a linear weight this is the official 2-D code's :math:`s\, B E A`; on a conv kernel the core
+keeps the kernel's own modes instead of flattening them into a matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .. import tucker
+from .._checks import check_choice, check_int, check_rank, check_real
+from .base import AdapterParam
+
+_INITS = ("tucker", "random")
+DEFAULT_RANK = 8
+# the official code draws both factors from N(0, 0.02) (Subspace-Tuning loralib layers_flora.py)
+OFFICIAL_FACTOR_STD = 0.02
+
+
+def resolve_channel_rank(shape: Sequence[int], rank: int | None, name: str = "rank") -> int:
+    """The rank of both channel modes: ``rank`` checked in ``[1, min(shape[0], shape[1])]``.
+
+    ``None`` is the default budget :data:`DEFAULT_RANK`, clamped to what the layer allows.
+    """
+    check_weight_shape(shape)
+    limit = min(shape[0], shape[1])
+    if rank is None:
+        return min(DEFAULT_RANK, limit)
+    return check_rank(rank, f"{name} (weight shape {tuple(shape)})", limit)
+
+
+def check_weight_shape(shape: Sequence[int]) -> None:
+    """A linear or conv weight shape: 2 to 5 positive sizes (what ``trainable_count`` accepts)."""
+    if not isinstance(shape, (tuple, list, torch.Size)) or not 2 <= len(shape) <= 5:
+        raise ValueError(f"shape must be a weight shape with 2 to 5 dims (linear or conv 1-3 D), got {shape!r}")
+    for index, size in enumerate(shape):
+        check_int(size, f"shape[{index}]", low=1)
+
+
+def tucker_product(core: torch.Tensor, factors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    r""":math:`G \times_0 U_0 \times_1 U_1 \cdots`; a ``None`` factor leaves its mode as it is.
+
+    ``factors[n]`` has shape :math:`(d_n, r_n)` and ``core`` :math:`(r_0, r_1, \dots)`. The most
+    compressing mode goes first, so the intermediate tensors stay small.
+
+    >>> core = torch.randn(2, 3, 5)
+    >>> tucker_product(core, [torch.randn(4, 2), torch.randn(6, 3), None]).shape
+    torch.Size([4, 6, 5])
+    """
+    result = core
+    order = sorted(
+        (mode for mode, factor in enumerate(factors) if factor is not None),
+        key=lambda mode: factors[mode].shape[0] / factors[mode].shape[1],
+    )
+    for mode in order:
+        result = torch.tensordot(result, factors[mode], dims=([mode], [1])).movedim(-1, mode)
+    return result
+
+
+class TuckerParam(AdapterParam):
+    r"""FLoRA: :math:`W' = W + s\, G \times_0 U_0 \times_1 U_1 \times_2 U_2 \cdots` (N-D Tucker).
+
+    For a weight of shape :math:`(d_0, d_1, k_1, \dots, k_n)` (linear: :math:`(d_{out}, d_{in})`;
+    conv: :math:`(c_{out}, c_{in}/g, *\mathrm{kernel})`) the update is
+
+    .. math::
+
+        \Delta W = s\, G \times_0 U_0 \times_1 U_1 \times_2 U_2 \cdots \times_{n+1} U_{n+1},
+        \qquad U_0 \in \mathbb{R}^{d_0 \times r},\ U_1 \in \mathbb{R}^{d_1 \times r},\
+        U_{j+1} \in \mathbb{R}^{k_j \times r_s},
+
+    with core :math:`G \in \mathbb{R}^{r \times r \times r_s \times \cdots}`. On a linear weight
+    this is :math:`s\, B E A` with :math:`B = U_0`, :math:`E = G`, :math:`A = U_1^\top`.
+
+    * **Spatial modes** (conv only): ``spatial_rank=None`` (default) keeps them full: no spatial
+      factor, the core is :math:`(r, r, k_1, \dots, k_n)` -- a Tucker-2 over the channels with a
+      full spatial core, as LyCORIS' ``use_tucker``. A kernel is at most a few taps per mode,
+      so compressing it saves little and loses the kernel's spatial structure. An int
+      ``spatial_rank`` gives every spatial mode a factor :math:`U_{j+1}` (the paper's full N-D
+      Tucker) with rank :math:`\min(r_s, k_j)` (a default-free choice: a 1x1 mode has rank 1).
+    * **Init.** The core :math:`G` is zero, so :math:`\Delta W = 0` and the layer's output at
+      init is the pretrained output, exactly. The factors are trainable and start at either
+      ``init="tucker"`` (default): the orthonormal factors of a truncated HOSVD of :math:`W`
+      (:func:`decomp.tucker`), so the update starts in :math:`W`'s dominant subspaces and a core
+      step of size :math:`\eta` moves :math:`W` by :math:`O(s\eta)`; or ``init="random"``: the
+      official code's :math:`\mathcal{N}(0, 0.02^2)` entries. With the official init the factors
+      get no gradient until :math:`G \ne 0` and a core step moves :math:`W` by only
+      :math:`O(0.02^2 s \eta)`, which is why the official code pairs it with a large scale.
+    * **Scale** :math:`s` = ``scale``; the official code uses :math:`s = \alpha / r` (pass
+      ``scale=alpha / rank`` to reproduce it).
+
+    Trainable parameters (closed form, :meth:`trainable_count`):
+
+    .. math::
+
+        r^2 \prod_j \rho_j + r (d_0 + d_1) + \sum_{j \text{ factored}} k_j \rho_j,
+        \qquad \rho_j = \begin{cases} k_j & \texttt{spatial\_rank=None} \\
+        \min(r_s, k_j) & \text{otherwise} \end{cases}
+
+    i.e. :math:`r^2 + r(d_{out} + d_{in})` on a linear layer (LoRA's count plus :math:`r^2`).
+
+    Args:
+        rank: :math:`r`, the rank of both channel modes, an int in :math:`[1, \min(d_0, d_1)]`;
+            ``None`` (default) is :math:`\min(8, d_0, d_1)`.
+        spatial_rank: ``None`` (default, full spatial core) or an int :math:`\ge 1`.
+        scale: :math:`s`, a finite float (default 1.0).
+        init: ``"tucker"`` (default) or ``"random"``, the factors' start (the core is zero
+            either way).
+        std: standard deviation of the ``"random"`` factors, > 0 (default 0.02, the official
+            code's); unused by ``"tucker"``.
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: ``rank`` above :math:`\min(d_0, d_1)` (checked when built on a weight),
+            ``spatial_rank < 1``, a non-finite ``scale``, an unknown ``init``, ``std <= 0``.
+
+    Differences from the official code: the conv path (the official code has linear layers
+    only, and the paper's conv init is unstated) and the ``"tucker"`` init are ours; the
+    ``"random"`` init with ``scale=alpha/r`` is the official one.
+
+    Example:
+        >>> from torch.nn.utils import parametrize
+        >>> conv = torch.nn.Conv2d(16, 8, 3)
+        >>> x = torch.randn(2, 16, 10, 10)
+        >>> before = conv(x)
+        >>> _ = parametrize.register_parametrization(conv, "weight", TuckerParam(rank=4))
+        >>> torch.equal(conv(x), before)                  # zero core: identity at init
+        True
+        >>> adapter = conv.parametrizations.weight[0]
+        >>> adapter.core.shape, adapter.num_trainable() == TuckerParam.trainable_count((8, 16, 3, 3), rank=4)
+        (torch.Size([4, 4, 3, 3]), True)
+    """
+
+    def __init__(
+        self,
+        rank: int | None = None,
+        *,
+        spatial_rank: int | None = None,
+        scale: float = 1.0,
+        init: str = "tucker",
+        std: float = OFFICIAL_FACTOR_STD,
+    ) -> None:
+        super().__init__()
+        self.rank = None if rank is None else check_int(rank, "rank", low=1)
+        self.spatial_rank = None if spatial_rank is None else check_int(spatial_rank, "spatial_rank", low=1)
+        self.scale = check_real(scale, "scale")
+        self.init = check_choice(init, "init", _INITS)
+        self.std = check_real(std, "std")
+        if self.std <= 0:
+            raise ValueError(f"std must be > 0, got {self.std}")
+
+    def config(self) -> dict[str, Any]:
+        return {"rank": self.rank, "spatial_rank": self.spatial_rank, "scale": self.scale, "init": self.init, "std": self.std}
+
+    @classmethod
+    def _mode_ranks(cls, shape: Sequence[int], rank: int | None, spatial_rank: int | None) -> list[int | None]:
+        """The rank of each mode, ``None`` for a spatial mode kept full (no factor)."""
+        channel_rank = resolve_channel_rank(shape, rank)
+        spatial = [None if spatial_rank is None else min(spatial_rank, size) for size in shape[2:]]
+        return [channel_rank, channel_rank, *spatial]
+
+    @classmethod
+    def trainable_count(
+        cls,
+        shape: tuple[int, ...],
+        rank: int | None = None,
+        *,
+        spatial_rank: int | None = None,
+        scale: float = 1.0,
+        init: str = "tucker",
+        std: float = OFFICIAL_FACTOR_STD,
+    ) -> int:
+        """Closed form: core size plus factor sizes (see the class docstring); ``scale``, ``init``
+        and ``std`` do not change it.
+
+        >>> TuckerParam.trainable_count((64, 32), rank=4)          # 4*4 + 4*(64 + 32)
+        400
+        """
+        ranks = cls._mode_ranks(shape, rank, spatial_rank)
+        core = math.prod(size if r is None else r for size, r in zip(shape, ranks))
+        factors = sum(size * r for size, r in zip(shape, ranks) if r is not None)
+        return core + factors
+
+    def _build(self, weight: torch.Tensor) -> None:
+        ranks = self._mode_ranks(weight.shape, self.rank, self.spatial_rank)
+        factored = [mode for mode, r in enumerate(ranks) if r is not None]
+        if self.init == "tucker":
+            start = tucker(weight, [ranks[mode] for mode in factored], modes=factored, method="hosvd").factors
+        else:
+            start = [
+                torch.randn(weight.shape[mode], ranks[mode], dtype=weight.dtype, device=weight.device) * self.std
+                for mode in factored
+            ]
+        self.factors = nn.ParameterList(nn.Parameter(factor.clone()) for factor in start)
+        self.factored_modes = tuple(factored)
+        core_shape = [size if r is None else r for size, r in zip(weight.shape, ranks)]
+        self.core = nn.Parameter(torch.zeros(core_shape, dtype=weight.dtype, device=weight.device))
+
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        per_mode: list[torch.Tensor | None] = [None] * weight.ndim
+        for mode, factor in zip(self.factored_modes, self.factors):
+            per_mode[mode] = factor.to(weight.dtype)
+        return self.scale * tucker_product(self.core.to(weight.dtype), per_mode)
+
+

@@ -1,0 +1,157 @@
+"""LieParam (LieRA): W * exp(dW) and W + W * dW, native conv Tucker-2, inverse, counts, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import parametrize
+
+from decomp.adapters import LieParam
+from tests.adapters.strategies import layers
+from tests.adapters.test_tucker_param import perturb
+from tests.strategies import SEEDS, relative_error
+
+ORDERS = st.sampled_from([None, 1])
+
+
+def lora_style_delta(adapter: LieParam, weight: torch.Tensor) -> torch.Tensor:
+    """dW written out with einsum: s B A for matrices, s G x0 U_out x1 U_in for kernels."""
+    if weight.ndim == 2:
+        return adapter.scale * torch.einsum("or,ri->oi", adapter.out_factor, adapter.in_factor)
+    return adapter.scale * torch.einsum("ab...,oa,ib->oi...", adapter.core, adapter.out_factor, adapter.in_factor)
+
+
+@given(layers(), ORDERS)
+def test_identity_at_init(case, order):
+    layer, x = case
+    before = layer(x)
+    parametrize.register_parametrization(layer, "weight", LieParam(order=order))
+    assert torch.equal(layer(x), before)
+
+
+@given(layers(), ORDERS, SEEDS)
+def test_forward_is_the_multiplicative_update_and_merge_matches(case, order, seed):
+    layer, x = case
+    adapter = LieParam(order=order, scale=0.5)
+    parametrize.register_parametrization(layer, "weight", adapter)
+    perturb(adapter, seed)
+    weight = layer.parametrizations.weight.original.detach()
+    delta = lora_style_delta(adapter, weight).detach()
+    expected = weight * torch.exp(delta) if order is None else weight * (1 + delta)
+    assert relative_error(layer.weight.detach(), expected) < 1e-10
+    unmerged = layer(x).detach()
+    parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    assert relative_error(layer(x).detach(), unmerged) < 1e-10
+
+
+@given(layers(), ORDERS, SEEDS)
+def test_assigning_a_weight_inverts_the_update(case, order, seed):
+    layer, _ = case
+    adapter = LieParam(order=order)
+    parametrize.register_parametrization(layer, "weight", adapter)
+    perturb(adapter, seed, size=0.05)  # keeps 1 + dW away from 0 for the first-order inverse
+    target = torch.randn(layer.weight.shape, dtype=layer.weight.dtype)
+    layer.weight = target
+    assert relative_error(layer.weight.detach(), target) < 1e-10
+
+
+def test_first_order_inverse_refuses_a_vanishing_multiplier():
+    adapter = LieParam.from_weight(torch.ones(2, 2, dtype=torch.float64), rank=1, order=1)
+    with torch.no_grad():
+        adapter.out_factor.copy_(torch.tensor([[1.0], [0.0]]))
+        adapter.in_factor.copy_(torch.tensor([[-1.0, 0.5]]))  # dW[0, 0] = -1
+    with pytest.raises(ValueError, match="order=1.*1 \\+ delta is within"):
+        adapter.right_inverse(torch.ones(2, 2, dtype=torch.float64))
+
+
+def test_zero_weights_stay_zero_and_exact_exp_keeps_signs():
+    weight = torch.tensor([[0.0, -2.0], [3.0, 0.0]], dtype=torch.float64)
+    adapter = LieParam.from_weight(weight, rank=1)
+    perturb(adapter, 0, size=3.0)
+    adapted = adapter(weight)
+    assert torch.equal(adapted == 0, weight == 0)
+    assert torch.equal(torch.sign(adapted), torch.sign(weight))
+
+
+@given(layers(dtype=torch.float32), st.one_of(st.none(), st.integers(1, 3)))
+def test_trainable_count_is_the_closed_form(case, rank):
+    layer, _ = case
+    shape = tuple(layer.weight.shape)
+    if rank is not None and rank > min(shape[0], shape[1]):
+        with pytest.raises(ValueError, match="rank"):
+            LieParam.from_weight(layer.weight.detach(), rank=rank)
+        return
+    adapter = LieParam.from_weight(layer.weight.detach(), rank=rank)
+    r = min(8, shape[0], shape[1]) if rank is None else rank
+    lora = r * (shape[0] + shape[1])
+    expected = lora if len(shape) == 2 else lora + r * r * math.prod(shape[2:])
+    assert adapter.num_trainable() == LieParam.trainable_count(shape, rank=rank) == expected
+
+
+def test_conv_kernels_get_a_native_core_not_a_reshape():
+    adapter = LieParam.from_weight(torch.randn(16, 8, 3, 5), rank=4)
+    assert adapter.core.shape == (4, 4, 3, 5)
+    assert adapter.out_factor.shape == (16, 4) and adapter.in_factor.shape == (8, 4)
+    assert torch.count_nonzero(adapter.out_factor) == 0
+
+
+def test_linear_init_matches_the_official_code():
+    torch.manual_seed(0)
+    adapter = LieParam.from_weight(torch.randn(64, 300), rank=8)
+    assert torch.count_nonzero(adapter.out_factor) == 0
+    bound = 1 / math.sqrt(300)  # kaiming_uniform(a=sqrt(5)) on (r, d_in)
+    in_factor = adapter.in_factor.detach()
+    assert float(in_factor.abs().max()) <= bound and float(in_factor.abs().max()) > 0.9 * bound
+
+
+@given(layers(dtype=torch.float32), ORDERS)
+def test_gradients_reach_only_adapter_tensors_and_a_step_changes_the_output(case, order):
+    layer, x = case
+    for parameter in layer.parameters():
+        parameter.requires_grad_(False)
+    adapter = LieParam(order=order)
+    parametrize.register_parametrization(layer, "weight", adapter)
+    before = layer(x).detach()
+    optimizer = torch.optim.Adam(adapter.parameters(), lr=1e-2)
+    (layer(x) * torch.randn_like(before)).sum().backward()
+    assert layer.parametrizations.weight.original.grad is None
+    assert all(parameter.grad is not None for parameter in adapter.parameters())
+    assert bool(adapter.out_factor.grad.abs().sum() > 0)  # B = 0 is what moves first
+    optimizer.step()
+    assert not torch.allclose(layer(x), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weight_keeps_its_dtype_and_identity(dtype):
+    layer = nn.Linear(6, 4).to(dtype)
+    weight = layer.weight.detach().clone()
+    adapter = LieParam(rank=2)
+    parametrize.register_parametrization(layer, "weight", adapter)
+    assert layer.weight.dtype == dtype and torch.equal(layer.weight, weight)
+    assert adapter.in_factor.dtype == dtype
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"rank": 0}, ValueError, "rank must be >= 1"),
+        ({"rank": "4"}, TypeError, "rank must be an int"),
+        ({"order": 2}, ValueError, r"order must be None \(exact exp\) or 1"),
+        ({"order": True}, ValueError, "order must be None"),
+        ({"scale": float("inf")}, ValueError, "scale must be a finite float, got inf"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LieParam(**kwargs)
+
+
+def test_explicit_rank_above_the_layer_raises_and_the_default_clamps():
+    with pytest.raises(ValueError, match=r"rank .*must be in \[1, 2\]"):
+        LieParam.from_weight(torch.randn(5, 2, 3, 3), rank=3)
+    assert LieParam.from_weight(torch.randn(5, 2, 3, 3)).core.shape == (2, 2, 3, 3)

@@ -1,0 +1,186 @@
+"""TuckerParam (FLoRA): identity at init, the Tucker formula, merge, gradients, counts, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import parametrize
+
+from decomp.adapters import TuckerParam
+from tests.strategies import SEEDS, relative_error
+from tests.adapters.strategies import layers
+
+
+
+def configs():
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "spatial_rank": st.integers(1, 3),
+            "init": st.sampled_from(["tucker", "random"]),
+            "scale": st.floats(0.1, 4.0),
+        },
+    )
+
+
+def perturb(adapter: nn.Module, seed: int, size: float = 0.3) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            parameter.add_(size * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+
+
+def dense_tucker(core: torch.Tensor, factors: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The Tucker product by a single einsum over named modes: an oracle independent of the code."""
+    letters = "abcde"
+    upper = "ABCDE"
+    inputs, operands = [letters[: core.ndim]], [core]
+    output = list(letters[: core.ndim])
+    for mode, factor in factors.items():
+        inputs.append(upper[mode] + letters[mode])
+        operands.append(factor)
+        output[mode] = upper[mode]
+    return torch.einsum(",".join(inputs) + "->" + "".join(output), *operands)
+
+
+@given(layers(), configs())
+def test_identity_at_init(case, config):
+    layer, x = case
+    before = layer(x)
+    parametrize.register_parametrization(layer, "weight", TuckerParam(**config))
+    assert torch.equal(layer(x), before)
+
+
+@given(layers(), configs(), SEEDS)
+def test_delta_is_the_tucker_product_and_merge_matches(case, config, seed):
+    layer, x = case
+    adapter = TuckerParam(**config)
+    parametrize.register_parametrization(layer, "weight", adapter)
+    perturb(adapter, seed)
+    weight = layer.parametrizations.weight.original
+    factors = dict(zip(adapter.factored_modes, adapter.factors))
+    expected = weight + adapter.scale * dense_tucker(adapter.core, factors)
+    assert relative_error(layer.weight.detach(), expected.detach()) < 1e-10
+    unmerged = layer(x)
+    parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    assert relative_error(layer(x).detach(), unmerged.detach()) < 1e-10
+
+
+@given(layers(dtype=torch.float32), configs())
+def test_trainable_count_is_the_closed_form(case, config):
+    layer, _ = case
+    adapter = TuckerParam.from_weight(layer.weight.detach(), **config)
+    shape = tuple(layer.weight.shape)
+    assert adapter.num_trainable() == TuckerParam.trainable_count(shape, **config)
+    r = min(8, shape[0], shape[1])
+    spatial = [size if "spatial_rank" not in config else min(config["spatial_rank"], size) for size in shape[2:]]
+    factor_sizes = r * (shape[0] + shape[1]) + (
+        sum(size * rho for size, rho in zip(shape[2:], spatial)) if "spatial_rank" in config else 0
+    )
+    assert adapter.num_trainable() == r * r * math.prod(spatial) + factor_sizes
+
+
+def test_linear_count_is_lora_plus_core():
+    assert TuckerParam.trainable_count((64, 32), rank=4) == 4 * (64 + 32) + 4 * 4
+
+
+@given(layers(dtype=torch.float32), st.sampled_from(["tucker", "random"]))
+def test_gradients_reach_only_adapter_tensors_and_a_step_changes_the_output(case, init):
+    layer, x = case
+    for parameter in layer.parameters():
+        parameter.requires_grad_(False)
+    adapter = TuckerParam(init=init)
+    parametrize.register_parametrization(layer, "weight", adapter)
+    before = layer(x).detach()
+    optimizer = torch.optim.Adam(adapter.parameters(), lr=1e-2)
+    (layer(x) * torch.randn_like(before)).sum().backward()
+    assert layer.parametrizations.weight.original.grad is None
+    assert all(parameter.grad is not None for parameter in adapter.parameters())
+    assert bool(adapter.core.grad.abs().sum() > 0)  # the zero core is what moves first
+    optimizer.step()
+    after = layer(x).detach()
+    if init == "tucker":
+        assert not torch.allclose(after, before)
+    else:  # the official N(0, 0.02) factors: a core step moves W by only ~0.02**2 * lr
+        assert not torch.equal(after, before)
+
+
+def test_tucker_init_factors_are_orthonormal_and_span_the_weights_subspace():
+    weight = torch.randn(16, 12, 3, 3, dtype=torch.float64)
+    adapter = TuckerParam.from_weight(weight, rank=12)
+    out_factor, in_factor = adapter.factors
+    assert torch.allclose(out_factor.T @ out_factor, torch.eye(12, dtype=torch.float64), atol=1e-10)
+    # full input rank: the input factor spans everything, so projecting W on it loses nothing
+    unfolded = weight.movedim(1, 0).reshape(12, -1)
+    assert torch.allclose(in_factor @ (in_factor.T @ unfolded), unfolded, atol=1e-10)
+
+
+def test_random_init_uses_the_official_std():
+    torch.manual_seed(0)
+    adapter = TuckerParam.from_weight(torch.randn(512, 256), rank=8, init="random")
+    assert abs(float(adapter.factors[0].detach().std()) - 0.02) < 2e-3
+    assert torch.count_nonzero(adapter.core) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weight_keeps_its_dtype_and_identity(dtype):
+    layer = nn.Conv2d(6, 4, 3).to(dtype)
+    adapter = TuckerParam(rank=2)
+    weight = layer.weight.detach().clone()
+    parametrize.register_parametrization(layer, "weight", adapter)
+    assert layer.weight.dtype == dtype and torch.equal(layer.weight, weight)
+    assert adapter.core.dtype == dtype
+
+
+def test_assigning_a_weight_is_inverted_under_the_current_update():
+    layer = nn.Linear(10, 6, dtype=torch.float64)
+    adapter = TuckerParam(rank=3)
+    parametrize.register_parametrization(layer, "weight", adapter)
+    perturb(adapter, 1)
+    target = torch.randn(6, 10, dtype=torch.float64)
+    layer.weight = target
+    assert torch.allclose(layer.weight, target, atol=1e-12)
+
+
+def test_explicit_rank_above_the_layer_raises_and_the_default_clamps():
+    with pytest.raises(ValueError, match=r"rank .*must be in \[1, 3\]"):
+        TuckerParam.from_weight(torch.randn(3, 20), rank=4)
+    assert TuckerParam.from_weight(torch.randn(3, 20)).core.shape == (3, 3)
+    depthwise = nn.Conv2d(8, 8, 3, groups=8)
+    assert TuckerParam.from_weight(depthwise.weight.detach()).core.shape == (1, 1, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"rank": 0}, ValueError, r"rank must be >= 1"),
+        ({"rank": 2.5}, TypeError, "rank must be an int"),
+        ({"spatial_rank": 0}, ValueError, "spatial_rank must be >= 1"),
+        ({"init": "svd"}, ValueError, r"init must be one of \['tucker', 'random'\]"),
+        ({"scale": float("nan")}, ValueError, "scale must be a finite float, got nan"),
+        ({"scale": "1"}, TypeError, "scale must be a finite float, got str"),
+        ({"std": 0.0}, ValueError, "std must be > 0"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TuckerParam(**kwargs)
+
+
+def test_trainable_count_rejects_a_non_weight_shape():
+    with pytest.raises(ValueError, match="shape must be a weight shape with 2 to 5 dims"):
+        TuckerParam.trainable_count((5,))
+    with pytest.raises(ValueError, match=r"shape\[1\] must be >= 1"):
+        TuckerParam.trainable_count((5, 0))
+
+
+def test_unsupported_weights_raise():
+    with pytest.raises(ValueError, match=r"weight must have ndim in \[2, 5\]"):
+        TuckerParam.from_weight(torch.randn(5))
+    with pytest.raises(TypeError, match="real floating dtype"):
+        TuckerParam.from_weight(torch.ones(4, 4, dtype=torch.int64))
