@@ -13,12 +13,16 @@ from .kron import KronParam
 from .ldu import LDUParam
 from .lie import LieParam
 from .model import adapter_state_dict, apply, load_adapter, merge, report, save_adapter, trainable_parameters
+from .snella import SNELL, SNELLA, Allocator
 from .svd import SVDParam
 from .tucker import TuckerParam
 
 __all__ = [
     "AdapterParam",
     "AtomParam",
+    "SNELL",
+    "SNELLA",
+    "Allocator",
     "LieParam",
     "TuckerParam",
     "KronParam",
