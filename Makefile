@@ -32,6 +32,8 @@ test: setup-test
 
 bench: setup-bench
 	$(PY) benchmarks/decomp_bench.py
+	$(PY) benchmarks/adapters_bench.py --pretrain
+	$(PY) benchmarks/adapters_bench.py
 
 docs: setup-docs
 	$(VENV)/bin/mkdocs build --strict
