@@ -56,7 +56,8 @@ class Tucker(NamedTuple):
 
         Half-precision parts are multiplied in fp32 and the result returned in ``core``'s dtype.
         Cost: :math:`O(\\sum_i d_i r_i \\prod_{j \\ne i} s_j)` with :math:`s` the shape at that
-        step.
+        step; the products run in increasing order of :math:`d_i / r_i`, so the intermediates grow
+        as late as possible.
 
         >>> g = torch.Generator().manual_seed(0)
         >>> T = torch.randn(4, 5, 6, generator=g)
@@ -64,7 +65,9 @@ class Tucker(NamedTuple):
         torch.Size([4, 5, 6])
         """
         result = to_compute(self.core)
-        for factor, mode in zip(self.factors, self.modes):
+        # The least-expanding products first keep the intermediate tensors small.
+        pairs = sorted(zip(self.factors, self.modes), key=lambda pair: pair[0].shape[0] / pair[0].shape[1])
+        for factor, mode in pairs:
             result = _mode_product(result, to_compute(factor), mode)
         return result.to(self.core.dtype)
 

@@ -23,12 +23,20 @@ for fp16/bf16 weights and returned in the weight's dtype), the shape check, ``fr
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from .._checks import check_tensor, compute_dtype
+from .._checks import check_int, check_tensor, compute_dtype
+
+
+def check_weight_shape(shape: Sequence[int]) -> None:
+    """A linear or conv weight shape: 2 to 5 positive sizes (what ``trainable_count`` accepts)."""
+    if not isinstance(shape, (tuple, list, torch.Size)) or not 2 <= len(shape) <= 5:
+        raise ValueError(f"shape must be a weight shape with 2 to 5 dims (linear or conv 1-3 D), got {shape!r}")
+    for index, size in enumerate(shape):
+        check_int(size, f"shape[{index}]", low=1)
 
 
 class AdapterParam(nn.Module):

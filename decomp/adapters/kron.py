@@ -15,8 +15,7 @@ from torch import nn
 
 from .. import kpsvd, kron_shapes
 from .._checks import check_int, check_rank
-from .base import AdapterParam
-from .tucker import check_weight_shape
+from .base import AdapterParam, check_weight_shape
 
 DEFAULT_RANK = 4
 

@@ -9,14 +9,15 @@ keeps :math:`W`'s structure: every entry is rescaled, none is created.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from .. import Tucker
 from .._checks import check_int, check_real
 from .base import AdapterParam
-from .tucker import resolve_channel_rank, tucker_product
+from .tucker import resolve_channel_rank
 
 # below this |1 + dW| the first-order update has (nearly) zeroed an entry, which no weight inverts
 _FIRST_ORDER_PIVOT = 1e-6
@@ -129,10 +130,8 @@ class LieParam(AdapterParam):
         out_factor = self.out_factor.to(weight.dtype)
         if weight.ndim == 2:
             return self.scale * (out_factor @ self.in_factor.to(weight.dtype))
-        spatial: Sequence[None] = [None] * (weight.ndim - 2)
-        return self.scale * tucker_product(
-            self.core.to(weight.dtype), [out_factor, self.in_factor.to(weight.dtype), *spatial]
-        )
+        factors = (out_factor, self.in_factor.to(weight.dtype))
+        return self.scale * Tucker(self.core.to(weight.dtype), factors, (0, 1)).to_tensor()
 
     def compose(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         if self.order == 1:

@@ -14,9 +14,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .. import tucker
+from .. import Tucker, tucker
 from .._checks import check_choice, check_int, check_rank, check_real
-from .base import AdapterParam
+from .base import AdapterParam, check_weight_shape
 
 _INITS = ("tucker", "random")
 DEFAULT_RANK = 8
@@ -34,34 +34,6 @@ def resolve_channel_rank(shape: Sequence[int], rank: int | None, name: str = "ra
     if rank is None:
         return min(DEFAULT_RANK, limit)
     return check_rank(rank, f"{name} (weight shape {tuple(shape)})", limit)
-
-
-def check_weight_shape(shape: Sequence[int]) -> None:
-    """A linear or conv weight shape: 2 to 5 positive sizes (what ``trainable_count`` accepts)."""
-    if not isinstance(shape, (tuple, list, torch.Size)) or not 2 <= len(shape) <= 5:
-        raise ValueError(f"shape must be a weight shape with 2 to 5 dims (linear or conv 1-3 D), got {shape!r}")
-    for index, size in enumerate(shape):
-        check_int(size, f"shape[{index}]", low=1)
-
-
-def tucker_product(core: torch.Tensor, factors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    r""":math:`G \times_0 U_0 \times_1 U_1 \cdots`; a ``None`` factor leaves its mode as it is.
-
-    ``factors[n]`` has shape :math:`(d_n, r_n)` and ``core`` :math:`(r_0, r_1, \dots)`. The most
-    compressing mode goes first, so the intermediate tensors stay small.
-
-    >>> core = torch.randn(2, 3, 5)
-    >>> tucker_product(core, [torch.randn(4, 2), torch.randn(6, 3), None]).shape
-    torch.Size([4, 6, 5])
-    """
-    result = core
-    order = sorted(
-        (mode for mode, factor in enumerate(factors) if factor is not None),
-        key=lambda mode: factors[mode].shape[0] / factors[mode].shape[1],
-    )
-    for mode in order:
-        result = torch.tensordot(result, factors[mode], dims=([mode], [1])).movedim(-1, mode)
-    return result
 
 
 class TuckerParam(AdapterParam):
@@ -204,9 +176,7 @@ class TuckerParam(AdapterParam):
         self.core = nn.Parameter(torch.zeros(core_shape, dtype=weight.dtype, device=weight.device))
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
-        per_mode: list[torch.Tensor | None] = [None] * weight.ndim
-        for mode, factor in zip(self.factored_modes, self.factors):
-            per_mode[mode] = factor.to(weight.dtype)
-        return self.scale * tucker_product(self.core.to(weight.dtype), per_mode)
+        factors = tuple(factor.to(weight.dtype) for factor in self.factors)
+        return self.scale * Tucker(self.core.to(weight.dtype), factors, self.factored_modes).to_tensor()
 
 
