@@ -157,8 +157,14 @@ class KronParam(AdapterParam):
         self.B = nn.Parameter(start.B.clone())
         self.C = nn.Parameter(start.C.clone())
 
-    def _rearranged(self, S: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """:math:`\\mathcal{R}(\\sum_k S_k B_k \\otimes C_k) = \\sum_k S_k \\operatorname{vec}(B_k)\\operatorname{vec}(C_k)^T`."""
+    def _rearranged(
+        self, S: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The rearranged update (Van Loan-Pitsianis).
+
+        :math:`\\mathcal{R}(\\sum_k S_k B_k \\otimes C_k) =
+        \\sum_k S_k \\operatorname{vec}(B_k)\\operatorname{vec}(C_k)^T`.
+        """
         rank = S.shape[0]
         scaled = (S.to(dtype)[:, None] * B.to(dtype).reshape(rank, -1)).T
         return scaled @ C.to(dtype).reshape(rank, -1)

@@ -153,7 +153,10 @@ class _KernelAdapter(AdapterParam):
 
     # ------------------------------------------------------------------ the update
     def distance_kernel(self, in_points: torch.Tensor, out_points: torch.Tensor) -> torch.Tensor:
-        r""":math:`K_{oi} = \sum_h c_h \lVert \mathrm{Out}_{h,o} - \mathrm{In}_{h,i} \rVert_2`, shape ``(d_out, d_in)``."""
+        r"""The distance kernel, shape ``(d_out, d_in)``.
+
+        :math:`K_{oi} = \sum_h c_h \lVert \mathrm{Out}_{h,o} - \mathrm{In}_{h,i} \rVert_2`.
+        """
         distances = torch.cdist(out_points, in_points)
         coefficients = self.kernel_coefficients.to(distances.dtype)
         return torch.einsum("h,hoi->oi", coefficients, distances)

@@ -129,7 +129,13 @@ class TuckerParam(AdapterParam):
             raise ValueError(f"std must be > 0, got {self.std}")
 
     def config(self) -> dict[str, Any]:
-        return {"rank": self.rank, "spatial_rank": self.spatial_rank, "scale": self.scale, "init": self.init, "std": self.std}
+        return {
+            "rank": self.rank,
+            "spatial_rank": self.spatial_rank,
+            "scale": self.scale,
+            "init": self.init,
+            "std": self.std,
+        }
 
     @classmethod
     def _mode_ranks(cls, shape: Sequence[int], rank: int | None, spatial_rank: int | None) -> list[int | None]:
