@@ -1,0 +1,123 @@
+r"""The Adam arithmetic every optimizer of :mod:`optim` shares, on full or projected gradients.
+
+One formula (``torch.optim.AdamW``'s): decoupled weight decay before the update, then
+
+.. math::
+
+    m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
+    u = \frac{m / (1-\beta_1^t)}{\sqrt{v / (1-\beta_2^t)} + \epsilon}.
+
+The projected and rotated optimizers compute ``u`` in a subspace or a rotated basis and map it
+back; parameters they do not handle (1-D ones, say) take :func:`adamw_step` unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import state_dtype
+
+__all__ = ["adam_direction", "adam_directions", "adamw_step", "apply_update", "init_moments"]
+
+
+def init_moments(state: dict[str, torch.Tensor], like: torch.Tensor) -> None:
+    """Zero first and second moments shaped like ``like`` (in its dtype and device)."""
+    state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+
+
+def adam_direction(
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    betas: tuple[float, float],
+    eps: float,
+) -> torch.Tensor:
+    r"""Update the moments in place with ``grad`` and return the bias-corrected Adam direction.
+
+    ``step`` is the number of moment updates including this one (:math:`t \ge 1`). ``grad``,
+    ``exp_avg`` and ``exp_avg_sq`` share one shape and dtype (the state dtype).
+    """
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    return (exp_avg / bias_correction1).div_(denom)
+
+
+def adam_directions(
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[int],
+    betas: tuple[float, float],
+    eps: float,
+    *,
+    foreach: bool,
+) -> list[torch.Tensor]:
+    """:func:`adam_direction` over lists; ``foreach=True`` uses the multi-tensor kernels."""
+    if not foreach:
+        return [
+            adam_direction(grad, exp_avg, exp_avg_sq, step, betas, eps)
+            for grad, exp_avg, exp_avg_sq, step in zip(grads, exp_avgs, exp_avg_sqs, steps)
+        ]
+    beta1, beta2 = betas
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, [(1 - beta2**step) ** 0.5 for step in steps])
+    torch._foreach_add_(denoms, eps)
+    directions = torch._foreach_div(exp_avgs, [1 - beta1**step for step in steps])
+    torch._foreach_div_(directions, denoms)
+    return list(directions)
+
+
+def adamw_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One ``torch.optim.AdamW`` step of ``param`` (state initialised on first use)."""
+    if "step" not in state:
+        state["step"] = torch.tensor(0, dtype=torch.int64)
+        init_moments(state, torch.zeros_like(param, dtype=state_dtype(param)))
+    state["step"] += 1
+    step = int(state["step"])
+    beta1, beta2 = betas
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    grad = grad.to(exp_avg.dtype)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / ((1 - beta2**step) ** 0.5)).add_(eps)
+    # torch.optim.AdamW's exact sequence (addcdiv with lr / bc1), so the fallback is bitwise AdamW.
+    target = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
+    if weight_decay:
+        target.mul_(1 - lr * weight_decay)
+    target.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+    if target is not param:
+        param.copy_(target)
+
+
+def apply_update(
+    param: torch.Tensor, direction: torch.Tensor, *, lr: float, weight_decay: float
+) -> None:
+    r""":math:`W \leftarrow W (1 - \eta\lambda) - \eta\, U`, computed in the state dtype."""
+    if param.dtype == direction.dtype:
+        if weight_decay:
+            param.mul_(1 - lr * weight_decay)
+        param.add_(direction.reshape(param.shape), alpha=-lr)
+        return
+    updated = param.to(direction.dtype)
+    if weight_decay:
+        updated.mul_(1 - lr * weight_decay)
+    updated.add_(direction.reshape(updated.shape), alpha=-lr)
+    param.copy_(updated)

@@ -1,0 +1,112 @@
+"""What every optimizer of :mod:`optim` shares: option checks, tensor-only state, matrix views.
+
+Each optimizer keeps its per-parameter state as tensors only (moments, bases, integer indices,
+seeds), so ``torch.load(path, weights_only=True)`` reads a saved ``state_dict``. Floating state of
+fp16/bf16 parameters lives in fp32 (:func:`state_dtype`); :meth:`TensorStateOptimizer.load_state_dict`
+keeps that choice and keeps integer tensors integer, where ``torch.optim.Optimizer`` would cast every
+tensor to the parameter's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+
+from decomp._checks import compute_dtype
+
+__all__ = ["TensorStateOptimizer", "as_matrix", "check_grad", "check_param", "state_dtype"]
+
+
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype of floating optimizer state for ``param``: fp32 for fp16/bf16, else its own."""
+    return compute_dtype(param.dtype)
+
+
+def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
+    """The 2-D view an optimizer works on: ``(shape[0], -1)`` for N-D tensors (conv kernels)."""
+    return tensor if tensor.ndim == 2 else tensor.reshape(tensor.shape[0], -1)
+
+
+def check_param(param: torch.Tensor) -> None:
+    """Reject parameters no optimizer here supports (complex or non-floating), with a TypeError."""
+    if not isinstance(param, torch.Tensor):
+        raise TypeError(f"params must be tensors, got {type(param).__name__}")
+    if param.is_complex() or not param.is_floating_point():
+        raise TypeError(
+            f"parameters must have a real floating dtype (float16, bfloat16, float32, float64), "
+            f"got {param.dtype}"
+        )
+
+
+def check_grad(param: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``param``; sparse gradients raise (no projection of a sparse layout)."""
+    grad = param.grad
+    if grad.is_sparse:
+        raise RuntimeError("sparse gradients are not supported; use torch.optim.SparseAdam")
+    return grad
+
+
+class TensorStateOptimizer(torch.optim.Optimizer):
+    """``torch.optim.Optimizer`` whose state is tensors only, with a dtype-preserving load.
+
+    Subclasses validate their own options; this class rejects complex and integer parameters
+    and restores state so that a save -> load in the middle of a run continues bit-identically.
+    """
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for param in group["params"]:
+                check_param(param)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        count = len(self.param_groups)
+        try:
+            super().add_param_group(param_group)
+            for param in self.param_groups[-1]["params"]:
+                check_param(param)
+            self._check_group(self.param_groups[-1])
+        except (TypeError, ValueError):
+            del self.param_groups[count:]  # a rejected group leaves the optimizer as it was
+            raise
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate one group's options (subclasses raise ``ValueError``/``TypeError``)."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch.optim.Optimizer.load_state_dict calls its own static cast policy by class name,
+        # not through self, so the saved tensors are re-cast here with ours.
+        saved = {key: dict(values) for key, values in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = {
+            key: param
+            for saved_group, group in zip(state_dict["param_groups"], self.param_groups)
+            for key, param in zip(saved_group["params"], group["params"])
+        }
+        for key, values in saved.items():
+            param = params[key]
+            for name, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    self.state[param][name] = self._process_value_according_to_param_policy(
+                        param, value, key, self.param_groups, name
+                    )
+
+    @staticmethod
+    def _process_value_according_to_param_policy(
+        param: torch.Tensor,
+        value: torch.Tensor,
+        param_id: int,
+        param_groups: list[dict[Any, Any]],
+        key: Hashable = None,
+    ) -> torch.Tensor:
+        # torch casts every state tensor to the parameter's dtype; that would turn integer
+        # subspace indices and seeds into floats and fp32 moments of bf16 weights into bf16.
+        # Counters and seeds (0-d integers) stay host tensors, as torch.optim keeps its step, so
+        # schedules read them without a device sync.
+        if key == "step" or (value.ndim == 0 and not value.is_floating_point()):
+            return value
+        if value.is_floating_point():
+            return value.to(dtype=state_dtype(param), device=param.device)
+        return value.to(device=param.device)

@@ -1,0 +1,81 @@
+r"""The protected-subspace option for continual learning (CoSO/OSFT-style).
+
+With ``protect=True`` a projected optimizer keeps, per parameter, a Frequent-Directions sketch
+:math:`S \in \mathbb{R}^{\ell \times d}` of the directions it updated during the current task (at
+every subspace refresh it adds the rows :math:`\lVert X p_j \rVert\, p_j^\top` for the selected
+basis columns :math:`p_j`). ``optimizer.consolidate()`` at the end of a task takes the dominant
+right singular vectors of the sketch, enough to hold a fraction ``protect_energy`` of its energy,
+and appends them (orthonormalised) to a protected basis :math:`B \in \mathbb{R}^{d \times k}`.
+Later gradients are projected off it, :math:`X \leftarrow X - X B B^\top`, and so are the
+updates, so every later update satisfies :math:`\Delta W\, B = 0` (or :math:`B^\top \Delta W = 0`
+when the compressed side is the rows): the inputs (outputs) the earlier tasks used keep their
+response. Decoupled weight decay still shrinks the whole weight; use ``weight_decay=0`` for strict
+protection.
+
+Differences from CoSO: the sketch is fed the optimizer's selected directions weighted by the
+gradient energy along them (no extra SVD per step), and the basis lives on the compressed side.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["extend_basis", "frequent_directions"]
+
+
+def frequent_directions(sketch: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    r"""Add ``rows`` (:math:`b \times d`) to a Frequent-Directions sketch (:math:`\ell \times d`).
+
+    Stack, take the SVD :math:`[S; R] = U \Sigma V^\top`, keep
+    :math:`\sqrt{\max(\sigma_i^2 - \sigma_{\ell+1}^2, 0)}\, v_i^\top` for :math:`i \le \ell`
+    (Liberty 2013): :math:`0 \preceq A^\top A - S^\top S \preceq (\lVert A\rVert_F^2 /
+    (\ell - \text{rank}))\, I` over everything added so far.
+
+    Example:
+        >>> sketch = frequent_directions(torch.zeros(4, 6), torch.eye(6)[:2])
+        >>> sketch.shape, torch.allclose(sketch.T @ sketch, torch.diag(torch.tensor([1.0, 1, 0, 0, 0, 0])))
+        (torch.Size([4, 6]), True)
+    """
+    size = sketch.shape[0]
+    _, singular, vh = torch.linalg.svd(torch.cat([sketch, rows]), full_matrices=False)
+    if singular.shape[0] > size:
+        shrunk = (singular[:size].square() - singular[size].square()).clamp_min(0).sqrt()
+    else:
+        shrunk = singular
+    kept = shrunk[:, None] * vh[: shrunk.shape[0]]
+    if kept.shape[0] < size:
+        kept = torch.cat([kept, kept.new_zeros(size - kept.shape[0], kept.shape[1])])
+    return kept
+
+
+def extend_basis(
+    basis: torch.Tensor, sketch: torch.Tensor, energy: float, max_columns: int
+) -> torch.Tensor:
+    r"""Append the sketch's dominant directions, orthonormalised against ``basis`` (:math:`d \times k`).
+
+    Takes the fewest leading right singular vectors of ``sketch`` whose squared singular values
+    hold ``energy`` of the total, removes their component along ``basis``, orthonormalises them and
+    keeps those that are not already (numerically) in ``basis``; at most ``max_columns`` columns
+    in all. Reads a handful of numbers back to the host (it runs once per task).
+
+    Example:
+        >>> sketch = torch.diag(torch.tensor([3.0, 1.0, 0.0]))
+        >>> basis = extend_basis(torch.zeros(3, 0), sketch, energy=0.8, max_columns=3)
+        >>> basis.shape, torch.allclose(basis.abs(), torch.tensor([[1.0], [0.0], [0.0]]))
+        (torch.Size([3, 1]), True)
+    """
+    _, singular, vh = torch.linalg.svd(sketch, full_matrices=False)
+    power = singular.square()
+    total = power.sum()
+    if total <= 0:
+        return basis
+    needed = int(torch.searchsorted(power.cumsum(0) / total, torch.tensor(energy)).item()) + 1
+    room = max_columns - basis.shape[1]
+    candidates = vh[: min(needed, room, vh.shape[0])].mT
+    if candidates.shape[1] == 0:
+        return basis
+    candidates = candidates - basis @ (basis.mT @ candidates)
+    q, r = torch.linalg.qr(candidates)
+    fresh = r.diagonal().abs() > 1e-6 * max(1.0, float(r.diagonal().abs().max()))
+    new_columns = q[:, fresh] * torch.where(r.diagonal()[fresh] < 0, -1.0, 1.0)
+    return torch.cat([basis, new_columns], dim=1)
