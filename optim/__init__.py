@@ -2,6 +2,8 @@
 
 - :class:`DCTProjectedAdam`, :class:`SVDProjectedAdam`: one projected-Adam engine
   (:class:`ProjectedAdam`) with the DCT, SVD or random projector (:mod:`optim.projectors`).
+- :class:`ARO` (adaptively rotated optimization) and :class:`RotatedAdam` (Adam in a DCT or
+  SOAP-style eigenbasis), in :mod:`optim.rotated`.
 - ``optimizer.consolidate()`` with ``protect=True``: continual learning in orthogonal subspaces
   (:mod:`optim.continual`).
 """
@@ -14,13 +16,16 @@ from .projectors import (
     SVDProjector,
     dct_columns,
 )
+from .rotated import ARO, RotatedAdam
 
 __all__ = [
+    "ARO",
     "DCTProjectedAdam",
     "DCTProjector",
     "ProjectedAdam",
     "Projector",
     "RandomProjector",
+    "RotatedAdam",
     "SVDProjectedAdam",
     "SVDProjector",
     "dct_columns",

@@ -1,0 +1,543 @@
+r"""Rotated optimizers: a base update applied in a rotated frame of each weight matrix.
+
+Both optimizers see a weight :math:`W \in \mathbb{R}^{m \times n}` (N-D weights viewed as
+``(shape[0], -1)``) through orthonormal bases, run a simple elementwise or row/column-wise base
+optimizer there, and map the result back:
+
+* :class:`ARO` -- adaptively rotated optimization (arXiv 2602.09006): one rotation, updated every
+  step by a QR of a cross-alignment matrix, around a Sinkhorn (or row-norm, or sign) base map.
+* :class:`RotatedAdam` -- full-rank Adam in a rotated basis: the fixed orthonormal DCT-II on both
+  sides (no basis state), or SOAP's Shampoo eigenbases (arXiv 2409.11321).
+
+1-D parameters (biases, norm gains) and scalars take the ``torch.optim.AdamW`` step of
+:func:`optim._adam.adamw_step` inside the same optimizer, with their group's ``lr``, ``betas``,
+``eps`` and ``weight_decay``. All state is tensors (``weights_only``-loadable); floating state of
+fp16/bf16 weights is fp32, and the weight keeps its own dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from decomp import dct, idct
+from decomp._checks import check_choice, check_int, check_real
+
+from ._adam import adam_direction, adamw_step, apply_update, init_moments
+from ._base import TensorStateOptimizer, as_matrix, check_grad, state_dtype
+
+__all__ = ["ARO", "RotatedAdam"]
+
+_ARO_BASES = ("sinkhorn", "row_norm", "sign")
+_ARO_LR_ADJUSTMENTS = ("rms_norm", "spectral_norm", "none")
+_ROTATED_ADAM_BASES = ("dct", "eigen")
+_SIDES = ("left", "right")
+
+
+def _check_adam_options(group: dict[str, Any]) -> None:
+    """The options every group shares (the AdamW fallback reads them all)."""
+    check_real(group["lr"], "lr", low=0.0, low_inclusive=True)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair of floats, got {betas!r}")
+    for index, beta in enumerate(betas):
+        check_real(beta, f"betas[{index}]", low=0.0, high=1.0, low_inclusive=True)
+    check_real(group["eps"], "eps", low=0.0, low_inclusive=True)
+    check_real(group["weight_decay"], "weight_decay", low=0.0, low_inclusive=True)
+
+
+def _orthonormal_factor(matrix: torch.Tensor) -> torch.Tensor:
+    r"""The Q factor of :math:`A = QR` with :math:`\operatorname{diag}(R) \ge 0` (a fixed sign).
+
+    Householder QR leaves each column's sign to the implementation; fixing it makes the factor a
+    function of :math:`A` alone, and keeps it continuous when :math:`A \approx Q_0 \Lambda` with
+    :math:`\Lambda \ge 0` (a power-iteration step then returns :math:`Q_0`, not a sign-flipped
+    copy).
+    """
+    q, r = torch.linalg.qr(matrix)
+    signs = torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
+    return q * signs
+
+
+def _normalize_rows(x: torch.Tensor, target: float) -> torch.Tensor:
+    # Dividing before scaling, with the norm floored at the smallest normal number, maps a zero
+    # row to zero (0 / tiny) instead of 0 * inf = NaN, and never overflows for a nonzero row.
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x.div(norms.clamp_min(torch.finfo(x.dtype).tiny)).mul_(target)
+
+
+def _sinkhorn(x: torch.Tensor, iters: int) -> torch.Tensor:
+    r"""``iters`` rounds of: rows to L2 norm :math:`\sqrt{n}`, then columns to :math:`\sqrt{m}`."""
+    rows, cols = x.shape
+    for _ in range(iters):
+        x = _normalize_rows(x, math.sqrt(cols))
+        x = _normalize_rows(x.T, math.sqrt(rows)).T
+    return x
+
+
+def _row_norm(x: torch.Tensor, iters: int) -> torch.Tensor:
+    r""":math:`\sqrt{n}\, x_i / \lVert x_i \rVert` for every row (``iters`` is unused)."""
+    return _normalize_rows(x, math.sqrt(x.shape[-1]))
+
+
+def _sign(x: torch.Tensor, iters: int) -> torch.Tensor:
+    """Elementwise sign (``iters`` is unused)."""
+    return torch.sign(x)
+
+
+_BASE_MAPS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "sinkhorn": _sinkhorn,
+    "row_norm": _row_norm,
+    "sign": _sign,
+}
+
+
+class _MatrixOrAdamW(TensorStateOptimizer):
+    """Step loop shared by both optimizers: matrices to ``_matrix_step``, the rest to AdamW."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Validate the group as it will be (defaults filled in) before torch appends it, so a
+        # rejected group leaves the optimizer unchanged.
+        options = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._check_options(options)
+        super().add_param_group(param_group)
+
+    @staticmethod
+    def _check_options(group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _matrix_step(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, torch.Tensor],
+        group: dict[str, Any],
+    ) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter with a gradient; returns ``closure()`` if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = check_grad(param)
+                state = self.state[param]
+                if param.ndim < 2:
+                    adamw_step(
+                        param,
+                        grad,
+                        state,
+                        lr=group["lr"],
+                        betas=group["betas"],
+                        eps=group["eps"],
+                        weight_decay=group["weight_decay"],
+                    )
+                else:
+                    self._matrix_step(param, grad, state, group)
+        return loss
+
+
+class ARO(_MatrixOrAdamW):
+    r"""Adaptively rotated optimization: a base map applied in a learned rotated frame.
+
+    For each matrix :math:`W \in \mathbb{R}^{m \times n}` with gradient :math:`G`, momentum
+    :math:`\mu`, base map :math:`f` and rotation :math:`R` (initially :math:`I`):
+
+    .. math::
+
+        M &\leftarrow \mu M + (1-\mu) G \\
+        R &\leftarrow \operatorname{qf}\!\big(M f(R^\top M)^\top\big) \\
+        W &\leftarrow W (1 - \eta\lambda) - \eta\, s\, R f(R^\top M)
+
+    where :math:`\operatorname{qf}` is the Q factor of a QR factorisation with
+    :math:`\operatorname{diag}(R_{qr}) \ge 0` and the scale is :math:`s = 0.2\sqrt{\max(m, n)}`
+    (``adjust_lr="rms_norm"``, Moonlight's AdamW-matched RMS), :math:`\sqrt{m/n}`
+    (``"spectral_norm"``) or :math:`1` (``"none"``). Base maps:
+
+    * ``"sinkhorn"`` -- ``sinkhorn_iters`` rounds of rows to L2 norm :math:`\sqrt{n}`, then
+      columns to :math:`\sqrt{m}` (SinkGD, arXiv 2502.06742);
+    * ``"row_norm"`` -- :math:`\sqrt{n}\, x_i / \lVert x_i \rVert` per row;
+    * ``"sign"`` -- :math:`\operatorname{sign}(X)`.
+
+    A zero row or column stays zero, so a zero gradient gives a zero update (no NaN). Each
+    :math:`f` commutes with flipping the sign of rows, so the sign convention of the QR does not
+    change the update; it is fixed only so the rotation state is deterministic. With ``"sign"``
+    the step is not continuous in :math:`M`: :math:`C` can be singular (then the trailing
+    columns of :math:`R` are whatever orthonormal completion the QR returns) and
+    :math:`R^\top M` can hold exact zeros whose computed sign is rounding, so runs on different
+    devices or LAPACKs may drift apart; ``"sinkhorn"`` and ``"row_norm"`` have neither issue
+    (:math:`C = M D_2 M^\top R D_1` has the rank of :math:`M`).
+
+    Which side is rotated: the smaller one. For :math:`m \le n` the rotation is :math:`m \times m`
+    as in the paper; for :math:`m > n` the same step runs on :math:`W^\top` (so :math:`R` is
+    :math:`n \times n` and :math:`f` normalises the rows of :math:`R^\top M^\top`), keeping the
+    memory and the QR at :math:`O(\min(m,n)^2)` and :math:`O(\min(m,n)^2 \max(m,n))`. The official
+    code (``microsoft/dion`` ``aro.py``) always rotates the rows, at :math:`m^2` memory for a tall
+    weight. The scale :math:`s` is computed from the unflipped :math:`(m, n)`. The QR is a
+    Householder ``torch.linalg.qr`` (the paper recommends a shifted Cholesky-QR for speed).
+
+    ``lr`` is the matrix step size; 1-D parameters and scalars take ``torch.optim.AdamW`` steps at
+    the same group ``lr`` with ``betas``, ``eps`` and ``weight_decay`` (give them their own param
+    group to use another lr). State per matrix: ``step`` (0-d int64 on the CPU), ``momentum``
+    (:math:`m \times n`) and ``rotation`` (:math:`\min(m,n)^2`), fp32 for fp16/bf16 weights.
+
+    Args:
+        params: parameters or param groups (groups may override every option below).
+        lr: step size :math:`\eta \ge 0` (default 0.01).
+        momentum: EMA factor :math:`\mu \in [0, 1)` of the gradient (default 0.95).
+        weight_decay: decoupled decay :math:`\lambda \ge 0`, applied as :math:`1 - \eta\lambda`
+            (default 0.01).
+        base: ``"sinkhorn"`` (default), ``"row_norm"`` or ``"sign"``.
+        sinkhorn_iters: rounds of the Sinkhorn map, ``>= 1`` (default 5).
+        adjust_lr: ``"rms_norm"`` (default), ``"spectral_norm"`` or ``"none"``.
+        betas: AdamW betas for 1-D parameters, each in ``[0, 1)`` (default ``(0.9, 0.999)``).
+        eps: AdamW epsilon for 1-D parameters, ``>= 0`` (default 1e-8).
+
+    Raises:
+        ValueError: an option out of range or an unknown ``base`` / ``adjust_lr``.
+        TypeError: a complex or integer parameter, or an option of the wrong type.
+
+    Example:
+        >>> from optim.rotated import ARO
+        >>> _ = torch.manual_seed(0)
+        >>> weight = torch.nn.Parameter(torch.randn(6, 4))
+        >>> bias = torch.nn.Parameter(torch.zeros(6))
+        >>> x, y = torch.randn(32, 4), torch.randn(32, 6)
+        >>> def loss_fn():
+        ...     return ((x @ weight.T + bias - y) ** 2).mean()
+        >>> opt = ARO([weight, bias], lr=0.02)
+        >>> start = loss_fn().item()
+        >>> for _ in range(20):
+        ...     opt.zero_grad()
+        ...     loss_fn().backward()
+        ...     _ = opt.step()
+        >>> loss_fn().item() < start
+        True
+        >>> opt.state[weight]["rotation"].shape  # the smaller side: 4 x 4
+        torch.Size([4, 4])
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.01,
+        momentum: float = 0.95,
+        weight_decay: float = 0.01,
+        base: str = "sinkhorn",
+        sinkhorn_iters: int = 5,
+        adjust_lr: str = "rms_norm",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "base": base,
+            "sinkhorn_iters": sinkhorn_iters,
+            "adjust_lr": adjust_lr,
+            "betas": betas,
+            "eps": eps,
+        }
+        self._check_options(defaults)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_options(group: dict[str, Any]) -> None:
+        _check_adam_options(group)
+        check_real(group["momentum"], "momentum", low=0.0, high=1.0, low_inclusive=True)
+        check_choice(group["base"], "base", _ARO_BASES)
+        check_int(group["sinkhorn_iters"], "sinkhorn_iters", low=1)
+        check_choice(group["adjust_lr"], "adjust_lr", _ARO_LR_ADJUSTMENTS)
+
+    def _matrix_step(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, torch.Tensor],
+        group: dict[str, Any],
+    ) -> None:
+        rows, cols = as_matrix(param).shape
+        if "step" not in state:
+            dtype = state_dtype(param)
+            state["step"] = torch.tensor(0, dtype=torch.int64)
+            state["momentum"] = torch.zeros(rows, cols, dtype=dtype, device=param.device)
+            state["rotation"] = torch.eye(min(rows, cols), dtype=dtype, device=param.device)
+        state["step"] += 1
+        momentum, rotation = state["momentum"], state["rotation"]
+        momentum.lerp_(as_matrix(grad).to(momentum.dtype), 1 - group["momentum"])
+
+        base_map = _BASE_MAPS[group["base"]]
+        iters = group["sinkhorn_iters"]
+        tall = rows > cols
+        framed = momentum.T if tall else momentum
+        cross = framed @ base_map(rotation.T @ framed, iters).T
+        rotation.copy_(_orthonormal_factor(cross))
+        update = rotation @ base_map(rotation.T @ framed, iters)
+        if tall:
+            update = update.T
+
+        if group["adjust_lr"] == "rms_norm":
+            scale = 0.2 * math.sqrt(max(rows, cols))
+        elif group["adjust_lr"] == "spectral_norm":
+            scale = math.sqrt(rows / cols)
+        else:
+            scale = 1.0
+        apply_update(
+            param,
+            update.mul_(scale).reshape(param.shape),
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+        )
+
+
+class RotatedAdam(_MatrixOrAdamW):
+    r"""Full-rank Adam in a rotated basis of each weight matrix: fixed DCT or SOAP eigenbases.
+
+    For :math:`W \in \mathbb{R}^{m \times n}` with gradient :math:`G` and orthonormal bases
+    :math:`Q_L \in \mathbb{R}^{m \times m}`, :math:`Q_R \in \mathbb{R}^{n \times n}`, one step at
+    Adam step :math:`t` is AdamW on the rotated gradient:
+
+    .. math::
+
+        \hat G &= Q_L^\top G Q_R, \quad
+        m \leftarrow \beta_1 m + (1-\beta_1)\hat G, \quad
+        v \leftarrow \beta_2 v + (1-\beta_2)\hat G^2 \\
+        W &\leftarrow W(1 - \eta\lambda) - \eta\, Q_L\,
+            \frac{m/(1-\beta_1^t)}{\sqrt{v/(1-\beta_2^t)} + \epsilon}\, Q_R^\top
+
+    with :math:`m, v` kept in the rotated basis.
+
+    ``basis="dct"``: :math:`Q_L^\top = D_m`, :math:`Q_R^\top = D_n`, the orthonormal DCT-II, so
+    :math:`\hat G = D_m G D_n^\top` is :func:`decomp.dct` along both dims (FFT for long sides, no
+    :math:`n \times n` matrix) and the update is :func:`decomp.idct` along both. This is exactly
+    AdamW run on the coordinates :math:`D_m W D_n^\top`. State: ``step``, ``exp_avg``,
+    ``exp_avg_sq``; ``max_dim`` and ``update_gap`` do not apply.
+
+    ``basis="eigen"`` (SOAP, ``nikhilvyas/SOAP``): Shampoo's statistics
+    :math:`L \leftarrow \beta_s L + (1-\beta_s) G G^\top` and
+    :math:`R \leftarrow \beta_s R + (1-\beta_s) G^\top G` (:math:`\beta_s` = ``shampoo_beta``)
+    define the bases. The first step only accumulates :math:`L, R` and sets
+    :math:`Q_L, Q_R` to their eigenvectors (``torch.linalg.eigh``, descending eigenvalues); it
+    does **not** move the matrix (as SOAP, so the basis never depends on the gradient it rotates),
+    and the Adam step count :math:`t` starts at the second step. Every later step does the Adam
+    update above, then folds :math:`G` into :math:`L, R`, and every ``update_gap`` Adam steps
+    refreshes each basis by one power iteration: sort :math:`Q`'s columns by the estimated
+    eigenvalues :math:`\operatorname{diag}(Q^\top L Q)` (descending), permute :math:`v` the same
+    way, :math:`Q \leftarrow \operatorname{qf}(L Q)` (Q factor, :math:`\operatorname{diag}(R_{qr})
+    \ge 0`), and carry :math:`m` over exactly: :math:`m \leftarrow Q_L'^\top (Q_L m Q_R^\top) Q_R'`.
+    A side longer than ``max_dim`` is not rotated (identity, no :math:`L` or :math:`R` kept).
+    State: ``step`` (counting the first step), ``exp_avg``, ``exp_avg_sq`` and, per rotated side,
+    ``gram_left``/``basis_left`` (:math:`m \times m`), ``gram_right``/``basis_right``
+    (:math:`n \times n`).
+
+    Differences from SOAP's code, by choice: the clean AdamW form above (SOAP adds ``eps`` to
+    :math:`\sqrt{v}` before the bias correction and folds the correction into the step size), and
+    decoupled weight decay applied before the update as ``torch.optim.AdamW`` (SOAP decays after
+    it). No ``merge_dims``/``precondition_1d``/``normalize_grads``.
+
+    1-D parameters and scalars take ``torch.optim.AdamW`` steps with the group's options (both
+    bases). Floating state is fp32 for fp16/bf16 weights.
+
+    Args:
+        params: parameters or param groups (groups may override every option below).
+        lr: step size :math:`\eta \ge 0` (default 1e-3).
+        betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)`` (default ``(0.9, 0.999)``).
+        eps: :math:`\epsilon \ge 0` (default 1e-8).
+        weight_decay: decoupled decay :math:`\lambda \ge 0` (default 0).
+        basis: ``"dct"`` (default) or ``"eigen"``.
+        update_gap: Adam steps between eigenbasis refreshes, ``>= 1`` (default 10; ``"eigen"``).
+        shampoo_beta: EMA factor :math:`\beta_s \in [0, 1)` of :math:`L, R`; ``None`` (default)
+            uses :math:`\beta_2` (``"eigen"``).
+        max_dim: longest side that gets an eigenbasis, ``>= 1`` (default 10000; ``"eigen"``).
+
+    Raises:
+        ValueError: an option out of range or an unknown ``basis``.
+        TypeError: a complex or integer parameter, or an option of the wrong type.
+
+    Example:
+        >>> from optim.rotated import RotatedAdam
+        >>> _ = torch.manual_seed(0)
+        >>> weight = torch.nn.Parameter(torch.randn(6, 4))
+        >>> x, y = torch.randn(32, 4), torch.randn(32, 6)
+        >>> def loss_fn():
+        ...     return ((x @ weight.T - y) ** 2).mean()
+        >>> opt = RotatedAdam([weight], lr=0.05, basis="eigen", update_gap=5)
+        >>> start = loss_fn().item()
+        >>> for _ in range(20):
+        ...     opt.zero_grad()
+        ...     loss_fn().backward()
+        ...     _ = opt.step()
+        >>> loss_fn().item() < start
+        True
+        >>> opt.state[weight]["basis_left"].shape, opt.state[weight]["basis_right"].shape
+        (torch.Size([6, 6]), torch.Size([4, 4]))
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        basis: str = "dct",
+        update_gap: int = 10,
+        shampoo_beta: float | None = None,
+        max_dim: int = 10000,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "basis": basis,
+            "update_gap": update_gap,
+            "shampoo_beta": shampoo_beta,
+            "max_dim": max_dim,
+        }
+        self._check_options(defaults)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_options(group: dict[str, Any]) -> None:
+        _check_adam_options(group)
+        check_choice(group["basis"], "basis", _ROTATED_ADAM_BASES)
+        check_int(group["update_gap"], "update_gap", low=1)
+        check_int(group["max_dim"], "max_dim", low=1)
+        if group["shampoo_beta"] is not None:
+            check_real(group["shampoo_beta"], "shampoo_beta", low=0.0, high=1.0, low_inclusive=True)
+
+    def _matrix_step(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, torch.Tensor],
+        group: dict[str, Any],
+    ) -> None:
+        if group["basis"] == "dct":
+            self._dct_step(param, grad, state, group)
+        else:
+            self._eigen_step(param, grad, state, group)
+
+    @staticmethod
+    def _dct_step(
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, torch.Tensor],
+        group: dict[str, Any],
+    ) -> None:
+        dtype = state_dtype(param)
+        if "step" not in state:
+            state["step"] = torch.tensor(0, dtype=torch.int64)
+            init_moments(
+                state, torch.zeros(as_matrix(param).shape, dtype=dtype, device=param.device)
+            )
+        state["step"] += 1
+        matrix = as_matrix(grad).to(dtype)
+        rotated = dct(dct(matrix, dim=-1, check_finite=False), dim=0, check_finite=False)
+        direction = adam_direction(
+            rotated,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            int(state["step"]),
+            group["betas"],
+            group["eps"],
+        )
+        update = idct(idct(direction, dim=0, check_finite=False), dim=-1, check_finite=False)
+        apply_update(
+            param, update.reshape(param.shape), lr=group["lr"], weight_decay=group["weight_decay"]
+        )
+
+    @staticmethod
+    def _eigen_step(
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, torch.Tensor],
+        group: dict[str, Any],
+    ) -> None:
+        matrix = as_matrix(grad).to(state_dtype(param))
+        shampoo_beta = group["shampoo_beta"]
+        if shampoo_beta is None:
+            shampoo_beta = group["betas"][1]
+        if "step" not in state:
+            state["step"] = torch.tensor(1, dtype=torch.int64)
+            init_moments(state, torch.zeros_like(matrix))
+            for side, size in zip(_SIDES, matrix.shape):
+                if size <= group["max_dim"]:
+                    state[f"gram_{side}"] = matrix.new_zeros(size, size)
+            _accumulate_grams(state, matrix, shampoo_beta)
+            for side in _SIDES:
+                if f"gram_{side}" in state:
+                    eigenvectors = torch.linalg.eigh(state[f"gram_{side}"]).eigenvectors
+                    state[f"basis_{side}"] = eigenvectors.flip(-1)
+            return
+        state["step"] += 1
+        adam_steps = int(state["step"]) - 1
+        direction = adam_direction(
+            _to_basis(matrix, state),
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            adam_steps,
+            group["betas"],
+            group["eps"],
+        )
+        update = _from_basis(direction, state)
+        apply_update(
+            param, update.reshape(param.shape), lr=group["lr"], weight_decay=group["weight_decay"]
+        )
+        _accumulate_grams(state, matrix, shampoo_beta)
+        if adam_steps % group["update_gap"] == 0:
+            _refresh_bases(state)
+
+
+def _accumulate_grams(state: dict[str, torch.Tensor], grad: torch.Tensor, beta: float) -> None:
+    r""":math:`L \leftarrow \beta L + (1-\beta) G G^\top` and :math:`R` with :math:`G^\top G`."""
+    if "gram_left" in state:
+        state["gram_left"].lerp_(grad @ grad.T, 1 - beta)
+    if "gram_right" in state:
+        state["gram_right"].lerp_(grad.T @ grad, 1 - beta)
+
+
+def _to_basis(x: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    r""":math:`Q_L^\top X Q_R`, with the identity on a side that has no basis."""
+    if "basis_left" in state:
+        x = state["basis_left"].T @ x
+    if "basis_right" in state:
+        x = x @ state["basis_right"]
+    return x
+
+
+def _from_basis(x: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    r""":math:`Q_L X Q_R^\top`, the inverse of :func:`_to_basis`."""
+    if "basis_left" in state:
+        x = state["basis_left"] @ x
+    if "basis_right" in state:
+        x = x @ state["basis_right"].T
+    return x
+
+
+def _refresh_bases(state: dict[str, torch.Tensor]) -> None:
+    """One sorted power-iteration step per basis; ``exp_avg`` rotated, ``exp_avg_sq`` permuted."""
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    unrotated_exp_avg = _from_basis(exp_avg, state)
+    for dim, side in enumerate(_SIDES):
+        if f"basis_{side}" not in state:
+            continue
+        basis = state[f"basis_{side}"]
+        power = state[f"gram_{side}"] @ basis
+        estimated_eigenvalues = (basis * power).sum(dim=0)
+        # stable: tied estimates (a zero gram) keep their order on every device.
+        order = torch.argsort(estimated_eigenvalues, descending=True, stable=True)
+        exp_avg_sq.copy_(exp_avg_sq.index_select(dim, order))
+        basis.copy_(_orthonormal_factor(power[:, order]))
+    exp_avg.copy_(_to_basis(unrotated_exp_avg, state))
