@@ -8,10 +8,10 @@ few-shot sampler draws ``shots`` examples per class from, the other half a fixed
 split is a fixed function of :data:`SPLIT_SEED`, so only the few-shot draw depends on the run's
 seed.
 
-Model: :class:`SmallResNet` -- a strided conv stem, two basic residual blocks (3x3 convs + BN, the second
-downsampling with a 1x1 projection shortcut), a depthwise-separable residual block (3x3 depthwise
-conv + 1x1 pointwise conv), global average pooling and a linear head. Every conv and linear type
-the adapters claim to handle is there except dilation, which peft's LoRA cannot run.
+Model: :class:`SmallResNet` -- a strided conv stem, two basic residual blocks (3x3 convs + BN, the
+second downsampling with a 1x1 projection shortcut), a depthwise-separable residual block (3x3
+depthwise conv + 1x1 pointwise conv), global average pooling and a linear head. Every conv and
+linear type the adapters claim to handle is there except dilation, which peft's LoRA cannot run.
 
 ``python benchmarks/adapters_bench.py --pretrain`` calls :func:`pretrain` and writes the
 checkpoint that fine-tuning starts from (``benchmarks/results/``, gitignored).
@@ -28,17 +28,18 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "SPLIT_SEED",
     "IMAGE_SIZE",
+    "SPLIT_SEED",
     "Dataset",
     "DigitsSplit",
-    "load_digits_split",
-    "few_shot",
     "SmallResNet",
     "accuracy",
+    "few_shot",
+    "load_checkpoint",
+    "load_digits_split",
     "pretrain",
     "save_checkpoint",
-    "load_checkpoint",
+    "shot_folds",
 ]
 
 SPLIT_SEED = 0
@@ -70,7 +71,9 @@ class DigitsSplit:
     finetune_test: Dataset
 
 
-def _split_per_class(images: torch.Tensor, labels: torch.Tensor, first_fraction: float) -> tuple[Dataset, Dataset]:
+def _split_per_class(
+    images: torch.Tensor, labels: torch.Tensor, first_fraction: float
+) -> tuple[Dataset, Dataset]:
     """Split every class at ``first_fraction`` of its (seeded, shuffled) examples."""
     generator = torch.Generator().manual_seed(SPLIT_SEED)
     first, second = [], []
@@ -102,7 +105,9 @@ def load_digits_split(image_size: int = IMAGE_SIZE) -> DigitsSplit:
         raise ValueError(f"image_size must be an int >= 8 (the digits are 8x8), got {image_size!r}")
     pixels, digits = load_digits(return_X_y=True)
     small = torch.as_tensor(pixels, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
-    images = F.interpolate(small, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = F.interpolate(
+        small, size=(image_size, image_size), mode="bilinear", align_corners=False
+    )
     digits = torch.as_tensor(digits, dtype=torch.int64)
     is_pretrain = digits < len(PRETRAIN_DIGITS)
     mean, std = images[is_pretrain].mean(), images[is_pretrain].std()
@@ -117,7 +122,7 @@ def load_digits_split(image_size: int = IMAGE_SIZE) -> DigitsSplit:
 
 
 def few_shot(pool: Dataset, shots: int, seed: int) -> Dataset:
-    """``shots`` examples of every class of ``pool``, drawn without replacement; a function of ``seed``.
+    """``shots`` examples of every class of ``pool``, without replacement; a function of ``seed``.
 
     >>> split = load_digits_split()
     >>> len(few_shot(split.finetune_pool, 3, seed=1))
@@ -126,7 +131,8 @@ def few_shot(pool: Dataset, shots: int, seed: int) -> Dataset:
     counts = torch.bincount(pool.labels)
     if isinstance(shots, bool) or not isinstance(shots, int) or not 1 <= shots <= int(counts.min()):
         raise ValueError(
-            f"shots must be an int in [1, {int(counts.min())}] (the smallest class of the pool), got {shots!r}"
+            f"shots must be an int in [1, {int(counts.min())}] (the smallest class of the pool), "
+            f"got {shots!r}"
         )
     generator = torch.Generator().manual_seed(seed)
     chosen = []
@@ -137,11 +143,51 @@ def few_shot(pool: Dataset, shots: int, seed: int) -> Dataset:
     return Dataset(pool.images[index], pool.labels[index])
 
 
+def shot_folds(shots: Dataset, folds: int) -> list[tuple[Dataset, Dataset]]:
+    """Stratified ``folds``-fold splits of a few-shot set: ``(fit, validation)`` pairs.
+
+    The ``j``-th example of every class (in the set's order, which :func:`few_shot` draws at
+    random) goes to fold ``j % folds``; pair ``f`` validates on fold ``f`` and fits on the other
+    folds, so every example is validated exactly once and every class appears in every part.
+    Learning rates are chosen on these splits, never on the test set.
+
+    Args:
+        shots: a few-shot set, labels ``0..C-1`` with every class present.
+        folds: the number of folds, from 2 to the fewest examples of a class.
+
+    Returns:
+        ``folds`` pairs ``(fit, validation)``; fit has about ``(folds - 1) / folds`` of the
+        examples of each class, validation the rest.
+
+    Example:
+        >>> split = load_digits_split()
+        >>> shots = few_shot(split.finetune_pool, 4, seed=0)
+        >>> [(len(fit), len(validation)) for fit, validation in shot_folds(shots, 2)]
+        [(10, 10), (10, 10)]
+    """
+    counts = torch.bincount(shots.labels)
+    fewest = int(counts.min())
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= fewest:
+        raise ValueError(
+            f"folds must be an int in [2, {fewest}] (the fewest examples of a class), got {folds!r}"
+        )
+    fold_of = torch.empty_like(shots.labels)
+    for label in range(counts.numel()):
+        members = torch.nonzero(shots.labels == label).flatten()
+        fold_of[members] = torch.arange(members.numel()) % folds
+    pairs = []
+    for fold in range(folds):
+        held_out = fold_of == fold
+        fit = Dataset(shots.images[~held_out], shots.labels[~held_out])
+        pairs.append((fit, Dataset(shots.images[held_out], shots.labels[held_out])))
+    return pairs
+
+
 # --------------------------------------------------------------------------- the network
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv + BN layers with a residual connection (1x1 projection when the shape changes)."""
+    """Two 3x3 conv + BN layers with a residual connection (1x1 projection if the shape changes)."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
@@ -152,7 +198,8 @@ class BasicBlock(nn.Module):
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +208,7 @@ class BasicBlock(nn.Module):
 
 
 class DepthwiseBlock(nn.Module):
-    """A depthwise 3x3 conv (``groups = channels``) then a pointwise 1x1 conv, each with BN, residual."""
+    """Depthwise 3x3 conv (``groups = channels``), pointwise 1x1 conv, each with BN; residual."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -180,8 +227,9 @@ class SmallResNet(nn.Module):
 
     Layers (``w = width``): ``stem`` conv 1->w 3x3, stride 2 (it halves the cost of every later
     layer; the upsampled digits carry no detail at full resolution); ``block1`` basic block w->w;
-    ``block2`` basic block w->2w, stride 2; ``block3`` depthwise-separable block on 2w; global average pool;
-    ``head`` linear 2w->num_classes (the only linear layer, replaced for the downstream task).
+    ``block2`` basic block w->2w, stride 2; ``block3`` depthwise-separable block on 2w; global
+    average pool; ``head`` linear 2w->num_classes (the only linear layer, replaced for the
+    downstream task).
 
     >>> SmallResNet(num_classes=5, width=8)(torch.zeros(2, 1, 32, 32)).shape
     torch.Size([2, 5])
@@ -194,7 +242,9 @@ class SmallResNet(nn.Module):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.width = width
         self.stem = nn.Sequential(
-            nn.Conv2d(1, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+            nn.Conv2d(1, width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
         )
         self.block1 = BasicBlock(width, width)
         self.block2 = BasicBlock(width, 2 * width, stride=2)
@@ -216,7 +266,9 @@ def accuracy(model: nn.Module, data: Dataset, batch_size: int = 512) -> float:
     correct = 0
     for start in range(0, len(data), batch_size):
         logits = model(data.images[start : start + batch_size].to(device))
-        correct += int((logits.argmax(dim=1).cpu() == data.labels[start : start + batch_size]).sum())
+        correct += int(
+            (logits.argmax(dim=1).cpu() == data.labels[start : start + batch_size]).sum()
+        )
     return 100.0 * correct / len(data)
 
 
@@ -255,7 +307,7 @@ def pretrain(
     return model, accuracy(model, split.pretrain_test)
 
 
-def save_checkpoint(model: SmallResNet, path: str | Path, **metadata: float | int | str) -> None:
+def save_checkpoint(model: SmallResNet, path: str | Path, **metadata: float | str) -> None:
     """Write ``model``'s state dict, width and class count (and ``metadata``) to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

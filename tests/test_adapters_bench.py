@@ -1,20 +1,53 @@
-"""Fast checks of the adapters benchmark's pieces: data splits, model, sampler, counts, memory, targets."""
+"""Fast checks of the adapters benchmark: data, folds, rate choice, Allocator, peft, tables."""
 
 from __future__ import annotations
 
+import argparse
+import math
+import re
+
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import decomp.adapters
 from benchmarks import adapters_bench as bench
-from benchmarks.adapters_data import SmallResNet, few_shot, load_digits_split
+from benchmarks.adapters_data import (
+    Dataset,
+    SmallResNet,
+    few_shot,
+    load_digits_split,
+    shot_folds,
+)
 from decomp.adapters.base import AdapterParam
+
+# The tiny smoke configuration: 8x8 digits (no upsampling) and a width-4 network.
+TINY_IMAGE, TINY_WIDTH = 8, 4
 
 
 @pytest.fixture(scope="module")
 def split():
     return load_digits_split()
+
+
+@pytest.fixture(scope="module")
+def tiny_split():
+    return load_digits_split(image_size=TINY_IMAGE)
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained():
+    torch.manual_seed(0)
+    return SmallResNet(num_classes=5, width=TINY_WIDTH).state_dict()
+
+
+@pytest.fixture(scope="module")
+def methods():
+    return bench.all_methods()
 
 
 def test_split_sizes_and_labels(split):
@@ -25,6 +58,7 @@ def test_split_sizes_and_labels(split):
     finetune_counts = torch.bincount(digits[digits >= 5] - 5, minlength=5)
     train, test = split.pretrain_train, split.pretrain_test
     pool, held_out = split.finetune_pool, split.finetune_test
+
     def counts(part):
         return torch.bincount(part.labels, minlength=5)
 
@@ -33,10 +67,13 @@ def test_split_sizes_and_labels(split):
     assert torch.equal(counts(train), torch.round(0.8 * pretrain_counts).long())
     assert torch.equal(counts(pool), torch.round(0.5 * finetune_counts).long())
     for part in (train, test, pool, held_out):
-        assert part.images.shape == (len(part), 1, 32, 32) and part.images.dtype == torch.float32
-        assert part.labels.dtype == torch.int64 and set(part.labels.tolist()) == {0, 1, 2, 3, 4}
+        assert part.images.shape == (len(part), 1, 32, 32)
+        assert part.images.dtype == torch.float32
+        assert part.labels.dtype == torch.int64
+        assert set(part.labels.tolist()) == {0, 1, 2, 3, 4}
     pretrain_images = torch.cat([train.images, test.images])
-    assert abs(float(pretrain_images.mean())) < 1e-4 and abs(float(pretrain_images.std()) - 1) < 1e-3
+    assert abs(float(pretrain_images.mean())) < 1e-4
+    assert abs(float(pretrain_images.std()) - 1) < 1e-3
 
 
 def test_pool_and_test_are_disjoint(split):
@@ -62,8 +99,10 @@ def test_model_forward_shapes_and_layers():
 
 def test_few_shot_is_deterministic_per_seed(split):
     pool = split.finetune_pool
-    first, again, other = few_shot(pool, 4, seed=3), few_shot(pool, 4, seed=3), few_shot(pool, 4, seed=4)
-    assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
+    first, again = few_shot(pool, 4, seed=3), few_shot(pool, 4, seed=3)
+    other = few_shot(pool, 4, seed=4)
+    assert torch.equal(first.images, again.images)
+    assert torch.equal(first.labels, again.labels)
     assert not torch.equal(first.images, other.images)
     assert torch.equal(torch.bincount(first.labels), torch.full((5,), 4))
     pool_rows = {tuple(image.flatten().tolist()) for image in pool.images}
@@ -73,11 +112,318 @@ def test_few_shot_is_deterministic_per_seed(split):
         few_shot(pool, smallest + 1, seed=0)
 
 
+# --------------------------------------------------------------------------- validation folds
+
+
+@st.composite
+def shots_and_folds(draw):
+    """A few-shot set in random order (image = its example's id) and a valid fold count."""
+    classes = draw(st.integers(2, 5))
+    per_class = draw(st.integers(2, 6))
+    labels = draw(st.permutations(list(range(classes)) * per_class))
+    ids = torch.arange(len(labels), dtype=torch.float32).view(-1, 1, 1, 1)
+    return Dataset(ids, torch.tensor(labels)), draw(st.integers(2, per_class))
+
+
+@given(shots_and_folds())
+def test_shot_folds_validate_every_example_exactly_once(case):
+    shots, folds = case
+    pairs = shot_folds(shots, folds)
+    assert len(pairs) == folds
+    every = set(shots.images.flatten().tolist())
+    validated = []
+    per_class = torch.bincount(shots.labels)
+    for fit, validation in pairs:
+        fit_ids = set(fit.images.flatten().tolist())
+        validation_ids = validation.images.flatten().tolist()
+        assert not fit_ids & set(validation_ids) and fit_ids | set(validation_ids) == every
+        validated += validation_ids
+        for part in (fit, validation):  # labels stay with their images, every class is present
+            assert torch.equal(shots.labels[part.images.flatten().long()], part.labels)
+            assert set(part.labels.tolist()) == set(range(per_class.numel()))
+        # Stratified: each class's validation share is its count / folds, rounded either way.
+        counts = torch.bincount(validation.labels, minlength=per_class.numel())
+        assert torch.all((counts >= per_class // folds) & (counts <= -(-per_class // folds)))
+    assert sorted(validated) == sorted(every)
+
+
+def test_shot_folds_rejects_bad_fold_counts(split):
+    shots = few_shot(split.finetune_pool, 3, seed=0)
+    for folds in (1, 4, True, 2.0):
+        with pytest.raises(ValueError, match=r"folds must be an int in \[2, 3\]"):
+            shot_folds(shots, folds)
+
+
+# --------------------------------------------------------------------------- learning-rate choice
+
+
+def test_lr_choice_prefers_accuracy_then_lower_loss():
+    by_accuracy = bench.LrSelection((1e-3, 1e-2, 1e-1), (80.0, 90.0, 85.0), (0.1, 2.0, 0.2))
+    assert by_accuracy.chosen == 1e-2
+    tie = bench.LrSelection((1e-3, 1e-2, 1e-1), (90.0, 90.0, 60.0), (0.7, 0.3, 0.1))
+    assert tie.chosen == 1e-2
+    nan_loss = bench.LrSelection((1e-3, 1e-2), (90.0, 90.0), (math.nan, 5.0))
+    assert nan_loss.chosen == 1e-2
+    with pytest.raises(ValueError, match="one entry per rate"):
+        bench.LrSelection((1e-3, 1e-2), (90.0,), (0.1, 0.2))
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 50.0, 100.0]),
+            st.one_of(st.just(math.nan), st.sampled_from([0.1, 0.5, 2.0])),
+        ),
+        min_size=1,
+        max_size=7,
+    )
+)
+def test_lr_choice_matches_a_sorting_oracle(scores):
+    grid = tuple(10.0**-index for index in range(len(scores)))
+    accuracy, loss = zip(*scores)
+    selection = bench.LrSelection(grid, accuracy, loss)
+
+    def order(index):
+        return -accuracy[index], math.inf if math.isnan(loss[index]) else loss[index], index
+
+    assert selection.chosen == grid[min(range(len(grid)), key=order)]
+
+
+def _fake_run(lr: float, accuracy: float, loss: float = 1.0) -> bench.Run:
+    return bench.Run(
+        lr=lr,
+        accuracy=accuracy,
+        loss=loss,
+        trainable=10,
+        step_ms=[1.0],
+        init_deviation=0.0,
+        peak_bytes=100,
+    )
+
+
+def test_select_lr_fits_on_fold_remainders_and_scores_on_held_out_folds(split, monkeypatch):
+    shots = few_shot(split.finetune_pool, 4, seed=2)
+    calls = []
+
+    def recording_fine_tune(method, pretrained, width, train, evaluate, **options):
+        calls.append((train, evaluate, options))
+        return _fake_run(options["lr"], 100.0 * options["lr"], loss=1.0 / len(calls))
+
+    monkeypatch.setattr(bench, "fine_tune", recording_fine_tune)
+    method = bench.Method("stub", None, ours=False)
+    selection = bench.select_lr(
+        method,
+        {},
+        4,
+        shots,
+        grid=(0.5, 0.25),
+        folds=2,
+        seed=2,
+        steps=3,
+        device=torch.device("cpu"),
+        snella_sparsity=0.5,
+    )
+    expected_pairs = shot_folds(shots, 2)
+    assert len(calls) == 4 and [options["lr"] for _, _, options in calls] == [0.5, 0.5, 0.25, 0.25]
+    for index, (train, evaluate, options) in enumerate(calls):
+        fit, held_out = expected_pairs[index % 2]
+        assert torch.equal(train.images, fit.images) and torch.equal(
+            evaluate.images, held_out.images
+        )
+        assert not options["measure_memory"] and options["seed"] == 2 and options["steps"] == 3
+    test_rows = {tuple(image.flatten().tolist()) for image in split.finetune_test.images}
+    evaluated = [evaluate for _, evaluate, _ in calls]
+    assert not any(
+        tuple(image.flatten().tolist()) in test_rows for e in evaluated for image in e.images
+    )
+    assert selection.accuracy == (50.0, 25.0) and selection.loss == (
+        (1 + 1 / 2) / 2,
+        (1 / 3 + 1 / 4) / 2,
+    )
+    assert selection.chosen == 0.5
+
+
+def test_one_rate_grid_runs_nothing(split, monkeypatch):
+    def no_run(*args, **kwargs):
+        raise AssertionError("a one-rate grid must not train")
+
+    monkeypatch.setattr(bench, "fine_tune", no_run)
+    selection = bench.select_lr(
+        bench.Method("stub", None, ours=False),
+        {},
+        4,
+        few_shot(split.finetune_pool, 2, seed=0),
+        grid=(3e-3,),
+        folds=2,
+        seed=0,
+        steps=2,
+        device=torch.device("cpu"),
+        snella_sparsity=0.5,
+    )
+    assert selection.chosen == 3e-3
+
+
+@pytest.mark.parametrize("per_seed", [False, True])
+def test_rate_is_chosen_once_or_per_seed(split, monkeypatch, per_seed):
+    chosen_by_seed = {5: 1e-2, 6: 1e-3, 7: 3e-4}
+    selections, finals = [], []
+
+    def fake_select(method, pretrained, width, shots, *, grid, folds, seed, **options):
+        selections.append((seed, shots))
+        accuracy = tuple(100.0 if lr == chosen_by_seed[seed] else 0.0 for lr in grid)
+        return bench.LrSelection(tuple(grid), accuracy, (1.0,) * len(grid))
+
+    def fake_fine_tune(
+        method, pretrained, width, train, evaluate, *, lr, measure_memory, **options
+    ):
+        finals.append((train, evaluate, lr, measure_memory))
+        return _fake_run(lr, 90.0)
+
+    monkeypatch.setattr(bench, "select_lr", fake_select)
+    monkeypatch.setattr(bench, "fine_tune", fake_fine_tune)
+    settings = argparse.Namespace(
+        seed=5,
+        seeds=3,
+        shots=2,
+        steps=2,
+        device=torch.device("cpu"),
+        snella_sparsity=0.5,
+        lr_grid=(3e-4, 1e-3, 1e-2),
+        folds=2,
+        select_per_seed=per_seed,
+    )
+    result = bench.run_method(bench.Method("stub", None, ours=False), {}, 4, split, settings)
+    assert result.ok and len(result.runs) == 3
+    chosen_seeds = [5, 6, 7] if per_seed else [5]
+    assert [seed for seed, _ in selections] == chosen_seeds and len(result.selections) == len(
+        chosen_seeds
+    )
+    for seed, shots in selections:
+        assert torch.equal(shots.images, few_shot(split.finetune_pool, 2, seed).images)
+    expected_lrs = [chosen_by_seed[seed] if per_seed else 1e-2 for seed in (5, 6, 7)]
+    assert result.lrs == [lr for _, _, lr, _ in finals] == expected_lrs
+    for (train, evaluate, _, measure_memory), seed in zip(finals, (5, 6, 7)):
+        assert torch.equal(train.images, few_shot(split.finetune_pool, 2, seed).images)
+        assert evaluate is split.finetune_test and measure_memory == (seed == 5)
+
+
+def test_run_method_end_to_end_on_a_tiny_config(tiny_split, tiny_pretrained):
+    settings = argparse.Namespace(
+        seed=0,
+        seeds=2,
+        shots=2,
+        steps=2,
+        device=torch.device("cpu"),
+        snella_sparsity=0.5,
+        lr_grid=(1e-3, 1e-2),
+        folds=2,
+        select_per_seed=False,
+    )
+    method = bench.Method("head only", bench.freeze_all_but_head, ours=False)
+    result = bench.run_method(method, tiny_pretrained, TINY_WIDTH, tiny_split, settings)
+    assert result.ok and len(result.runs) == 2 and len(result.selections) == 1
+    assert result.lrs == [result.selections[0].chosen] * 2
+    assert result.trainable == 5 * (2 * TINY_WIDTH + 1) and result.init_deviation == 0.0
+    assert result.peak_bytes > 0 and result.step.repeats == 2
+
+
+# --------------------------------------------------------------------------- SNELLA's Allocator
+
+
+@pytest.mark.parametrize("measure_memory", [False, True])
+def test_loop_calls_the_allocator_after_every_backward_and_step(
+    tiny_split, tiny_pretrained, methods, monkeypatch, measure_memory
+):
+    events, allocators = [], []
+
+    class RecordingAllocator(decomp.adapters.Allocator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            allocators.append(self)
+
+        def step(self):
+            # zero_grad(set_to_none=True) opens every step: a gradient here is this step's.
+            has_grad = any(a.in_points.grad is not None for a in self.adapters)
+            events.append(("allocator.step", has_grad))
+            super().step()
+
+        def update_budget(self, t):
+            events.append(("update_budget", t))
+            return super().update_budget(t)
+
+    monkeypatch.setattr(decomp.adapters, "Allocator", RecordingAllocator)
+    handle = register_optimizer_step_post_hook(lambda *args: events.append("optimizer.step"))
+    shots = few_shot(tiny_split.finetune_pool, 2, seed=0)
+    try:
+        run = bench.fine_tune(
+            methods["SNELLA"],
+            tiny_pretrained,
+            TINY_WIDTH,
+            shots,
+            tiny_split.finetune_test,
+            seed=0,
+            steps=3,
+            lr=1e-3,
+            device=torch.device("cpu"),
+            snella_sparsity=0.4,
+            measure_memory=measure_memory,
+        )
+    finally:
+        handle.remove()
+    expected = []
+    for t in (1, 2, 3):
+        expected += [("allocator.step", True), "optimizer.step", ("update_budget", t)]
+    assert events == expected
+    (allocator,) = allocators
+    backbone = [
+        m for n, m in SmallResNet(5, TINY_WIDTH).named_modules() if bench.is_backbone_layer(n, m)
+    ]
+    assert len(allocator.adapters) == len(backbone)
+    assert allocator.target_sparsity == 0.4 and allocator.total_steps == 3
+    assert sum(a.keep_count for a in allocator.adapters) == allocator.target_budget
+    assert (run.peak_bytes is not None) == measure_memory and len(run.step_ms) == 2
+
+
+def test_no_allocator_without_snella_layers(methods):
+    for key in ("head", "AtomParam"):
+        model = SmallResNet(5, TINY_WIDTH).eval()
+        methods[key].prepare(model)
+        assert bench.snella_allocator(model, steps=5, target_sparsity=0.5) is None
+
+
+# --------------------------------------------------------------------------- peft baselines
+
+
+@pytest.mark.parametrize("key", ["lora8", "lokr8", "loha8"])
+def test_peft_baselines_start_unchanged_on_loras_layers(methods, key):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    torch.manual_seed(0)
+    model = SmallResNet(5, TINY_WIDTH).eval()
+    expected_layers = bench.peft_targets(model)
+    assert "block3.depthwise" not in expected_layers and "head" not in expected_layers
+    assert len(expected_layers) == 7
+    images = torch.randn(3, 1, TINY_IMAGE, TINY_IMAGE)
+    before = model(images)
+    methods[key].prepare(model)
+    torch.testing.assert_close(model(images), before, rtol=0, atol=0)
+    adapted = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    assert adapted == expected_layers
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert {"head.weight", "head.bias"} <= set(trainable)
+    assert all(name.startswith("head.") or "base_layer" not in name for name in trainable)
+    assert not any(p.requires_grad for p in model.block3.depthwise.parameters())
+
+
+# --------------------------------------------------------------------------- reporting
+
+
 class ChannelScale(AdapterParam):
-    """A test adapter with a shape-dependent count: W' = W * (1 + s) with s per output channel and tap."""
+    """A test adapter with a shape-dependent count: W' = W * (1 + s), s per output channel, tap."""
 
     def _build(self, weight: torch.Tensor) -> None:
-        self.scale = nn.Parameter(torch.zeros(weight.shape[0], *weight.shape[2:], dtype=weight.dtype))
+        shape = (weight.shape[0], *weight.shape[2:])
+        self.scale = nn.Parameter(torch.zeros(shape, dtype=weight.dtype))
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.scale.unsqueeze(1)
@@ -114,7 +460,15 @@ def test_profiled_peak_counts_a_known_allocation():
 
 
 def _result(name: str, ours: bool, accuracy: float, trainable: int, step_ms: float, peak: int):
-    run = bench.Run(accuracy=accuracy, trainable=trainable, step_ms=[step_ms], init_deviation=0.0, peak_bytes=peak)
+    run = bench.Run(
+        lr=1e-3,
+        accuracy=accuracy,
+        loss=0.5,
+        trainable=trainable,
+        step_ms=[step_ms],
+        init_deviation=0.0,
+        peak_bytes=peak,
+    )
     return bench.MethodResult(bench.Method(name, None, ours=ours), "ok", [run])
 
 
@@ -133,7 +487,85 @@ def test_targets_report_misses_as_measured():
     assert "-1.5 points" in table and "**no**" in table
 
 
+def test_lycoris_ratio_table_is_information_against_lokr_and_loha():
+    results = {
+        "lora8": _result("peft LoRA r=8", False, 85.0, 1_000, 1.0, 100),
+        "lokr8": _result("peft LoKr r=8", False, 85.0, 300, 2.0, 200),
+        "loha8": _result("peft LoHa r=8", False, 85.0, 3_000, 4.0, 400),
+        "AtomParam": _result("AtomParam", True, 88.5, 50, 1.0, 100),
+        "SNELLA": bench.MethodResult(bench.Method("SNELLA", None, ours=True), "failed: boom"),
+    }
+    table = bench.lycoris_ratio_table(results)
+    lines = table.splitlines()
+    assert lines[0] == (
+        "| Method | step / peft LoKr r=8 | peak memory / peft LoKr r=8 "
+        "| step / peft LoHa r=8 | peak memory / peft LoHa r=8 |"
+    )
+    assert lines[2:] == ["| AtomParam | 0.50x | 0.50x | 0.25x | 0.25x |"]
+    assert bench.lycoris_ratio_table({"AtomParam": results["AtomParam"]}) is None
+    # The targets stay against LoRA r=8 only.
+    descriptions = [check.description for check in bench.target_checks(results)]
+    assert not any("LoKr" in text or "LoHa" in text for text in descriptions)
+
+
+def test_accuracy_and_selection_tables_report_the_rates():
+    first = _result("AtomParam", True, 80.0, 50, 1.0, 100)
+    first.runs.append(bench.Run(3e-2, 90.0, 0.3, 50, [1.0], 0.0, None))
+    first.selections = [
+        bench.LrSelection((1e-3, 3e-2), (60.0, 80.0), (1.0, 0.5)),
+        bench.LrSelection((1e-3, 3e-2), (70.0, 90.0), (1.0, 0.5)),
+    ]
+    accuracy = bench.accuracy_table([first], full_trainable=5_000)
+    assert "| lr (per seed) |" in accuracy.splitlines()[0]
+    assert "| AtomParam | 85.0 ± 7.1 | 0.001, 0.03 | 50 (1%) |" in accuracy
+    selection = bench.selection_table([first])
+    assert (
+        selection.splitlines()[0] == "| Method | val. acc. % at lr 0.001 | val. acc. % at lr 0.03 |"
+    )
+    assert selection.splitlines()[2] == "| AtomParam | 65.0 | 85.0 |"
+
+
 def test_unavailable_adapter_is_reported_not_run():
-    placeholder = bench.Method("Placeholder", None, ours=True, unavailable="decomp.adapters.X is a placeholder")
+    reason = "decomp.adapters.X is a placeholder"
+    placeholder = bench.Method("Placeholder", None, ours=True, unavailable=reason)
     result = bench.run_method(placeholder, {}, 8, None, None)
-    assert result.status == "not available: decomp.adapters.X is a placeholder" and not result.runs
+    assert result.status == f"not available: {reason}" and not result.runs
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_command_line_defaults_and_options():
+    defaults = bench.parse_arguments([])
+    assert defaults.lr_grid == (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    assert defaults.folds == 2 and not defaults.select_per_seed
+    assert defaults.snella_sparsity == 0.5
+    assert {"full", "head", "lora4", "lora8", "lokr8", "loha8", "SNELLA"} <= set(defaults.methods)
+    chosen = bench.parse_arguments(
+        ["--select-per-seed", "--lr-grid", "1e-3, 3e-2", "--folds", "5", "--snella-sparsity", "0"]
+    )
+    assert chosen.select_per_seed and chosen.lr_grid == (1e-3, 3e-2) and chosen.folds == 5
+    assert chosen.snella_sparsity == 0.0
+    # A one-rate grid makes no choice, so its fold count is not checked.
+    assert bench.parse_arguments(["--lr-grid", "1e-3", "--folds", "50"]).lr_grid == (1e-3,)
+    assert bench.parse_arguments(["--quick"]).shots == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lr-grid", "0,1e-3"], "expected finite rates > 0"),
+        (["--lr-grid", "1e-3,nan"], "expected finite rates > 0"),
+        (["--lr-grid", "1e-3,1e-3"], "expected distinct rates"),
+        (["--lr-grid", "fast"], "expected comma-separated numbers"),
+        (["--folds", "1"], r"--folds must be in \[2, --shots=10\]"),
+        (["--quick", "--folds", "3"], r"--folds must be in \[2, --shots=2\]"),
+        (["--snella-sparsity", "1"], r"--snella-sparsity must be in \[0, 1\)"),
+        (["--only", "lora8,LoKr"], "--only must name some of"),
+    ],
+)
+def test_command_line_rejects_bad_values(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_arguments(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
