@@ -162,7 +162,9 @@ class ProjectedAdam(TensorStateOptimizer):
         scale: the factor :math:`\alpha` on the projected update (GaLore's ``scale``).
         moments: on a refresh: ``"keep"``, ``"rotate"`` or ``"reset"`` (module docstring).
         score_norm: DCT column scores, ``"l2"`` (optimal subset) or ``"l1"`` (the paper's).
-        betas, eps, weight_decay: Adam's, with decoupled weight decay :math:`\lambda`.
+        betas: Adam's :math:`(\beta_1, \beta_2)`.
+        eps: Adam's :math:`\epsilon`, added to the bias-corrected root as in ``torch.optim.AdamW``.
+        weight_decay: decoupled weight decay :math:`\lambda`, applied before the update.
         max_dim: matrices with a side above this take AdamW (embeddings, LM heads).
         foreach: batch the moment arithmetic of a group with multi-tensor kernels
             (``None``: when every parameter is on CUDA).
@@ -181,7 +183,8 @@ class ProjectedAdam(TensorStateOptimizer):
         >>> opt = ProjectedAdam(model.parameters(), lr=1e-2, rank=4, projector="dct")
         >>> model(torch.randn(2, 16)).square().sum().backward()
         >>> opt.step()
-        >>> tuple(opt.state[model.weight]["exp_avg"].shape), opt.state[model.weight]["index"].dtype
+        >>> state = opt.state[model.weight]
+        >>> tuple(state["exp_avg"].shape), state["index"].dtype
         ((16, 4), torch.int64)
     """
 
@@ -481,7 +484,8 @@ class DCTProjectedAdam(ProjectedAdam):
         >>> opt = DCTProjectedAdam(model.parameters(), lr=1e-3, rank=8)
         >>> model(torch.randn(4, 32)).sum().backward()
         >>> opt.step()
-        >>> opt.state[model[0].weight]["exp_avg"].shape
+        >>> state = opt.state[model[0].weight]
+        >>> state["exp_avg"].shape
         torch.Size([32, 8])
     """
 
@@ -513,7 +517,8 @@ class SVDProjectedAdam(ProjectedAdam):
         >>> opt = SVDProjectedAdam(model.parameters(), lr=1e-3, rank=4)
         >>> model(torch.randn(4, 32)).sum().backward()
         >>> opt.step()
-        >>> opt.state[model.weight]["basis"].shape
+        >>> state = opt.state[model.weight]
+        >>> state["basis"].shape
         torch.Size([16, 4])
     """
 

@@ -222,7 +222,8 @@ class ARO(_MatrixOrAdamW):
         ...     _ = opt.step()
         >>> loss_fn().item() < start
         True
-        >>> opt.state[weight]["rotation"].shape  # the smaller side: 4 x 4
+        >>> state = opt.state[weight]
+        >>> state["rotation"].shape  # the smaller side: 4 x 4
         torch.Size([4, 4])
     """
 
@@ -379,7 +380,8 @@ class RotatedAdam(_MatrixOrAdamW):
         ...     _ = opt.step()
         >>> loss_fn().item() < start
         True
-        >>> opt.state[weight]["basis_left"].shape, opt.state[weight]["basis_right"].shape
+        >>> state = opt.state[weight]
+        >>> state["basis_left"].shape, state["basis_right"].shape
         (torch.Size([6, 6]), torch.Size([4, 4]))
     """
 
