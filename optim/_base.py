@@ -14,9 +14,16 @@ from typing import Any
 
 import torch
 
-from decomp._checks import compute_dtype
+from decomp._checks import check_real, compute_dtype
 
-__all__ = ["TensorStateOptimizer", "as_matrix", "check_grad", "check_param", "state_dtype"]
+__all__ = [
+    "TensorStateOptimizer",
+    "as_matrix",
+    "check_adam_options",
+    "check_grad",
+    "check_param",
+    "state_dtype",
+]
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:
@@ -38,6 +45,18 @@ def check_param(param: torch.Tensor) -> None:
             f"parameters must have a real floating dtype (float16, bfloat16, float32, float64), "
             f"got {param.dtype}"
         )
+
+
+def check_adam_options(group: dict[str, Any]) -> None:
+    """Validate the options every group shares (the AdamW fallback reads them all)."""
+    check_real(group["lr"], "lr", low=0.0, low_inclusive=True)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair of floats, got {betas!r}")
+    for index, beta in enumerate(betas):
+        check_real(beta, f"betas[{index}]", low=0.0, high=1.0, low_inclusive=True)
+    check_real(group["eps"], "eps", low=0.0, low_inclusive=True)
+    check_real(group["weight_decay"], "weight_decay", low=0.0, low_inclusive=True)
 
 
 def check_grad(param: torch.Tensor) -> torch.Tensor:

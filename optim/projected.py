@@ -49,7 +49,13 @@ from decomp._checks import _all_finite
 
 from . import continual
 from ._adam import adam_directions, adamw_step, apply_update
-from ._base import TensorStateOptimizer, as_matrix, check_grad, state_dtype
+from ._base import (
+    TensorStateOptimizer,
+    as_matrix,
+    check_adam_options,
+    check_grad,
+    state_dtype,
+)
 from .projectors import DCTProjector, Projector, RandomProjector, SVDProjector
 
 __all__ = ["DCTProjectedAdam", "ProjectedAdam", "SVDProjectedAdam"]
@@ -59,15 +65,7 @@ _MOMENT_POLICIES = ("keep", "rotate", "reset")
 
 
 def _check_options(group: dict[str, Any]) -> None:
-    lr, betas, eps = group["lr"], group["betas"], group["eps"]
-    if not (isinstance(lr, (int, float)) and lr >= 0):
-        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
-    if not (len(betas) == 2 and all(0 <= beta < 1 for beta in betas)):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
-    if group["weight_decay"] < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
+    check_adam_options(group)
     rank = group["rank"]
     if rank is not None:
         if isinstance(rank, bool) or not isinstance(rank, (int, float)):

@@ -27,7 +27,13 @@ from decomp import dct, idct
 from decomp._checks import check_choice, check_int, check_real
 
 from ._adam import adam_direction, adamw_step, apply_update, init_moments
-from ._base import TensorStateOptimizer, as_matrix, check_grad, state_dtype
+from ._base import (
+    TensorStateOptimizer,
+    as_matrix,
+    check_adam_options,
+    check_grad,
+    state_dtype,
+)
 
 __all__ = ["ARO", "RotatedAdam"]
 
@@ -35,18 +41,6 @@ _ARO_BASES = ("sinkhorn", "row_norm", "sign")
 _ARO_LR_ADJUSTMENTS = ("rms_norm", "spectral_norm", "none")
 _ROTATED_ADAM_BASES = ("dct", "eigen")
 _SIDES = ("left", "right")
-
-
-def _check_adam_options(group: dict[str, Any]) -> None:
-    """The options every group shares (the AdamW fallback reads them all)."""
-    check_real(group["lr"], "lr", low=0.0, low_inclusive=True)
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair of floats, got {betas!r}")
-    for index, beta in enumerate(betas):
-        check_real(beta, f"betas[{index}]", low=0.0, high=1.0, low_inclusive=True)
-    check_real(group["eps"], "eps", low=0.0, low_inclusive=True)
-    check_real(group["weight_decay"], "weight_decay", low=0.0, low_inclusive=True)
 
 
 def _orthonormal_factor(matrix: torch.Tensor) -> torch.Tensor:
@@ -97,17 +91,6 @@ _BASE_MAPS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
 
 class _MatrixOrAdamW(TensorStateOptimizer):
     """Step loop shared by both optimizers: matrices to ``_matrix_step``, the rest to AdamW."""
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        # Validate the group as it will be (defaults filled in) before torch appends it, so a
-        # rejected group leaves the optimizer unchanged.
-        options = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        self._check_options(options)
-        super().add_param_group(param_group)
-
-    @staticmethod
-    def _check_options(group: dict[str, Any]) -> None:
-        raise NotImplementedError
 
     def _matrix_step(
         self,
@@ -249,12 +232,12 @@ class ARO(_MatrixOrAdamW):
             "betas": betas,
             "eps": eps,
         }
-        self._check_options(defaults)
+        self._check_group(defaults)
         super().__init__(params, defaults)
 
     @staticmethod
-    def _check_options(group: dict[str, Any]) -> None:
-        _check_adam_options(group)
+    def _check_group(group: dict[str, Any]) -> None:
+        check_adam_options(group)
         check_real(group["momentum"], "momentum", low=0.0, high=1.0, low_inclusive=True)
         check_choice(group["base"], "base", _ARO_BASES)
         check_int(group["sinkhorn_iters"], "sinkhorn_iters", low=1)
@@ -407,12 +390,12 @@ class RotatedAdam(_MatrixOrAdamW):
             "shampoo_beta": shampoo_beta,
             "max_dim": max_dim,
         }
-        self._check_options(defaults)
+        self._check_group(defaults)
         super().__init__(params, defaults)
 
     @staticmethod
-    def _check_options(group: dict[str, Any]) -> None:
-        _check_adam_options(group)
+    def _check_group(group: dict[str, Any]) -> None:
+        check_adam_options(group)
         check_choice(group["basis"], "basis", _ROTATED_ADAM_BASES)
         check_int(group["update_gap"], "update_gap", low=1)
         check_int(group["max_dim"], "max_dim", low=1)
