@@ -21,7 +21,7 @@ and restarts the bias correction, ``"rotate"`` maps them to the new basis with
 (the diagonal of the rotated second moment; the DCT-AdamW code uses :math:`|v R|` instead). For
 DCT bases :math:`R` is a partial permutation: kept columns keep their moments, new ones start at 0.
 
-Parameters with fewer than two dimensions, with a side above ``max_dim`` (embeddings), or in a
+Parameters with fewer than two dimensions, with a side of ``max_dim`` or more (embeddings), or in a
 group with ``rank=None`` take plain AdamW in the same optimizer. The state is tensors only.
 
 Distributed. Under DDP every rank holds the same averaged gradient and runs the same
@@ -163,7 +163,8 @@ class ProjectedAdam(TensorStateOptimizer):
         betas: Adam's :math:`(\beta_1, \beta_2)`.
         eps: Adam's :math:`\epsilon`, added to the bias-corrected root as in ``torch.optim.AdamW``.
         weight_decay: decoupled weight decay :math:`\lambda`, applied before the update.
-        max_dim: matrices with a side above this take AdamW (embeddings, LM heads).
+        max_dim: matrices with a side of this size or more take AdamW (embeddings and LM heads
+            of 32k-token vocabularies; the DCT-AdamW code's ``max_shape``).
         foreach: batch the moment arithmetic of a group with multi-tensor kernels
             (``None``: when every parameter is on CUDA).
         protect: keep a sketch for :meth:`consolidate` (:mod:`optim.continual`).
@@ -200,7 +201,7 @@ class ProjectedAdam(TensorStateOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        max_dim: int = 32768,
+        max_dim: int = 32000,
         foreach: bool | None = None,
         protect: bool = False,
         protect_energy: float = 0.98,
@@ -238,7 +239,7 @@ class ProjectedAdam(TensorStateOptimizer):
         return (
             group["rank"] is not None
             and param.ndim >= 2
-            and max(as_matrix(param).shape) <= group["max_dim"]
+            and max(as_matrix(param).shape) < group["max_dim"]
         )
 
     def _param_index(self, param: torch.Tensor) -> int:
