@@ -13,9 +13,12 @@ back; parameters they do not handle (1-D ones, say) take :func:`adamw_step` unch
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
-from ._base import state_dtype
+from decomp._checks import compute_dtype
 
 __all__ = ["adam_direction", "adam_directions", "adamw_step", "apply_update", "init_moments"]
 
@@ -24,6 +27,19 @@ def init_moments(state: dict[str, torch.Tensor], like: torch.Tensor) -> None:
     """Zero first and second moments shaped like ``like`` (in its dtype and device)."""
     state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
     state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+
+
+def _update_moments(
+    grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, betas: tuple[float, float]
+) -> None:
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
+def _denominator(exp_avg_sq: torch.Tensor, step: int, beta2: float, eps: float) -> torch.Tensor:
+    r""":math:`\sqrt{v / (1-\beta_2^t)} + \epsilon`, in torch.optim.AdamW's order of operations."""
+    return (exp_avg_sq.sqrt() / ((1 - beta2**step) ** 0.5)).add_(eps)
 
 
 def adam_direction(
@@ -39,13 +55,9 @@ def adam_direction(
     ``step`` is the number of moment updates including this one (:math:`t \ge 1`). ``grad``,
     ``exp_avg`` and ``exp_avg_sq`` share one shape and dtype (the state dtype).
     """
-    beta1, beta2 = betas
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    return (exp_avg / bias_correction1).div_(denom)
+    _update_moments(grad, exp_avg, exp_avg_sq, betas)
+    denom = _denominator(exp_avg_sq, step, betas[1], eps)
+    return (exp_avg / (1 - betas[0] ** step)).div_(denom)
 
 
 def adam_directions(
@@ -89,35 +101,37 @@ def adamw_step(
     """One ``torch.optim.AdamW`` step of ``param`` (state initialised on first use)."""
     if "step" not in state:
         state["step"] = torch.tensor(0, dtype=torch.int64)
-        init_moments(state, torch.zeros_like(param, dtype=state_dtype(param)))
+        init_moments(state, torch.zeros_like(param, dtype=compute_dtype(param.dtype)))
     state["step"] += 1
     step = int(state["step"])
-    beta1, beta2 = betas
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    grad = grad.to(exp_avg.dtype)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / ((1 - beta2**step) ** 0.5)).add_(eps)
+    _update_moments(grad.to(exp_avg.dtype), exp_avg, exp_avg_sq, betas)
+    denom = _denominator(exp_avg_sq, step, betas[1], eps)
     # torch.optim.AdamW's exact sequence (addcdiv with lr / bc1), so the fallback is bitwise AdamW.
-    target = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
-    if weight_decay:
-        target.mul_(1 - lr * weight_decay)
-    target.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
-    if target is not param:
-        param.copy_(target)
+    with _in_dtype(param, exp_avg.dtype, lr=lr, weight_decay=weight_decay) as target:
+        target.addcdiv_(exp_avg, denom, value=-lr / (1 - betas[0] ** step))
 
 
 def apply_update(
     param: torch.Tensor, direction: torch.Tensor, *, lr: float, weight_decay: float
 ) -> None:
     r""":math:`W \leftarrow W (1 - \eta\lambda) - \eta\, U`, computed in the state dtype."""
-    if param.dtype == direction.dtype:
-        if weight_decay:
-            param.mul_(1 - lr * weight_decay)
-        param.add_(direction.reshape(param.shape), alpha=-lr)
-        return
-    updated = param.to(direction.dtype)
+    with _in_dtype(param, direction.dtype, lr=lr, weight_decay=weight_decay) as target:
+        target.add_(direction.reshape(target.shape), alpha=-lr)
+
+
+@contextlib.contextmanager
+def _in_dtype(
+    param: torch.Tensor, dtype: torch.dtype, *, lr: float, weight_decay: float
+) -> Iterator[torch.Tensor]:
+    r"""``param`` in ``dtype``, already decayed by :math:`1 - \eta\lambda`.
+
+    ``param`` itself when the dtypes agree; else an fp32 copy of the half weight, written back on
+    exit.
+    """
+    target = param if param.dtype == dtype else param.to(dtype)
     if weight_decay:
-        updated.mul_(1 - lr * weight_decay)
-    updated.add_(direction.reshape(updated.shape), alpha=-lr)
-    param.copy_(updated)
+        target.mul_(1 - lr * weight_decay)
+    yield target
+    if target is not param:
+        param.copy_(target)

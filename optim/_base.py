@@ -9,12 +9,14 @@ tensor to the parameter's dtype.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
 
 from decomp._checks import check_real, compute_dtype
+
+from ._adam import adamw_step
 
 __all__ = [
     "TensorStateOptimizer",
@@ -22,6 +24,7 @@ __all__ = [
     "check_adam_options",
     "check_grad",
     "check_param",
+    "local",
     "state_dtype",
 ]
 
@@ -59,6 +62,11 @@ def check_adam_options(group: dict[str, Any]) -> None:
     check_real(group["weight_decay"], "weight_decay", low=0.0, low_inclusive=True)
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (a plain tensor is its own)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def check_grad(param: torch.Tensor) -> torch.Tensor:
     """The gradient of ``param``; sparse gradients raise (no projection of a sparse layout)."""
     grad = param.grad
@@ -93,6 +101,54 @@ class TensorStateOptimizer(torch.optim.Optimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Validate one group's options (subclasses raise ``ValueError``/``TypeError``)."""
+
+    def _takes_adamw(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``param`` takes the plain AdamW step (default: tensors with fewer than 2 dims)."""
+        return param.ndim < 2
+
+    def _check_gradients(self) -> None:
+        """Raise before any parameter or state changes (default: nothing to check)."""
+
+    def _step_matrices(
+        self, group: dict[str, Any], params: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Step the ``(param, grad)`` pairs of ``group`` that do not take AdamW."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter with a gradient; returns ``closure()`` if given.
+
+        Parameters that :meth:`_takes_adamw` step with ``torch.optim.AdamW``'s arithmetic and the
+        group's ``lr``, ``betas``, ``eps`` and ``weight_decay``; the others of each group go to
+        :meth:`_step_matrices` together.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_gradients()
+        for group in self.param_groups:
+            matrices = []
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = check_grad(param)
+                if self._takes_adamw(param, group):
+                    adamw_step(
+                        local(param),
+                        local(grad),
+                        self.state[param],
+                        lr=group["lr"],
+                        betas=group["betas"],
+                        eps=group["eps"],
+                        weight_decay=group["weight_decay"],
+                    )
+                else:
+                    matrices.append((param, grad))
+            if matrices:
+                self._step_matrices(group, matrices)
+        return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch.optim.Optimizer.load_state_dict calls its own static cast policy by class name,

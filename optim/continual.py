@@ -20,7 +20,23 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["extend_basis", "frequent_directions"]
+__all__ = ["extend_basis", "frequent_directions", "project_off"]
+
+
+def project_off(matrix: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    r""":math:`X - X B B^\top`: the rows of ``matrix`` (:math:`k \times d`) with their component
+    in the span of the orthonormal ``basis`` (:math:`d \times p`) removed.
+
+    ``matrix`` itself (no copy) when there is no basis or it has no columns.
+
+    Example:
+        >>> project_off(torch.ones(2, 3), torch.eye(3)[:, :1])
+        tensor([[0., 1., 1.],
+                [0., 1., 1.]])
+    """
+    if basis is None or basis.shape[1] == 0:
+        return matrix
+    return matrix - (matrix @ basis) @ basis.mT
 
 
 def frequent_directions(sketch: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -48,12 +48,12 @@ import torch.distributed as dist
 from decomp._checks import _all_finite
 
 from . import continual
-from ._adam import adam_directions, adamw_step, apply_update
+from ._adam import adam_directions, apply_update
 from ._base import (
     TensorStateOptimizer,
     as_matrix,
     check_adam_options,
-    check_grad,
+    local,
     state_dtype,
 )
 from .projectors import DCTProjector, Projector, RandomProjector, SVDProjector
@@ -101,10 +101,6 @@ def _projector(group: dict[str, Any]) -> Projector:
     if group["projector"] == "svd":
         return SVDProjector(group["svd_method"])
     return RandomProjector()
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _row_shard_reduce(param: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -235,11 +231,11 @@ class ProjectedAdam(TensorStateOptimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         _check_options(group)
 
-    def _is_projected(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
+    def _takes_adamw(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
         return (
-            group["rank"] is not None
-            and param.ndim >= 2
-            and max(as_matrix(param).shape) < group["max_dim"]
+            group["rank"] is None
+            or param.ndim < 2
+            or max(as_matrix(param).shape) >= group["max_dim"]
         )
 
     def _param_index(self, param: torch.Tensor) -> int:
@@ -251,37 +247,7 @@ class ProjectedAdam(TensorStateOptimizer):
                 index += 1
         raise KeyError("parameter not in this optimizer")
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One optimizer step over every parameter with a gradient; returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._check_due_refreshes()
-        for group in self.param_groups:
-            projected = []
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = check_grad(param)
-                if self._is_projected(param, group):
-                    projected.append((param, grad))
-                else:
-                    adamw_step(
-                        _local(param),
-                        _local(grad),
-                        self.state[param],
-                        lr=group["lr"],
-                        betas=group["betas"],
-                        eps=group["eps"],
-                        weight_decay=group["weight_decay"],
-                    )
-            if projected:
-                self._step_projected(group, projected)
-        return loss
-
-    def _check_due_refreshes(self) -> None:
+    def _check_gradients(self) -> None:
         """Raise before any state changes if a gradient due for a refresh has NaN/Inf.
 
         Checked up front (not parameter by parameter) so that a bad gradient in one parameter
@@ -292,18 +258,18 @@ class ProjectedAdam(TensorStateOptimizer):
             if not group["check_finite"]:
                 continue
             for param in group["params"]:
-                if param.grad is None or not self._is_projected(param, group):
+                if param.grad is None or self._takes_adamw(param, group):
                     continue
                 state = self.state[param]
                 if "step" in state and int(state["step"]) % group["update_gap"]:
                     continue
-                if not _finite_on_every_rank(_local(param.grad), _row_shard_reduce(param)):
+                if not _finite_on_every_rank(local(param.grad), _row_shard_reduce(param)):
                     raise ValueError(
                         f"the gradient of a parameter of shape {tuple(param.shape)} contains "
                         f"NaN or Inf at a subspace refresh; the optimizer state was left unchanged"
                     )
 
-    def _step_projected(
+    def _step_matrices(
         self, group: dict[str, Any], params: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> None:
         projector = _projector(group)
@@ -324,13 +290,11 @@ class ProjectedAdam(TensorStateOptimizer):
         for (param, _), state, (_, basis, transposed), direction in zip(
             params, states, prepared, directions
         ):
-            update = direction.mul_(group["scale"]) @ basis.mT
-            protected = state.get("protected")
-            if protected is not None and protected.shape[1]:
-                update -= (update @ protected) @ protected.mT
-            local = _local(param)
+            update = continual.project_off(
+                direction.mul_(group["scale"]) @ basis.mT, state.get("protected")
+            )
             apply_update(
-                local,
+                local(param),
                 update.mT if transposed else update,
                 lr=group["lr"],
                 weight_decay=group["weight_decay"],
@@ -356,22 +320,19 @@ class ProjectedAdam(TensorStateOptimizer):
         # Row shards must compress the (whole) columns so each rank projects its own rows.
         transposed = rows < cols and reduce is None
         # (-1, cols), not as_matrix: an FSDP rank may hold no rows of a short weight.
-        matrix = _local(grad).reshape(-1, cols).to(state_dtype(param))
+        matrix = local(grad).reshape(-1, cols).to(state_dtype(param))
         oriented = matrix.mT if transposed else matrix
         dim = oriented.shape[-1]
         rank = resolve_rank(group["rank"], dim)
         if "step" not in state:
             self._init_state(group, projector, param, oriented, rank)
-        protected = state.get("protected")
-        if protected is not None and protected.shape[1]:
-            oriented = oriented - (oriented @ protected) @ protected.mT
+        oriented = continual.project_off(oriented, state.get("protected"))
         step = int(state["step"])
         if step % group["update_gap"] == 0:
             # A rank without rows still joins the score all-reduce: a zero row adds no score.
             scored = oriented if oriented.shape[0] else oriented.new_zeros(1, dim)
-            low = self._refresh(group, projector, param, scored, rank, reduce, transposed)
+            low, basis = self._refresh(group, projector, param, scored, rank, reduce, transposed)
             low = low[: oriented.shape[0]]
-            basis = projector.basis(state, dim, rank, oriented)
         else:
             basis = projector.basis(state, dim, rank, oriented)
             low = oriented @ basis
@@ -408,7 +369,8 @@ class ProjectedAdam(TensorStateOptimizer):
         rank: int,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None,
         transposed: bool,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pick the new subspace, move the moments as ``group["moments"]`` says; ``(X P, P)``."""
         state = self.state[param]
         dim = oriented.shape[-1]
         low, new_projection = projector.select(
@@ -418,16 +380,14 @@ class ProjectedAdam(TensorStateOptimizer):
             reduce,
             transposed=transposed,
         )
-        step = int(state["step"])
+        basis = projector.basis(new_projection, dim, rank, oriented)
         policy = group["moments"]
         if policy == "reset":
             state["exp_avg"].zero_()
             state["exp_avg_sq"].zero_()
             state["moment_step"].zero_()
-        elif policy == "rotate" and step > 0:
-            rotation = projector.basis(state, dim, rank, oriented).mT @ projector.basis(
-                new_projection, dim, rank, oriented
-            )
+        elif policy == "rotate" and int(state["step"]) > 0:
+            rotation = projector.basis(state, dim, rank, oriented).mT @ basis
             state["exp_avg"] = state["exp_avg"] @ rotation
             state["exp_avg_sq"] = state["exp_avg_sq"] @ rotation.square()
         state.update(new_projection)
@@ -435,9 +395,9 @@ class ProjectedAdam(TensorStateOptimizer):
             energy = low.square().sum(0)
             if reduce is not None:
                 energy = reduce(energy)
-            rows = energy.sqrt()[:, None] * projector.basis(state, dim, rank, oriented).mT
+            rows = energy.sqrt()[:, None] * basis.mT
             state["sketch"] = continual.frequent_directions(state["sketch"], rows)
-        return low
+        return low, basis
 
     @torch.no_grad()
     def consolidate(self) -> dict[str, int]:

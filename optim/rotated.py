@@ -26,12 +26,11 @@ import torch
 from decomp import dct, idct
 from decomp._checks import check_choice, check_int, check_real
 
-from ._adam import adam_direction, adamw_step, apply_update, init_moments
+from ._adam import adam_direction, apply_update, init_moments
 from ._base import (
     TensorStateOptimizer,
     as_matrix,
     check_adam_options,
-    check_grad,
     state_dtype,
 )
 
@@ -90,7 +89,7 @@ _BASE_MAPS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
 
 
 class _MatrixOrAdamW(TensorStateOptimizer):
-    """Step loop shared by both optimizers: matrices to ``_matrix_step``, the rest to AdamW."""
+    """Both optimizers: each matrix through ``_matrix_step``, the rest through AdamW."""
 
     def _matrix_step(
         self,
@@ -101,32 +100,11 @@ class _MatrixOrAdamW(TensorStateOptimizer):
     ) -> None:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One update of every parameter with a gradient; returns ``closure()`` if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = check_grad(param)
-                state = self.state[param]
-                if param.ndim < 2:
-                    adamw_step(
-                        param,
-                        grad,
-                        state,
-                        lr=group["lr"],
-                        betas=group["betas"],
-                        eps=group["eps"],
-                        weight_decay=group["weight_decay"],
-                    )
-                else:
-                    self._matrix_step(param, grad, state, group)
-        return loss
+    def _step_matrices(
+        self, group: dict[str, Any], params: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        for param, grad in params:
+            self._matrix_step(param, grad, self.state[param], group)
 
 
 class ARO(_MatrixOrAdamW):
