@@ -78,15 +78,11 @@ def check_grad(param: torch.Tensor) -> torch.Tensor:
 class TensorStateOptimizer(torch.optim.Optimizer):
     """``torch.optim.Optimizer`` whose state is tensors only, with a dtype-preserving load.
 
-    Subclasses validate their own options; this class rejects complex and integer parameters
+    Subclasses validate their own options (:meth:`_check_group`, run with the parameter checks on
+    every group, the constructor's included, since ``torch.optim.Optimizer.__init__`` adds its
+    groups through :meth:`add_param_group`); this class rejects complex and integer parameters
     and restores state so that a save -> load in the middle of a run continues bit-identically.
     """
-
-    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            for param in group["params"]:
-                check_param(param)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         count = len(self.param_groups)
