@@ -169,7 +169,7 @@ class AtomParam(AdapterParam):
         return _FilterLayout(c_out, c_in_g, kernel, block, resolved_atoms, resolved_sub)
 
     @classmethod
-    def trainable_count(cls, shape: tuple[int, ...], **config: Any) -> int:
+    def _count(cls, shape: tuple[int, ...], **config: Any) -> int:
         r""":math:`mK` at level 1, :math:`m\, m_1 (K + c_{in,g})` at level 2 (linear: block view).
 
         Example:
@@ -177,10 +177,9 @@ class AtomParam(AdapterParam):
             >>> AtomParam.trainable_count((64, 32, 3, 3)), AtomParam.trainable_count((12, 8))
             (81, 144)
         """
-        validated = cls(**config).config()
         if not 2 <= len(shape) <= 5:
             raise ValueError(f"shape must have 2 (linear) to 5 (conv3d) dims, got {tuple(shape)}")
-        layout = cls._layout(tuple(shape), **validated)
+        layout = cls._layout(shape, **config)
         if layout.sub_atoms is None:
             return layout.num_atoms * layout.kernel_size
         return layout.num_atoms * layout.sub_atoms * (layout.kernel_size + layout.c_in_g)

@@ -64,7 +64,16 @@ class AdapterParam(nn.Module):
 
     @classmethod
     def trainable_count(cls, shape: tuple[int, ...], **config: Any) -> int:
-        """Closed-form number of trainable parameters for a weight of ``shape`` and ``config``."""
+        """Closed-form number of trainable parameters for a weight of ``shape`` and ``config``.
+
+        ``config`` takes the constructor's keyword arguments and is validated by the constructor
+        (no weight is needed); each method's formula is its ``_count``.
+        """
+        return cls._count(tuple(shape), **cls(**config).config())
+
+    @classmethod
+    def _count(cls, shape: tuple[int, ...], **config: Any) -> int:
+        """The closed form, from a weight shape and a validated :meth:`config`."""
         raise NotImplementedError
 
     def compose(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -108,14 +108,7 @@ class DCTParam(AdapterParam):
         return check_int(num_coefficients, "num_coefficients", low=1, high=rows * columns)
 
     @classmethod
-    def trainable_count(
-        cls,
-        shape: tuple[int, ...],
-        num_coefficients: int | None = None,
-        locations: str = "magnitude",
-        alpha: float = 1.0,
-        seed: int = 0,
-    ) -> int:
+    def _count(cls, shape: tuple[int, ...], *, num_coefficients: int | None, **_: Any) -> int:
         """``n``: ``num_coefficients``, default ``min(m + n_in, m * n_in)``.
 
         Example:
@@ -124,7 +117,7 @@ class DCTParam(AdapterParam):
             >>> DCTParam.trainable_count((64, 32), num_coefficients=100)
             100
         """
-        return cls._resolve_count(tuple(shape), num_coefficients)
+        return cls._resolve_count(shape, num_coefficients)
 
     def config(self) -> dict[str, Any]:
         return {

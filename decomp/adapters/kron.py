@@ -128,22 +128,20 @@ class KronParam(AdapterParam):
         return rank, b_shape, c_shape
 
     @classmethod
-    def trainable_count(
+    def _count(
         cls,
         shape: tuple[int, ...],
-        rank: int | None = None,
         *,
-        b_shape: Sequence[int] | None = None,
-        c_shape: Sequence[int] | None = None,
+        rank: int | None,
+        b_shape: tuple[int, int] | None,
+        c_shape: tuple[int, int] | None,
     ) -> int:
         """Closed form :math:`r (m_1 n_1 + m_2 n_2 + 1)`.
 
         >>> KronParam.trainable_count((20, 48), rank=1)   # LoKr's 4*6 + 5*8, plus S
         65
         """
-        b = None if b_shape is None else _check_pair(b_shape, "b_shape")
-        c = None if c_shape is None else _check_pair(c_shape, "c_shape")
-        r, (m1, n1), (m2, n2) = cls._resolve(shape, rank, b, c)
+        r, (m1, n1), (m2, n2) = cls._resolve(shape, rank, b_shape, c_shape)
         return r * (m1 * n1 + m2 * n2 + 1)
 
     def _build(self, weight: torch.Tensor) -> None:

@@ -91,14 +91,14 @@ class LDUParam(AdapterParam):
         return check_rank(rank, "rank", min(m, n))
 
     @classmethod
-    def trainable_count(cls, shape: tuple[int, ...], rank: int | None = None, alpha: float = 1.0) -> int:
+    def _count(cls, shape: tuple[int, ...], *, rank: int | None, **_: Any) -> int:
         """``r + 1``: the ``r`` pivots and the scale.
 
         Example:
             >>> LDUParam.trainable_count((16, 8)), LDUParam.trainable_count((16, 8, 3), rank=5)
             (9, 6)
         """
-        return cls._resolve_rank(tuple(shape), rank) + 1
+        return cls._resolve_rank(shape, rank) + 1
 
     def config(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha}

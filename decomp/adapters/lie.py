@@ -99,9 +99,7 @@ class LieParam(AdapterParam):
         return {"rank": self.rank, "scale": self.scale, "order": self.order}
 
     @classmethod
-    def trainable_count(
-        cls, shape: tuple[int, ...], rank: int | None = None, *, scale: float = 1.0, order: int | None = None
-    ) -> int:
+    def _count(cls, shape: tuple[int, ...], *, rank: int | None, **_: Any) -> int:
         """Closed form: :math:`r(d_0 + d_1)`, plus :math:`r^2 \\prod_j k_j` for a conv kernel
         (``scale`` and ``order`` do not change it).
 

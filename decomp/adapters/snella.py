@@ -227,19 +227,12 @@ class _KernelAdapter(AdapterParam):
         }
 
     @classmethod
-    def trainable_count(
-        cls,
-        shape: tuple[int, ...],
-        rank: int | None = None,
-        num_kernels: int = 2,
-        **config: Any,
+    def _count(
+        cls, shape: tuple[int, ...], *, rank: int | None, num_kernels: int, **_: Any
     ) -> int:
-        unknown = set(config) - {"kernel_scale", "sparsity", "mask", "zero_start"}
-        if unknown:
-            raise TypeError(f"{cls.__name__} got unexpected arguments {sorted(unknown)}")
-        d_out, d_in = _matrix_dims(tuple(shape))
-        num_kernels = check_int(num_kernels, "num_kernels", low=1)
-        return _resolve_rank(tuple(shape), rank, num_kernels) * (d_in + d_out) + cls.num_scalars
+        r""":math:`q\,(d_{in} + d_{out})`, plus SNELLA's trainable scalars."""
+        d_out, d_in = _matrix_dims(shape)
+        return _resolve_rank(shape, rank, num_kernels) * (d_in + d_out) + cls.num_scalars
 
 
 class SNELL(_KernelAdapter):

@@ -125,25 +125,14 @@ class SVDParam(AdapterParam):
         return check_rank(rank, "rank", smaller_side)
 
     @classmethod
-    def trainable_count(
-        cls,
-        shape: tuple[int, ...],
-        rank: int | None = None,
-        mode: str = "pissa",
-        svd: str = "exact",
-        scale: float = 1.0,
-        init: str = "zero",
-        seed: int = 0,
-    ) -> int:
+    def _count(cls, shape: tuple[int, ...], *, rank: int | None, mode: str, **_: Any) -> int:
         """``r (m + n)`` for PiSSA, ``r`` for SVFit, ``r^2`` for LoRA-XS.
 
         Example:
             >>> SVDParam.trainable_count((64, 32, 3, 3)), SVDParam.trainable_count((64, 32), mode="lora_xs")
             (2816, 64)
         """
-        shape = tuple(shape)
         rank = cls._resolve_rank(shape, rank)
-        mode = check_choice(mode, "mode", _MODES)
         if mode == "pissa":
             return rank * (shape[0] + math.prod(shape[1:]))
         if mode == "svfit":

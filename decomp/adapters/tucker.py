@@ -145,15 +145,8 @@ class TuckerParam(AdapterParam):
         return [channel_rank, channel_rank, *spatial]
 
     @classmethod
-    def trainable_count(
-        cls,
-        shape: tuple[int, ...],
-        rank: int | None = None,
-        *,
-        spatial_rank: int | None = None,
-        scale: float = 1.0,
-        init: str = "tucker",
-        std: float = OFFICIAL_FACTOR_STD,
+    def _count(
+        cls, shape: tuple[int, ...], *, rank: int | None, spatial_rank: int | None, **_: Any
     ) -> int:
         """Closed form: core size plus factor sizes (see the class docstring); ``scale``, ``init``
         and ``std`` do not change it.
