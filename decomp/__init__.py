@@ -1,12 +1,14 @@
 """decomp: torch-native low-rank and tensor decompositions.
 
 Pure functions on tensors (any device, batched where natural, fp16/bf16 computed in fp32 and
-returned in the input dtype), each returning a small typed result with an inverse:
+returned in the input dtype; the decompositions rescale their input by an exact power of two, so
+no energy or tolerance test over- or underflows at any scale), each returning a small typed result
+with an inverse:
 
 * :func:`rsvd` -- randomized SVD, fixed rank or fixed precision.
 * :func:`tucker` -- Tucker / partial Tucker by HOOI or HOSVD.
 * :func:`kpsvd` -- sums of Kronecker products (Van Loan--Pitsianis), :func:`kron_shapes`.
-* :func:`ldu` -- pivoted LDU factorisation.
+* :func:`ldu` -- pivoted LDU factorisation, the permutation kept as row indices.
 * :func:`atoms` -- filter-atom decomposition of conv kernels, optionally recursive.
 * :func:`dct_matrix`, :func:`dct`, :func:`idct` -- orthonormal DCT-II bases and fast transforms.
 

@@ -14,8 +14,15 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from ._checks import check_choice, check_int, check_rank, check_tensor, to_compute
-from ._dct import dct_matrix
+from ._checks import (
+    check_choice,
+    check_int,
+    check_rank,
+    check_result_finite,
+    check_tensor,
+    unit_scaled,
+)
+from ._dct import _dct_rows
 
 # The K x K Gram of a reshaped kernel is tiny (K = 9 for 3x3), so forming it in float64 costs
 # nothing, and it avoids squaring the condition number in fp32: an fp32 Gram resolves only the
@@ -137,6 +144,13 @@ def atoms(
     square the condition number and blur directions below ``~3e-4`` of the top singular value.
     So those paths need a device with float64 (not MPS); level-1 ``dct`` runs in the compute dtype.
 
+    Scale: ``W`` is first divided by a power of two that brings its largest magnitude into
+    :math:`[1/2, 1)`, and ``coeffs`` multiplied back (the atoms, sub-atoms and sub-coefficients do
+    not depend on the scale). Both steps are exact, so on ordinary input nothing changes (the
+    kernels are scale-equivariant up to rounding), and no Gram can overflow or underflow:
+    the atoms stay optimal for ``W * 1e200`` in float64 or ``W * 1e-30`` in float32. Coefficients
+    beyond the largest number of ``W``'s dtype raise ``ValueError`` (with ``check_finite``).
+
     Differences from the anchors: the official code initialises the atoms by sparse dictionary
     learning, keeps only the sparse codes and discards the dictionary (its atoms are a
     zero-initialised trainable delta). Here the coefficients come from the SVD or DCT subspace,
@@ -148,7 +162,8 @@ def atoms(
         levels: 1 (shared atoms) or 2 (per-channel atoms from sub-atoms).
         sub_atoms: ``m1`` in ``[1, K]``, only with ``levels=2``; default ``K``.
         method: ``"svd"`` or ``"dct"``: how the level-1 atoms are chosen.
-        check_finite: check ``W`` for NaN/Inf (one device sync); ``False`` skips it.
+        check_finite: check ``W`` for NaN/Inf and ``coeffs`` for overflow of ``W``'s dtype (one
+            device sync each); ``False`` skips both.
 
     Returns:
         :class:`Atoms` ``(coeffs, atoms, sub_coeffs, sub_atoms)`` in ``W``'s dtype and device
@@ -156,7 +171,7 @@ def atoms(
         ``atoms (m, *kernel)``, ``sub_coeffs (c_in_g, m, m1)``, ``sub_atoms (m, m1, *kernel)``.
 
     Complexity: with :math:`N = c_{out} c_{in,g}`, level 1 costs :math:`O(N K^2 + K^3)` for
-    ``svd`` (Gram and eigh) or :math:`O(K^2)` for ``dct``, plus :math:`O(N K m)` for the
+    ``svd`` (Gram and eigh) or :math:`O(m K)` for ``dct``, plus :math:`O(N K m)` for the
     coefficients. Level 2 adds :math:`O(c_{in,g} c_{out} m (m + K))` for the per-channel
     least squares and :math:`O(m (c_{in,g} K^2 + K^3))` for the sub-atoms.
 
@@ -165,7 +180,8 @@ def atoms(
             ``sub_atoms`` is not an int.
         ValueError: ``W.ndim`` not in ``[3, 5]``, ``W`` empty or non-finite; ``num_atoms`` or
             ``sub_atoms`` not in ``[1, K]``; ``levels`` not in ``[1, 2]``; ``sub_atoms`` given
-            with ``levels=1``; ``method`` not ``"svd"`` or ``"dct"``.
+            with ``levels=1``; ``method`` not ``"svd"`` or ``"dct"``; ``coeffs`` overflow
+            ``W``'s dtype.
 
     Example:
         >>> from decomp import atoms
@@ -192,7 +208,7 @@ def atoms(
         num_sub_atoms = kernel_size
     check_choice(method, "method", ("svd", "dct"))
 
-    weight = to_compute(W)
+    weight, scale = unit_scaled(W, range(W.ndim))
     c_out, c_in_g = weight.shape[:2]
     flat = weight.reshape(c_out * c_in_g, kernel_size)
     if method == "svd":
@@ -201,7 +217,9 @@ def atoms(
         shared_atoms = _dct_atoms(kernel, num_atoms, dtype=weight.dtype, device=weight.device)
     coeffs = (flat @ shared_atoms.mT).reshape(c_out, c_in_g, num_atoms)
 
-    coeffs_out = coeffs.to(W.dtype)
+    coeffs_out = (coeffs * scale.reshape(())).to(W.dtype)
+    if check_finite:
+        check_result_finite(coeffs_out, "the atom coefficients of W", "W")
     shared_atoms_out = shared_atoms.reshape(num_atoms, *kernel).to(W.dtype)
     if levels == 1:
         return Atoms(coeffs_out, shared_atoms_out)
@@ -248,14 +266,18 @@ def _top_right_singular_rows(matrix: torch.Tensor, k: int) -> torch.Tensor:
 def _dct_atoms(
     kernel: tuple[int, ...], num_atoms: int, *, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """The ``num_atoms`` lowest-frequency separable DCT-II kernels, flattened: (num_atoms, K)."""
-    # Row f of kron(D_1, ..., D_d) is the separable kernel with frequencies f in row-major order.
-    basis = dct_matrix(kernel[0], dtype=dtype, device=device)
-    for size in kernel[1:]:
-        basis = torch.kron(basis, dct_matrix(size, dtype=dtype, device=device))
+    """The ``num_atoms`` lowest-frequency separable DCT-II kernels, flattened: (num_atoms, K).
+
+    Atom ``f`` is row ``f`` (row-major over the axes) of ``kron(D_1, ..., D_d)``, i.e. the outer
+    product of rows ``f_1, ..., f_d`` of the per-axis DCT matrices; only those rows are built, so
+    memory is that of the atoms, not the ``K x K`` Kronecker basis (nor a cached matrix per axis).
+    """
     frequencies = sorted(
         itertools.product(*(range(size) for size in kernel)), key=lambda f: (sum(f), f)
-    )
-    strides = [math.prod(kernel[axis + 1 :]) for axis in range(len(kernel))]
-    rows = [sum(f * stride for f, stride in zip(freq, strides)) for freq in frequencies[:num_atoms]]
-    return basis[torch.tensor(rows, device=device)]
+    )[:num_atoms]
+    separable = _dct_rows(kernel[0], torch.tensor([f[0] for f in frequencies]), dtype, device)
+    for axis, size in enumerate(kernel[1:], start=1):
+        rows = _dct_rows(size, torch.tensor([f[axis] for f in frequencies]), dtype, device)
+        # kron's entry order (earlier axes vary slowest) and the same products as torch.kron.
+        separable = (separable[:, :, None] * rows[:, None, :]).flatten(1)
+    return separable

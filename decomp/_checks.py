@@ -49,8 +49,20 @@ def check_tensor(
         raise ValueError(f"{name} must have ndim {allowed}, got shape {tuple(x.shape)}")
     if x.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
-    if check_finite and not _all_finite(x):
+    if check_finite and not _all_finite(_unwrapped(x)):
         raise ValueError(f"{name} contains NaN or Inf")
+    return x
+
+
+def _unwrapped(x: torch.Tensor) -> torch.Tensor:
+    """``x`` without its ``torch.func`` wrappers (vmap, grad), so a data check can read it.
+
+    Under ``torch.func.vmap`` a function sees one sample of a batched tensor and cannot turn data
+    into a Python bool; the tensor underneath holds the whole batch, and checking it checks every
+    sample (one NaN anywhere in the batch raises).
+    """
+    while torch._C._functorch.is_functorch_wrapped_tensor(x):
+        x = torch._C._functorch.get_unwrapped(x)
     return x
 
 
@@ -68,10 +80,98 @@ def to_compute(x: torch.Tensor) -> torch.Tensor:
     return x.to(compute_dtype(x.dtype))
 
 
+# (integer dtype of the same width, mantissa bits, exponent bias) of each compute dtype, to read
+# exponents and build powers of two bit by bit: exact on every device, unlike pow/exp2 kernels,
+# and with no frexp (which not every backend has).
+_FLOAT_LAYOUT = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}
+
+
+def unit_scaled(x: torch.Tensor, dims: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``x`` in its compute dtype divided by a power of two per slice, and that power of two.
+
+    Returns ``(x / s, s)`` with :math:`s = 2^e` of shape ``x.shape`` with size 1 along ``dims``,
+    and :math:`e` the exponent of the slice's largest magnitude, so that the scaled slice's largest
+    magnitude lies in :math:`[1/2, 1)` (:math:`e` is clamped to :math:`\pm 126` in fp32,
+    :math:`\pm 1022` in fp64, so that :math:`s` and :math:`1/s` are normal numbers; only an input
+    whose largest entry is subnormal or within 2x of the dtype's maximum lands just outside the
+    interval; an all-zero slice gets :math:`s = 2^{-126}` and stays zero). However large or small
+    ``x`` is, sums of squares of the scaled slice cannot overflow, and only entries below
+    :math:`2^{-63}` of the largest lose their squares to underflow (far below any energy
+    tolerance), so energy and tolerance tests hold at every scale.
+
+    Multiplying by a power of two is exact (for results in the normal range), and the kernels
+    used here are scale-equivariant up to rounding (most of them bit for bit), so a decomposition
+    of ``x / s`` with its scale-carrying outputs multiplied back by ``s`` is the one of ``x``
+    wherever ``x`` itself computes without overflow or underflow. The scale is a tensor (no host
+    sync) and carries no gradient: the decompositions are homogeneous in ``x``, so treating it as a
+    constant keeps their derivatives exact. Costs two reductions (max and min) and one multiply
+    (fused with the cast of half inputs).
+
+    Example:
+        >>> scaled, scale = unit_scaled(torch.tensor([[3e30, -1e30], [0.0, 2e29]]), (-2, -1))
+        >>> scale.shape, float(scaled.abs().max()), bool(torch.equal(scaled * scale, torch.tensor(
+        ...     [[3e30, -1e30], [0.0, 2e29]])))
+        (torch.Size([1, 1]), 0.5916..., True)
+    """
+    dtype = compute_dtype(x.dtype)
+    integer, mantissa_bits, bias = _FLOAT_LAYOUT[dtype]
+    with torch.no_grad():
+        # amax and amin: two plain reductions, several times cheaper than an inf-norm or abs().
+        dims = tuple(dims)
+        largest = torch.maximum(x.amax(dims, keepdim=True), -x.amin(dims, keepdim=True))
+        # largest = 1.f * 2^(b - bias) for its biased exponent field b, so e = b - bias + 1 puts
+        # largest / 2^e in [1/2, 1). Zero and subnormals have b = 0, inf and NaN the top value;
+        # the clamp maps them to the extreme scales, under which 0, inf and NaN stay what they are.
+        biased = (largest.to(dtype).view(integer) >> mantissa_bits) & (2 * bias + 1)
+        exponent = (biased - (bias - 1)).clamp(1 - bias, bias - 1)
+        scale = ((exponent + bias) << mantissa_bits).view(dtype)
+        inverse = ((bias - exponent) << mantissa_bits).view(dtype)
+    # A dimensioned fp32 factor promotes a half x to fp32 in this one multiply.
+    return x * inverse, scale
+
+
+def check_result_finite(result: torch.Tensor, what: str, name: str) -> None:
+    """Raise ``ValueError`` if ``result``, computed from finite ``name``, is not finite.
+
+    After :func:`unit_scaled` the computation itself cannot overflow, so an inf in the result
+    means ``what`` (e.g. the singular values) lies beyond the largest number of the returned
+    dtype: no answer in that dtype is right, and returning inf would be a silent wrong one. A NaN
+    (e.g. from a user's ``svd`` callable) is reported as such. Reads one bool back from the device.
+    """
+    if bool(torch.isfinite(result).all()):
+        return
+    if bool(torch.isnan(result).any()):  # not an overflow: say so rather than blame the scale
+        raise ValueError(f"{what} contain NaN although {name} is finite")
+    raise ValueError(
+        f"{what} overflow {result.dtype}: {name} is too large for its result to be represented "
+        f"in {result.dtype}; scale {name} down or pass it in a wider dtype"
+    )
+
+
 def check_int(value: object, name: str, *, low: int, high: int | None = None) -> int:
-    """Validate an integer in ``[low, high]`` (``high=None``: unbounded) and return it as ``int``."""
+    """Validate an integer in ``[low, high]`` (``high=None``: unbounded) and return it as ``int``.
+
+    Any ``numbers.Integral`` but ``bool`` is accepted (``numpy.int64(4)`` gives ``4``), so a
+    stored option is a plain Python int.
+    """
+    return _checked_int(value, name, low, high, "an int")
+
+
+def check_optional_int(value: object, name: str, *, low: int, high: int | None = None) -> int | None:
+    """``None`` (an option's "use the default"), or :func:`check_int`'s plain ``int``.
+
+    Example:
+        >>> check_optional_int(None, "rank", low=1), check_optional_int(4, "rank", low=1)
+        (None, 4)
+    """
+    if value is None:
+        return None
+    return _checked_int(value, name, low, high, "an int or None")
+
+
+def _checked_int(value: object, name: str, low: int, high: int | None, expected: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
     value = int(value)
     if value < low or (high is not None and value > high):
         allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
@@ -122,10 +222,22 @@ def check_fraction(value: object, name: str) -> float:
 
 
 def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
-    """Validate a string option against its allowed values."""
+    """Validate a string option against its allowed values and return it as a plain ``str``.
+
+    A value that is not a string at all raises ``TypeError``; an unknown string ``ValueError``.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {list(choices)} (a str), got {type(value).__name__}")
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value  # type: ignore[return-value]
+    return str(value)
+
+
+def check_bool(value: object, name: str) -> bool:
+    """Validate a flag: a real ``bool`` (``0``/``1`` and other ints are refused, not truth-tested)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def check_generator(generator: object) -> torch.Generator | None:

@@ -24,7 +24,11 @@ Differences from the anchors: ``scipy.fft.dct`` is CPU-only and returns an ndarr
 ``torch-dct`` package transforms only the last dim, through a full complex FFT and whole-array
 intermediates. Here any dim of tensors on any device is transformed, results keep the input's
 dtype (fp16/bf16 computed in fp32), and autograd works (each transform's backward is the other,
-since both are orthogonal), as does ``torch.func.vmap``.
+since both are orthogonal), as does ``torch.func.vmap`` with the default finiteness check (which
+then reads the whole batch underneath the vmap, so a NaN in any sample raises).
+
+The transforms read the private cache of :func:`dct_matrix`; the public function hands out
+copies, so no caller can change what any other call computes.
 """
 
 from __future__ import annotations
@@ -57,20 +61,30 @@ def _normalized_device(device: torch.device | str | None) -> torch.device:
     return device
 
 
+def _dct_rows(
+    n: int, frequencies: torch.Tensor, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Rows ``frequencies`` (int64, on the CPU) of the ``n x n`` DCT-II matrix, ``(len, n)``.
+
+    Built in float64 and cast, entry for entry the values of :func:`dct_matrix`, in memory
+    proportional to the rows asked for.
+    """
+    j = torch.arange(n, dtype=torch.int64)
+    # The angle pi*k*(2j+1)/(2n) is reduced modulo 2*pi in exact integer arithmetic first, so
+    # large n loses no accuracy to huge cosine arguments.
+    phase = (frequencies[:, None] * (2 * j[None, :] + 1)) % (4 * n)
+    rows = torch.cos(phase.to(torch.float64) * (math.pi / (2 * n))) * math.sqrt(2.0 / n)
+    rows = torch.where(frequencies[:, None] == 0, rows * math.sqrt(0.5), rows)
+    # Cast on the CPU first: some devices (MPS) have no float64.
+    return rows.to(dtype).to(device)
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _cached_dct_matrix(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # inference_mode(False): a matrix first built under torch.inference_mode must still be usable
     # (saved for backward) by later autograd code that shares the cache.
     with torch.inference_mode(False):
-        k = torch.arange(n, dtype=torch.int64)
-        j = torch.arange(n, dtype=torch.int64)
-        # The angle pi*k*(2j+1)/(2n) is reduced modulo 2*pi in exact integer arithmetic first, so
-        # large n loses no accuracy to huge cosine arguments.
-        phase = (k[:, None] * (2 * j[None, :] + 1)) % (4 * n)
-        basis = torch.cos(phase.to(torch.float64) * (math.pi / (2 * n))) * math.sqrt(2.0 / n)
-        basis[0] *= math.sqrt(0.5)
-        # Cast on the CPU first: some devices (MPS) have no float64.
-        return basis.to(dtype).to(device)
+        return _dct_rows(n, torch.arange(n, dtype=torch.int64), dtype, device)
 
 
 def dct_matrix(
@@ -91,9 +105,10 @@ def dct_matrix(
     ``scipy.fft.dct(np.eye(n), norm="ortho", axis=0)``.
 
     Built once in float64 (the angle reduced exactly in integers), cast to ``dtype``, and cached
-    per ``(n, dtype, device)``: :math:`O(n^2)` the first time, free afterwards. The returned
-    tensor is **shared by every caller with the same key and must not be modified in place**;
-    ``clone()`` it first if you need to.
+    per ``(n, dtype, device)``: :math:`O(n^2)` the first time. Every call returns a fresh copy of
+    the cached matrix (an :math:`O(n^2)` copy, the cost of one matrix-vector product with it), so
+    training it as a parameter or modifying it in place cannot change any later
+    :func:`dct_matrix`, :func:`dct`, :func:`idct` or adapter, which read the cache directly.
 
     Args:
         n: size, ``>= 1``.
@@ -113,8 +128,9 @@ def dct_matrix(
         torch.Size([8, 8])
         >>> torch.allclose(D @ D.T, torch.eye(8, dtype=torch.float64))
         True
-        >>> dct_matrix(8, dtype=torch.float64) is D
-        True
+        >>> _ = D.zero_()  # a private copy: no later call sees this
+        >>> dct_matrix(8, dtype=torch.float64)[0, :3]  # row 0 is constant, 1 / sqrt(8)
+        tensor([0.3536, 0.3536, 0.3536], dtype=torch.float64)
     """
     n = check_int(n, "n", low=1)
     if dtype is None:
@@ -124,7 +140,7 @@ def dct_matrix(
             f"dtype must be a real floating torch.dtype (float16, bfloat16, float32, float64), "
             f"got {dtype!r}"
         )
-    return _cached_dct_matrix(n, dtype, _normalized_device(device))
+    return _cached_dct_matrix(n, dtype, _normalized_device(device)).clone()
 
 
 def _check_dim(dim: object, ndim: int) -> int:
@@ -349,7 +365,8 @@ def dct(x: torch.Tensor, dim: int = -1, *, check_finite: bool = True) -> torch.T
     Args:
         x: real floating tensor, any shape with ``x.shape[dim] = n >= 1``.
         dim: the transformed dimension, in ``[-x.ndim, x.ndim - 1]``.
-        check_finite: check ``x`` for NaN/Inf (one device sync); pass ``False`` in hot loops.
+        check_finite: check ``x`` for NaN/Inf (one device sync; under ``torch.func.vmap`` the
+            whole batch is checked); pass ``False`` in hot loops.
 
     Returns:
         Tensor of ``x``'s shape, dtype and device.
@@ -384,7 +401,8 @@ def idct(x: torch.Tensor, dim: int = -1, *, check_finite: bool = True) -> torch.
     Args:
         x: real floating tensor, any shape with ``x.shape[dim] = n >= 1``.
         dim: the transformed dimension, in ``[-x.ndim, x.ndim - 1]``.
-        check_finite: check ``x`` for NaN/Inf (one device sync); pass ``False`` in hot loops.
+        check_finite: check ``x`` for NaN/Inf (one device sync; under ``torch.func.vmap`` the
+            whole batch is checked); pass ``False`` in hot loops.
 
     Returns:
         Tensor of ``x``'s shape, dtype and device.

@@ -16,8 +16,9 @@ from ._checks import (
     check_generator,
     check_int,
     check_rank,
+    check_result_finite,
     check_tensor,
-    to_compute,
+    unit_scaled,
 )
 from ._rsvd import rsvd
 
@@ -90,6 +91,12 @@ def kpsvd(
     reshaped, and error :math:`(\sum_{k > r} \sigma_k^2)^{1/2}` (Van Loan & Pitsianis 1993).
     ``rank=1`` gives the nearest Kronecker product.
 
+    **Scale.** Each matrix is first divided by a power of two that brings its largest magnitude
+    into :math:`[1/2, 1)`, and ``S`` multiplied back: exact, so on ordinary input nothing changes
+    (the kernels are scale-equivariant up to rounding), and the result stays optimal for
+    ``A * 1e30`` or ``A * 1e-30`` too. ``S`` beyond the largest number of ``A``'s dtype raises
+    ``ValueError`` (with ``check_finite``).
+
     ``method`` picks the SVD of :math:`\mathcal{R}(A)`: ``"exact"`` is :func:`torch.linalg.svd`;
     ``"randomized"`` is :func:`decomp.rsvd` with ``oversample``, ``power_iters`` and
     ``generator``; ``"auto"`` (default) is randomized when
@@ -107,7 +114,8 @@ def kpsvd(
         oversample: extra sketch columns, passed to :func:`decomp.rsvd` when it is used.
         power_iters: subspace iterations, passed to :func:`decomp.rsvd` when it is used.
         generator: source of the Gaussian sketch, passed to :func:`decomp.rsvd` when it is used.
-        check_finite: check ``A`` for NaN/Inf.
+        check_finite: check ``A`` for NaN/Inf and ``S`` for overflow of ``A``'s dtype (one host
+            sync each).
 
     Returns:
         :class:`KronSum` ``(S, B, C)`` with S (..., rank), B (..., rank, m1, n1),
@@ -120,7 +128,7 @@ def kpsvd(
         ValueError: ``A`` has ndim < 2, is empty or has NaN/Inf; a shape entry is < 1; ``A``'s
             last two dimensions are not ``(m1*m2, n1*n2)``; ``rank`` is outside
             :math:`[1, \min(m_1 n_1, m_2 n_2)]`; ``method`` is unknown; ``oversample`` or
-            ``power_iters`` is negative.
+            ``power_iters`` is negative; ``S`` overflows ``A``'s dtype.
 
     Complexity:
         One :math:`O(mn)` copy for the rearrangement, then :math:`O(mn \min(m_1 n_1, m_2 n_2))`
@@ -158,7 +166,7 @@ def kpsvd(
     power_iters = check_int(power_iters, "power_iters", low=0)
     generator = check_generator(generator)
 
-    X = to_compute(A)
+    X, scale = unit_scaled(A, (-2, -1))
     *batch, _, _ = X.shape
     rearranged = X.reshape(*batch, m1, m2, n1, n2).transpose(-3, -2).reshape(*batch, m1 * n1, m2 * n2)
     if method == "randomized" or (
@@ -177,7 +185,10 @@ def kpsvd(
         U, S, Vh = U[..., :rank], S[..., :rank], Vh[..., :rank, :]
     B = U.mT.reshape(*batch, rank, m1, n1)
     C = Vh.reshape(*batch, rank, m2, n2)
-    return KronSum(S.to(A.dtype), B.to(A.dtype), C.to(A.dtype))
+    S = (S * scale[..., 0]).to(A.dtype)
+    if check_finite:
+        check_result_finite(S, "the Kronecker singular values of A", "A")
+    return KronSum(S, B.to(A.dtype), C.to(A.dtype))
 
 
 def kron_shapes(m: int, n: int) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -13,7 +13,16 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_generator, check_int, check_rank, check_real, check_tensor, randn, to_compute
+from ._checks import (
+    check_generator,
+    check_int,
+    check_rank,
+    check_real,
+    check_result_finite,
+    check_tensor,
+    randn,
+    unit_scaled,
+)
 
 # The fixed-precision basis grows in blocks, the first of at least this many columns: small enough
 # not to overshoot a low target rank by much, large enough that the per-block host sync is rare.
@@ -118,7 +127,15 @@ def rsvd(
     computed without cancellation). For a batch, every matrix is kept at the largest such
     :math:`k` over the batch, so one rank fits all and each matrix meets ``tol``. Deciding when to
     stop reads one boolean per block back from the device, plus the chosen rank once, so this mode
-    synchronises with the host; the fixed-rank mode does not (apart from the finiteness check).
+    synchronises with the host; the fixed-rank mode does not (apart from the finiteness checks).
+
+    **Scale.** Each matrix is first divided by a power of two that brings its largest magnitude
+    into :math:`[1/2, 1)`, and ``S`` is multiplied back. Both steps are exact, so on ordinary
+    input nothing changes (the kernels are scale-equivariant up to rounding), and the squared
+    norms above cannot overflow or underflow at any scale: ``tol`` holds and the chosen rank is
+    the same for ``A * 1e18``, ``A * 1e-30`` or bf16 input with huge entries. Only singular
+    values beyond the largest number of ``A``'s dtype cannot be returned; then ``ValueError`` is
+    raised (with ``check_finite``) instead of an inf.
 
     Args:
         A: (..., m, n) real floating tensor; leading dimensions are a batch. fp16/bf16 are
@@ -128,7 +145,8 @@ def rsvd(
         oversample: extra sketch columns :math:`p \ge 0` (default 10).
         power_iters: subspace iterations :math:`q \ge 0` (default 2).
         generator: source of the Gaussian sketch; the same seed gives the same result.
-        check_finite: check ``A`` for NaN/Inf (costs one reduction and one host sync).
+        check_finite: check ``A`` for NaN/Inf and ``S`` for overflow of ``A``'s dtype (each
+            costs one reduction and one host sync).
 
     Returns:
         :class:`SVD` ``(U, S, Vh)``: U (..., m, k), S (..., k) descending, Vh (..., k, n), with
@@ -140,7 +158,8 @@ def rsvd(
             ``torch.Generator``.
         ValueError: ``A`` has ndim < 2, is empty or has NaN/Inf; not exactly one of ``rank`` and
             ``tol`` is given; ``rank`` is outside :math:`[1, \min(m, n)]`; ``tol`` is outside
-            (0, 1); ``oversample`` or ``power_iters`` is negative.
+            (0, 1); ``oversample`` or ``power_iters`` is negative; the singular values overflow
+            ``A``'s dtype (e.g. a float32 ``A`` with :math:`\|A\|_2 > 3.4 \cdot 10^{38}`).
 
     Complexity:
         Fixed rank: :math:`O((2q + 2)\, mn\ell + (m + n)\ell^2)` time, :math:`O((m + n)\ell)` extra
@@ -182,7 +201,7 @@ def rsvd(
     power_iters = check_int(power_iters, "power_iters", low=0)
     generator = check_generator(generator)
 
-    X = to_compute(A)
+    X, scale = unit_scaled(A, (-2, -1))
     # Sketch the smaller side: for a wide matrix factor its (free, transposed-view) transpose.
     wide = m < n
     if wide:
@@ -193,7 +212,10 @@ def rsvd(
         U, S, Vh = _fixed_precision(X, tol, oversample, power_iters, generator)
     if wide:
         U, Vh = Vh.mT, U.mT
-    return SVD(U.to(A.dtype), S.to(A.dtype), Vh.to(A.dtype))
+    S = (S * scale[..., 0]).to(A.dtype)
+    if check_finite:
+        check_result_finite(S, "the singular values of A", "A")
+    return SVD(U.to(A.dtype), S, Vh.to(A.dtype))
 
 
 def _orthonormal_basis(Y: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,10 @@ from ._checks import (
     check_int,
     check_rank,
     check_real,
+    check_result_finite,
     check_tensor,
     to_compute,
+    unit_scaled,
 )
 from ._rsvd import rsvd
 
@@ -105,6 +107,15 @@ def tucker(
     A mode with :math:`r_i = d_i` is not compressed: its factor is the identity and its mode
     products are skipped (exact and much cheaper; e.g. the spatial modes of a conv kernel).
 
+    **Scale.** ``T`` is first divided by a power of two that brings its largest magnitude into
+    :math:`[1/2, 1)`, and the core multiplied back. Both steps are exact, so on ordinary input
+    nothing changes (the kernels are scale-equivariant up to rounding: a float32 ``eigh`` of a
+    Gram far from unit scale can differ in the last bit), and no Gram matrix, squared norm or
+    energy can overflow or underflow at any scale: energy ranks, the HOOI stopping test and the
+    Gram precision test are the same for ``T * 1e19`` or ``T * 1e-30`` as for ``T``. Only a core
+    beyond the largest number of ``T``'s dtype cannot be returned; then ``ValueError`` is raised
+    (with ``check_finite``).
+
     Args:
         T: real floating tensor, ``ndim >= 2``, shape :math:`(d_0, \dots, d_{N-1})`.
         ranks: an ``int`` used for every decomposed mode (each must be :math:`\le d_{m_i}`);
@@ -159,7 +170,8 @@ def tucker(
             tensorly, whose HOOI sweeps ignore its ``svd`` argument, ours is used at the start
             and in every sweep.
         generator: random source for ``svd="randomized"``; unused otherwise.
-        check_finite: check ``T`` for NaN/Inf (one device sync); ``False`` skips it.
+        check_finite: check ``T`` for NaN/Inf and the core for overflow of ``T``'s dtype (one
+            device sync each); ``False`` skips both.
 
     Returns:
         :class:`Tucker` ``(core, factors, modes)`` in ``T``'s dtype and device; fp16/bf16 input
@@ -172,7 +184,7 @@ def tucker(
             :math:`[1, d_{m_i}]` (the message names the mode) or a fraction outside
             :math:`(0, 1]`; ``ranks`` has the wrong length; ``modes`` is empty, repeats a mode
             or is out of range; unknown ``method`` or ``svd``; ``n_iter < 1``; ``tol < 0``;
-            a ``svd`` callable returns the wrong shape.
+            a ``svd`` callable returns the wrong shape; the core overflows ``T``'s dtype.
 
     Complexity per HOOI sweep, with :math:`N` decomposed modes: :math:`N` projections
     :math:`O(N \cdot \mathrm{numel}(T) \cdot \max_i r_i)` plus one Gram (or SVD) per mode on an
@@ -205,7 +217,7 @@ def tucker(
     generator = check_generator(generator)
     requested = _check_ranks(ranks, modes, T.shape)
 
-    X = to_compute(T)
+    X, scale = unit_scaled(T, range(T.ndim))
     ranks_by_mode = {
         mode: _energy_rank(_unfold(X, mode), rank) if isinstance(rank, float) else rank
         for mode, rank in zip(modes, requested)
@@ -229,11 +241,12 @@ def tucker(
         core = _hooi(X, factors, compressed, ranks_by_mode, leading, n_iter, tol)
     else:
         core = _project(X, factors, compressed)
-    if not compressed:  # the core would otherwise alias T
-        core = core.clone()
+    core = (core * scale).to(T.dtype)
+    if check_finite:
+        check_result_finite(core, "the core entries of T's Tucker decomposition", "T")
 
     return Tucker(
-        core=core.to(T.dtype),
+        core=core,
         factors=tuple(
             factors[mode].to(T.dtype) if mode in factors
             else torch.eye(T.shape[mode], dtype=T.dtype, device=T.device)
@@ -323,11 +336,19 @@ def _top_eigenvectors(gram: torch.Tensor, rank: int, *, try_float32: bool) -> to
 
 
 def _complete_orthonormal(basis: torch.Tensor, columns: int) -> torch.Tensor:
-    """Extend orthonormal ``basis`` (m x k) to ``columns`` orthonormal columns, deterministically."""
-    have = basis.shape[1]
+    """Extend orthonormal ``basis`` (m x k) to ``columns`` orthonormal columns, deterministically.
+
+    The new columns are those of the complete QR factor :math:`H_1 \\cdots H_k` of ``basis``,
+    formed by applying its ``k`` Householder reflectors to the needed columns only: memory
+    :math:`O(m \\cdot \\mathrm{columns})`, not the :math:`m \\times m` of a complete QR (40 GB for
+    a mode of size 100000).
+    """
+    rows, have = basis.shape
     if have >= columns:
         return basis
-    complement = torch.linalg.qr(basis, mode="complete").Q[:, have:columns]
+    reflectors, scales = torch.geqrf(basis)
+    padded = torch.cat([reflectors, reflectors.new_zeros(rows, columns - have)], dim=1)
+    complement = torch.linalg.householder_product(padded, scales)[:, have:]
     return torch.cat([basis, complement], dim=1)
 
 

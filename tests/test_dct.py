@@ -224,6 +224,24 @@ def test_vmap_matches_the_batched_call(algorithm):
         torch.testing.assert_close(mapped(x), transform(x, 1), rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("transform", [dct, idct])
+def test_vmap_works_with_the_default_finiteness_check(algorithm, transform):
+    """Regression: the default check_finite=True used to fail under vmap (data-dependent bool)."""
+    x = gaussian((6, 20, 3), seed=6)
+    mapped = torch.func.vmap(lambda t: transform(t, 1), in_dims=2, out_dims=2)
+    torch.testing.assert_close(mapped(x), transform(x, 1), rtol=1e-12, atol=1e-13)
+    nested = torch.func.vmap(torch.func.vmap(lambda t: transform(t, 0)), in_dims=2, out_dims=2)
+    torch.testing.assert_close(nested(x), transform(x, 1), rtol=1e-12, atol=1e-13)
+    gradient = torch.func.vmap(torch.func.grad(lambda t: transform(t, 0).square().sum()))
+    torch.testing.assert_close(gradient(x.mT.reshape(-1, 20)), 2 * x.mT.reshape(-1, 20))
+    # The check reads the whole batch under vmap: one bad sample raises, as the batched call does.
+    x[4, 7, 1] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        mapped(x)
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        nested(x)
+
+
 def test_half_input_gets_a_half_gradient():
     x = gaussian((4, 20), seed=2, dtype=torch.bfloat16).requires_grad_()
     dct(x).sum().backward()
@@ -236,12 +254,15 @@ def test_half_input_gets_a_half_gradient():
 # Cache
 
 
-def test_dct_matrix_is_cached_per_key():
+def test_dct_matrix_is_cached_per_key_and_returned_as_a_copy():
     a = dct_matrix(12, dtype=torch.float32)
-    assert dct_matrix(12, dtype=torch.float32, device="cpu") is a
+    again = dct_matrix(12, dtype=torch.float32, device="cpu")
+    assert torch.equal(again, a) and again.data_ptr() != a.data_ptr()
+    cached = _dct._cached_dct_matrix(12, torch.float32, torch.device("cpu"))
+    assert _dct._cached_dct_matrix(12, torch.float32, torch.device("cpu")) is cached
+    assert torch.equal(a, cached) and a.data_ptr() != cached.data_ptr()
     b = dct_matrix(12, dtype=torch.float64)
-    assert b is not a and b.dtype == torch.float64 and a.dtype == torch.float32
-    assert dct_matrix(13, dtype=torch.float32) is not a
+    assert b.dtype == torch.float64 and a.dtype == torch.float32
     half = dct_matrix(12, dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), a, rtol=0, atol=1e-2)
@@ -261,11 +282,13 @@ def test_matrix_first_built_in_inference_mode_works_with_autograd():
     n = 23
     _dct._cached_dct_matrix.cache_clear()  # so this test builds the matrix, not an earlier one
     with torch.inference_mode():
-        cached = dct_matrix(n, dtype=torch.float64)
+        built = dct_matrix(n, dtype=torch.float64)
     weight = gaussian((n, 3), seed=4).requires_grad_()
     (dct_matrix(n, dtype=torch.float64) @ weight).sum().backward()
-    assert dct_matrix(n, dtype=torch.float64) is cached
-    torch.testing.assert_close(weight.grad, cached.sum(0)[:, None].expand(n, 3))
+    with mock.patch.object(_dct, "_MATMUL_MAX_N", 10**9):  # the transforms read the cache itself
+        (dct(weight, dim=0, check_finite=False)).sum().backward()
+    assert _dct._cached_dct_matrix.cache_info().currsize >= 1
+    torch.testing.assert_close(weight.grad, 2 * built.sum(0)[:, None].expand(n, 3))
 
 
 # ----------------------------------------------------------------------------------------------

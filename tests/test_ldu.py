@@ -18,9 +18,16 @@ def assert_unit_triangular(T: torch.Tensor, lower: bool) -> None:
     assert bool((T.diagonal(dim1=-2, dim2=-1) == 1).all()), "diagonal is not exactly 1"
 
 
-def assert_permutation(P: torch.Tensor) -> None:
-    assert bool(((P == 0) | (P == 1)).all())
-    assert bool((P.sum(-1) == 1).all()) and bool((P.sum(-2) == 1).all())
+def assert_permutation(perm: torch.Tensor) -> None:
+    assert perm.dtype == torch.int64
+    identity = torch.arange(perm.shape[-1]).expand_as(perm)
+    assert torch.equal(perm.sort(-1).values, identity)
+
+
+def dense_product(factors: LDU) -> torch.Tensor:
+    """``P @ L @ diag(D) @ U`` with the dense permutation matrix, the textbook form."""
+    P, L, D, U = factors.permutation_matrix(), factors.L, factors.D, factors.U
+    return P @ L @ torch.diag_embed(D) @ U
 
 
 # ----------------------------------------------------------------------------------------------
@@ -29,9 +36,15 @@ def assert_permutation(P: torch.Tensor) -> None:
 
 @given(A=matrices(max_side=24, max_batch_dims=2))
 def test_factors_reconstruct_A(A):
-    P, L, D, U = ldu(A)
-    assert relative_error(P @ L @ torch.diag_embed(D) @ U, A) <= tolerance(A.dtype)
-    assert relative_error(ldu(A).to_matrix(), A) <= tolerance(A.dtype)
+    factors = ldu(A)
+    assert relative_error(dense_product(factors), A) <= tolerance(A.dtype)
+    assert relative_error(factors.to_matrix(), A) <= tolerance(A.dtype)
+    # A = (L diag(D) U)[perm], and A[perm.argsort()] = L diag(D) U: the gather is exact.
+    eliminated = factors.L @ torch.diag_embed(factors.D) @ factors.U
+    inverse = factors.perm.argsort(-1).unsqueeze(-1)
+    gathered = torch.take_along_dim(eliminated, factors.perm.unsqueeze(-1), -2)
+    assert torch.equal(factors.to_matrix(), gathered)
+    assert relative_error(eliminated, torch.take_along_dim(A, inverse, -2)) <= tolerance(A.dtype)
 
 
 @given(A=matrices(max_side=24, max_batch_dims=2))
@@ -39,11 +52,11 @@ def test_factor_structure_and_shapes(A):
     m, n = A.shape[-2:]
     k = min(m, n)
     batch = A.shape[:-2]
-    P, L, D, U = ldu(A)
-    assert P.shape == (*batch, m, m) and L.shape == (*batch, m, k)
+    perm, L, D, U = ldu(A)
+    assert perm.shape == (*batch, m) and L.shape == (*batch, m, k)
     assert D.shape == (*batch, k) and U.shape == (*batch, k, n)
-    assert all(t.dtype == A.dtype for t in (P, L, D, U))
-    assert_permutation(P)
+    assert all(t.dtype == A.dtype for t in (L, D, U))
+    assert_permutation(perm)
     assert_unit_triangular(L, lower=True)
     assert_unit_triangular(U, lower=False)
     assert bool((L.abs() <= 1).all()), "partial pivoting bounds |L| by 1"
@@ -53,14 +66,15 @@ def test_factor_structure_and_shapes(A):
 @given(A=matrices(max_side=12, max_batch_dims=1, dtypes=(torch.float16, torch.bfloat16)))
 def test_half_precision_round_trip(A):
     result = ldu(A)
-    assert all(t.dtype == A.dtype for t in result)
+    assert all(t.dtype == A.dtype for t in (result.L, result.D, result.U))
     assert result.to_matrix().dtype == A.dtype
-    assert_permutation(result.P)
+    assert result.permutation_matrix().dtype == A.dtype
+    assert_permutation(result.perm)
     assert_unit_triangular(result.L, lower=True)
     assert_unit_triangular(result.U, lower=False)
     # Factored in fp32; only the rounding of the factors to the half dtype is lost.
     full = ldu(A.float())
-    torch.testing.assert_close(result.P.float(), full.P, rtol=0, atol=0)
+    assert torch.equal(result.perm, full.perm)
     assert relative_error(result.to_matrix(), A) <= tolerance(A.dtype)
 
 
@@ -82,8 +96,11 @@ def test_batch_members_factor_independently(A, seed):
 @given(A=matrices(max_side=24, max_batch_dims=1, dtypes=(torch.float64,)))
 def test_matches_scipy_lu(A):
     p, l, u = scipy.linalg.lu(A.numpy())
-    P, L, D, U = ldu(A)
-    np.testing.assert_array_equal(P.numpy(), p)
+    p_indices = scipy.linalg.lu(A.numpy(), p_indices=True)[0]
+    factors = ldu(A)
+    perm, L, D, U = factors
+    np.testing.assert_array_equal(perm.numpy(), p_indices)
+    np.testing.assert_array_equal(factors.permutation_matrix().numpy(), p)
     np.testing.assert_allclose(L.numpy(), l, rtol=0, atol=1e-12)
     scale = max(1.0, float(np.abs(u).max()))
     np.testing.assert_allclose((torch.diag_embed(D) @ U).numpy(), u, rtol=0, atol=1e-12 * scale)
@@ -128,10 +145,11 @@ def test_near_singular_input_factors_with_a_large_U():
     eps = 1e-12
     A = torch.tensor([[1.0, 0.0, 0.0], [0.0, eps, 1.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
     A = A @ gaussian((3, 3), seed=3).triu().fill_diagonal_(1.0)  # keep the tiny pivot, mix columns
-    P, L, D, U = ldu(A)
-    assert float(D.abs().min()) < 1e-10
-    assert float(U.abs().max()) > 1e10
-    torch.testing.assert_close(P @ L @ torch.diag_embed(D) @ U, A, rtol=0, atol=1e-12)
+    factors = ldu(A)
+    assert float(factors.D.abs().min()) < 1e-10
+    assert float(factors.U.abs().max()) > 1e10
+    torch.testing.assert_close(dense_product(factors), A, rtol=0, atol=1e-12)
+    torch.testing.assert_close(factors.to_matrix(), A, rtol=0, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,8 +160,8 @@ def test_result_is_a_named_tuple():
     A = gaussian((3, 4), seed=4)
     result = ldu(A)
     assert isinstance(result, LDU)
-    P, L, D, U = result
-    assert P is result.P and L is result.L and D is result.D and U is result.U
+    perm, L, D, U = result
+    assert perm is result.perm and L is result.L and D is result.D and U is result.U
 
 
 def test_gradient_flows_through_the_reconstruction():
@@ -177,5 +195,5 @@ def test_rejects_bad_input(A, error, match):
 
 def test_check_finite_false_skips_the_check():
     A = torch.tensor([[2.0, float("nan")], [1.0, 1.0]])
-    P, L, D, U = ldu(A, check_finite=False)
+    perm, L, D, U = ldu(A, check_finite=False)
     assert U.isnan().any()

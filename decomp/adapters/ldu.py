@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_int, check_rank, check_real
+from .._checks import check_optional_int, check_rank, check_real
 from .._ldu import ldu
 from .base import AdapterParam
 
@@ -34,8 +34,9 @@ class LDUParam(AdapterParam):
     reshaped back to the weight's shape. Trainable: the pivots :math:`z \in \mathbb{R}^r`
     (initialised to :math:`z_0 = D_{:r}`) and the scalar :math:`s` (initialised to
     :math:`s_0 = \alpha / r`); frozen buffers: ``left`` :math:`= P L_r` (``(m, r)``, the
-    permutation folded in so no :math:`m \times m` matrix is stored), ``right`` :math:`= U_r`
-    (``(r, n)``), :math:`z_0` and :math:`s_0`.
+    permutation applied as a row gather, so no :math:`m \times m` matrix is ever formed or
+    stored: building on a 32000-row head needs :math:`O(m n)` memory, not 4 GB), ``right``
+    :math:`= U_r` (``(r, n)``), :math:`z_0` and :math:`s_0`.
 
     This is the official code's residual form :math:`W_\mathrm{res} + s P L_r \operatorname{diag}(z)
     U_r` with :math:`W_\mathrm{res} = W - s_0 P L_r \operatorname{diag}(z_0) U_r`, written as an
@@ -80,7 +81,7 @@ class LDUParam(AdapterParam):
 
     def __init__(self, rank: int | None = None, alpha: float = 1.0) -> None:
         super().__init__()
-        self.rank = None if rank is None else check_int(rank, "rank", low=1)
+        self.rank = check_optional_int(rank, "rank", low=1)
         self.alpha = check_real(alpha, "alpha", low=0.0)
 
     @staticmethod
@@ -108,13 +109,14 @@ class LDUParam(AdapterParam):
         m, n = matrix.shape
         rank = self._resolve_rank(tuple(weight.shape), self.rank)
         try:
-            P, L, D, U = ldu(matrix, check_finite=False)
+            perm, L, D, U = ldu(matrix, check_finite=False)
         except ValueError as error:
             raise ValueError(
                 f"LDUParam cannot factor the weight's ({m}, {n}) matrix view: {error}. "
                 f"Use another adapter (e.g. SVDParam) for this layer."
             ) from error
-        self.register_buffer("left", P @ L[:, :rank])
+        # P L_r as a row gather (L_r[perm], exactly the product): no m x m matrix is formed.
+        self.register_buffer("left", L[perm, :rank])
         self.register_buffer("right", U[:rank].clone())
         self.register_buffer("initial_pivots", D[:rank].clone())
         initial_scale = torch.tensor(self.alpha / rank, dtype=weight.dtype, device=weight.device)
