@@ -1,32 +1,61 @@
-"""What every optimizer of :mod:`optim` shares: option checks, tensor-only state, matrix views.
+"""What every optimizer of :mod:`optim` shares: option checks, state layouts, a validated step and load.
 
 Each optimizer keeps its per-parameter state as tensors only (moments, bases, integer indices,
 seeds), so ``torch.load(path, weights_only=True)`` reads a saved ``state_dict``. Floating state of
 fp16/bf16 parameters lives in fp32 (:func:`state_dtype`); :meth:`TensorStateOptimizer.load_state_dict`
 keeps that choice and keeps integer tensors integer, where ``torch.optim.Optimizer`` would cast every
 tensor to the parameter's dtype.
+
+Three guarantees hold for every optimizer built on :class:`TensorStateOptimizer`:
+
+- **Options are values, checked once.** Every option of every param group (the constructor's, one
+  added later, one loaded from a ``state_dict``) goes through the optimizer's table of checks,
+  which names the option in its error and normalises numpy scalars to Python numbers; a key that
+  is no option raises ``ValueError`` and suggests the nearest one.
+- **State fits its parameter.** Each optimizer knows the layout of a parameter's state (key ->
+  integer or floating, shape) from the parameter and its group's options; a load checks every
+  entry against it, and so does every step before it touches anything.
+- **Steps and loads are atomic.** A step checks every gradient and state first, then computes what
+  can fail (decompositions), and only then writes; a load validates the whole ``state_dict`` (after
+  the user's ``load_state_dict`` pre-hooks) before anything is replaced. On any error the
+  parameters, state and param groups are exactly as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-from typing import Any
+import difflib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar, NamedTuple
 
+import numpy as np
 import torch
 
-from decomp._checks import check_real, compute_dtype
+from decomp._checks import _all_finite, check_int, check_real, compute_dtype
 
 from ._adam import adamw_step
 
 __all__ = [
+    "COMMON_OPTIONS",
+    "OptionCheck",
+    "StateSpec",
     "TensorStateOptimizer",
     "as_matrix",
-    "check_adam_options",
-    "check_grad",
     "check_param",
+    "choice",
+    "flag",
+    "floating",
+    "integer",
+    "first_nonfinite",
     "local",
+    "optional",
+    "real",
     "state_dtype",
+    "whole",
 ]
+
+OptionCheck = Callable[[Any, str], Any]
+"""``check(value, name) -> normalised value``; raises ``TypeError``/``ValueError`` naming ``name``."""
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:
@@ -50,66 +79,383 @@ def check_param(param: torch.Tensor) -> None:
         )
 
 
-def check_adam_options(group: dict[str, Any]) -> None:
-    """Validate the options every group shares (the AdamW fallback reads them all)."""
-    check_real(group["lr"], "lr", low=0.0, low_inclusive=True)
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair of floats, got {betas!r}")
-    for index, beta in enumerate(betas):
-        check_real(beta, f"betas[{index}]", low=0.0, high=1.0, low_inclusive=True)
-    check_real(group["eps"], "eps", low=0.0, low_inclusive=True)
-    check_real(group["weight_decay"], "weight_decay", low=0.0, low_inclusive=True)
-
-
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a DTensor (a plain tensor is its own)."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def check_grad(param: torch.Tensor) -> torch.Tensor:
-    """The gradient of ``param``; sparse gradients raise (no projection of a sparse layout)."""
-    grad = param.grad
-    if grad.is_sparse:
-        raise RuntimeError("sparse gradients are not supported; use torch.optim.SparseAdam")
-    return grad
+# ---------------------------------------------------------------------------------------- options
+
+
+def real(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_inclusive: bool = False,
+    high_inclusive: bool = False,
+) -> OptionCheck:
+    """A finite real number (numpy ones included) in the interval, returned as ``float``."""
+
+    def check(value: Any, name: str) -> float:
+        return check_real(
+            value,
+            name,
+            low=low,
+            high=high,
+            low_inclusive=low_inclusive,
+            high_inclusive=high_inclusive,
+        )
+
+    return check
+
+
+_nonnegative = real(0.0, low_inclusive=True)
+
+
+def whole(low: int, high: int | None = None) -> OptionCheck:
+    """An integer (numpy ones included, ``bool`` not) in ``[low, high]``, returned as ``int``."""
+
+    def check(value: Any, name: str) -> int:
+        return check_int(value, name, low=low, high=high)
+
+    return check
+
+
+def choice(*choices: str) -> OptionCheck:
+    """One of ``choices``, returned as the canonical Python string."""
+
+    def check(value: Any, name: str) -> str:
+        if isinstance(value, str):
+            for option in choices:
+                if value == option:
+                    return option
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+    return check
+
+
+def flag(value: Any, name: str) -> bool:
+    """A ``bool`` (or numpy bool), returned as ``bool``; other truthy values raise."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return bool(value)
+
+
+def optional(check: OptionCheck) -> OptionCheck:
+    """``None`` or what ``check`` accepts."""
+
+    def check_or_none(value: Any, name: str) -> Any:
+        return None if value is None else check(value, name)
+
+    return check_or_none
+
+
+def _learning_rate(value: Any, name: str) -> float | torch.Tensor:
+    """A real ``lr >= 0``, or a 1-element real tensor (0-d or not) holding one, as torch.optim.
+
+    A tensor stays the same tensor, so LR schedulers that ``fill_`` it keep working; the step reads
+    it as a Python number (free for a CPU tensor, one device sync per step for another device).
+    """
+    if not isinstance(value, torch.Tensor):
+        return _nonnegative(value, name)
+    if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+        raise ValueError(
+            f"a tensor {name} must hold one real number (0-d or 1-element), "
+            f"got shape {tuple(value.shape)} and dtype {value.dtype}"
+        )
+    if value.requires_grad:
+        raise ValueError(f"a tensor {name} must not require grad (differentiable=True is refused)")
+    number = float(value)
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"{name} must be a float >= 0, got {number}")
+    return value
+
+
+def _adam_betas(value: Any, name: str) -> tuple[float, float]:
+    r"""A pair :math:`(\beta_1, \beta_2)` in :math:`[0, 1)`, returned as a tuple of floats."""
+    if isinstance(value, (str, bytes, torch.Tensor)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a pair of floats, got {type(value).__name__}")
+    pair = tuple(value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be a pair of floats, got {value!r}")
+    return tuple(  # type: ignore[return-value]
+        check_real(beta, f"{name}[{index}]", low=0.0, high=1.0, low_inclusive=True)
+        for index, beta in enumerate(pair)
+    )
+
+
+def _refused(reason: str, allowed: tuple[Any, ...] = (False,)) -> OptionCheck:
+    """A torch.optim flag these optimizers do not implement: only ``allowed`` values pass."""
+
+    def check(value: Any, name: str) -> Any:
+        if value is None and None in allowed:
+            return None
+        if flag(value, name) not in allowed:
+            raise ValueError(f"{name}={value!r} is not supported: {reason}")
+        return bool(value)
+
+    return check
+
+
+COMMON_OPTIONS: dict[str, OptionCheck] = {
+    "lr": _learning_rate,
+    "betas": _adam_betas,
+    "eps": _nonnegative,
+    "weight_decay": _nonnegative,
+    "maximize": flag,
+    "fused": _refused(
+        "there is no fused kernel for this optimizer's step (use foreach where offered)",
+        allowed=(None, False),
+    ),
+    "capturable": _refused(
+        "the step reads its counters on the host (refresh schedule, bias correction), so it "
+        "cannot be captured in a CUDA graph"
+    ),
+    "differentiable": _refused(
+        "the step runs under torch.no_grad() and updates parameters and state in place"
+    ),
+}
+"""Options every optimizer here has: AdamW's (its fallback reads them) and torch.optim's flags."""
+
+_GROUP_KEYS = ("params", "param_names")  # torch.optim's own keys of a param group, not options
+
+
+# ------------------------------------------------------------------------------------ state layout
+
+
+class StateSpec(NamedTuple):
+    """What one state tensor must be: floating or integer, and its shape.
+
+    A ``range`` in ``shape`` allows any size in it (a basis that grows, say).
+    """
+
+    floating: bool
+    shape: tuple[int | range, ...]
+
+
+def floating(*shape: int | range) -> StateSpec:
+    """A floating state tensor of ``shape`` (cast to the state dtype on load)."""
+    return StateSpec(True, shape)
+
+
+def integer(*shape: int | range) -> StateSpec:
+    """An integer state tensor of ``shape`` (counters, seeds, indices)."""
+    return StateSpec(False, shape)
+
+
+def _adamw_layout(param: torch.Tensor) -> dict[str, StateSpec]:
+    shape = tuple(local(param).shape)
+    return {"step": integer(), "exp_avg": floating(*shape), "exp_avg_sq": floating(*shape)}
+
+
+def _shape_text(shape: tuple[int | range, ...]) -> str:
+    sizes = [
+        f"{size.start}..{size.stop - 1}" if isinstance(size, range) else str(size) for size in shape
+    ]
+    return f"({', '.join(sizes)}{',' if len(sizes) == 1 else ''})"
+
+
+def _fits(shape: torch.Size, expected: tuple[int | range, ...]) -> bool:
+    return len(shape) == len(expected) and all(
+        size in allowed if isinstance(allowed, range) else size == allowed
+        for size, allowed in zip(shape, expected)
+    )
+
+
+def _layout_problem(state: Mapping[str, Any], layout: Mapping[str, StateSpec]) -> str | None:
+    """What is wrong with ``state`` for ``layout`` (``None``: it fits)."""
+    missing = sorted(set(layout) - set(state))
+    unexpected = sorted(str(key) for key in set(state) - set(layout))
+    if missing or unexpected:
+        return (
+            f"has keys {sorted(map(str, state))}, expected {sorted(layout)}"
+            + (f" (missing {missing})" if missing else "")
+            + (f" (unexpected {unexpected})" if unexpected else "")
+        )
+    for key, spec in layout.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            return f"holds a {type(value).__name__} under {key!r}, expected a tensor"
+        integral = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        if not (value.is_floating_point() if spec.floating else integral):
+            kind = "floating" if spec.floating else "integer"
+            return f"has {key!r} of dtype {value.dtype}, expected {kind}"
+        if not _fits(value.shape, spec.shape):
+            return (
+                f"has {key!r} of shape {tuple(value.shape)}, expected {_shape_text(spec.shape)}"
+            )
+    return None
+
+
+_MISMATCH_HINT = (
+    "a state saved for other parameters, another parameter order or other options "
+    "(rank, projector, basis, max_dim, protect)?"
+)
+
+
+# ------------------------------------------------------------------------------------ optimizer
 
 
 class TensorStateOptimizer(torch.optim.Optimizer):
-    """``torch.optim.Optimizer`` whose state is tensors only, with a dtype-preserving load.
+    """``torch.optim.Optimizer`` with checked options, tensor-only state, atomic steps and loads.
 
-    Subclasses validate their own options (:meth:`_check_group`, run with the parameter checks on
-    every group, the constructor's included, since ``torch.optim.Optimizer.__init__`` adds its
-    groups through :meth:`add_param_group`); this class rejects complex and integer parameters
-    and restores state so that a save -> load in the middle of a run continues bit-identically.
+    Subclasses declare their options (:attr:`options`: name -> check), the state layout of a
+    parameter they step as a matrix (:meth:`_matrix_layout`), and the matrix step in two phases:
+    :meth:`_prepare` computes everything that can fail without writing anything, then
+    :meth:`_step_matrices` writes. Parameters that :meth:`_takes_adamw` take AdamW's step here.
     """
+
+    options: ClassVar[Mapping[str, OptionCheck]] = COMMON_OPTIONS
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+    ) -> None:
+        super().__init__(params, self._checked_options(defaults))
+
+    # ------------------------------------------------------------------------------ options
+
+    @classmethod
+    def _checked_options(
+        cls, group: Mapping[str, Any], known: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """The options of ``group``, checked and normalised; keys outside ``known`` raise."""
+        allowed = set(cls.options) | set(known) | set(_GROUP_KEYS)
+        for key in group:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), sorted(cls.options), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"unknown option {key!r} for {cls.__name__}{hint} "
+                    f"(options: {', '.join(sorted(cls.options))})"
+                )
+        checked = {
+            key: check(group[key], key) for key, check in cls.options.items() if key in group
+        }
+        return {**group, **checked}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         count = len(self.param_groups)
         try:
             super().add_param_group(param_group)
-            for param in self.param_groups[-1]["params"]:
+            group = self.param_groups[-1]
+            for param in group["params"]:
                 check_param(param)
-            self._check_group(self.param_groups[-1])
+            group.update(self._checked_options(group))
+            for param in group["params"]:
+                self._state_layout(param, group)  # raises for a parameter the options cannot serve
         except (TypeError, ValueError):
             del self.param_groups[count:]  # a rejected group leaves the optimizer as it was
             raise
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        """Validate one group's options (subclasses raise ``ValueError``/``TypeError``)."""
+    # ------------------------------------------------------------------------------ state layout
 
     def _takes_adamw(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
         """Whether ``param`` takes the plain AdamW step (default: tensors with fewer than 2 dims)."""
         return param.ndim < 2
 
-    def _check_gradients(self) -> None:
-        """Raise before any parameter or state changes (default: nothing to check)."""
+    def _matrix_layout(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
+        """The state layout of a parameter stepped as a matrix; raise ``ValueError`` if the
+        group's options cannot serve it."""
+        raise NotImplementedError
+
+    def _state_layout(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
+        """Key -> :class:`StateSpec` of the started state of ``param`` under ``group``'s options."""
+        if self._takes_adamw(param, group):
+            return _adamw_layout(param)
+        return self._matrix_layout(param, group)
+
+    def _state_value_problem(
+        self, param: torch.Tensor, group: dict[str, Any], state: Mapping[str, torch.Tensor]
+    ) -> str | None:
+        """What is wrong with the values of a loaded state that fits its layout (host reads, so
+        only on load): negative counters here; subclasses add index ranges."""
+        for key, value in state.items():
+            if key.endswith("step") and value.ndim == 0 and int(value) < 0:
+                return f"has {key!r} = {int(value)}, expected >= 0"
+        return None
+
+    def _describe(self, param: torch.Tensor) -> str:
+        """``parameter 'name' (shape ...)`` or ``param_groups[g]['params'][i] (shape ...)``."""
+        for group_index, group in enumerate(self.param_groups):
+            for position, candidate in enumerate(group["params"]):
+                if candidate is param:
+                    names = group.get("param_names")
+                    where = (
+                        repr(names[position])
+                        if names
+                        else f"param_groups[{group_index}]['params'][{position}]"
+                    )
+                    return f"parameter {where} (shape {tuple(param.shape)})"
+        return f"a parameter of shape {tuple(param.shape)}"
+
+    def _check_state(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if ``param``'s state does not fit it (an empty state always does)."""
+        layout = self._state_layout(param, group)
+        state = self.state.get(param)
+        if state:
+            problem = _layout_problem(state, layout)
+            if problem is not None:
+                raise ValueError(
+                    f"the optimizer state of {self._describe(param)} {problem}; {_MISMATCH_HINT}"
+                )
+
+    # ------------------------------------------------------------------------------ step
+
+    def _check_gradients(
+        self, work: list[tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]]
+    ) -> None:
+        """Raise before anything changes if a matrix gradient cannot be stepped (default: none).
+
+        ``work`` holds each group (lr resolved) with its ``(param, grad)`` matrix pairs.
+        """
+
+    def _prepare(
+        self, group: dict[str, Any], params: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> Any:
+        """Everything of this step that can fail, computed without writing (default: nothing)."""
+        return None
 
     def _step_matrices(
-        self, group: dict[str, Any], params: list[tuple[torch.Tensor, torch.Tensor]]
+        self, group: dict[str, Any], params: list[tuple[torch.Tensor, torch.Tensor]], plan: Any
     ) -> None:
         """Step the ``(param, grad)`` pairs of ``group`` that do not take AdamW."""
         raise NotImplementedError
+
+    def _gather(
+        self,
+    ) -> list[
+        tuple[
+            dict[str, Any],
+            list[tuple[torch.Tensor, torch.Tensor]],
+            list[tuple[torch.Tensor, torch.Tensor]],
+        ]
+    ]:
+        """Each group's options (a tensor lr read as a number) with its AdamW and matrix pairs.
+
+        Raises before anything changes on a sparse gradient or a state that does not fit its
+        parameter; the gradients are negated for ``maximize``.
+        """
+        work = []
+        for group in self.param_groups:
+            lr = group["lr"]
+            options = {**group, "lr": float(lr)} if isinstance(lr, torch.Tensor) else group
+            fallback, matrices = [], []
+            for param in group["params"]:
+                grad = param.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(
+                        f"sparse gradients are not supported ({self._describe(param)}); "
+                        f"use torch.optim.SparseAdam"
+                    )
+                self._check_state(param, group)
+                pair = (param, -grad if group["maximize"] else grad)
+                (fallback if self._takes_adamw(param, group) else matrices).append(pair)
+            work.append((options, fallback, matrices))
+        return work
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -117,67 +463,166 @@ class TensorStateOptimizer(torch.optim.Optimizer):
 
         Parameters that :meth:`_takes_adamw` step with ``torch.optim.AdamW``'s arithmetic and the
         group's ``lr``, ``betas``, ``eps`` and ``weight_decay``; the others of each group go to
-        :meth:`_step_matrices` together.
+        :meth:`_step_matrices` together. Every check and every computation that can fail runs for
+        all parameters before the first one changes.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_gradients()
-        for group in self.param_groups:
-            matrices = []
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = check_grad(param)
-                if self._takes_adamw(param, group):
-                    adamw_step(
-                        local(param),
-                        local(grad),
-                        self.state[param],
-                        lr=group["lr"],
-                        betas=group["betas"],
-                        eps=group["eps"],
-                        weight_decay=group["weight_decay"],
-                    )
-                else:
-                    matrices.append((param, grad))
+        work = self._gather()
+        self._check_gradients([(options, matrices) for options, _, matrices in work])
+        plans = [
+            self._prepare(options, matrices) if matrices else None
+            for options, _, matrices in work
+        ]
+        for (options, fallback, matrices), plan in zip(work, plans):
+            for param, grad in fallback:
+                adamw_step(
+                    local(param),
+                    local(grad),
+                    self.state[param],
+                    lr=options["lr"],
+                    betas=options["betas"],
+                    eps=options["eps"],
+                    weight_decay=options["weight_decay"],
+                )
             if matrices:
-                self._step_matrices(group, matrices)
+                self._step_matrices(options, matrices, plan)
         return loss
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # torch.optim.Optimizer.load_state_dict calls its own static cast policy by class name,
-        # not through self, so the saved tensors are re-cast here with ours.
-        saved = {key: dict(values) for key, values in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
-        params = {
-            key: param
-            for saved_group, group in zip(state_dict["param_groups"], self.param_groups)
-            for key, param in zip(saved_group["params"], group["params"])
-        }
-        for key, values in saved.items():
-            param = params[key]
-            for name, value in values.items():
-                if isinstance(value, torch.Tensor):
-                    self.state[param][name] = self._process_value_according_to_param_policy(
-                        param, value, key, self.param_groups, name
-                    )
+    # ------------------------------------------------------------------------------ load
 
-    @staticmethod
-    def _process_value_according_to_param_policy(
-        param: torch.Tensor,
-        value: torch.Tensor,
-        param_id: int,
-        param_groups: list[dict[Any, Any]],
-        key: Hashable = None,
-    ) -> torch.Tensor:
-        # torch casts every state tensor to the parameter's dtype; that would turn integer
-        # subspace indices and seeds into floats and fp32 moments of bf16 weights into bf16.
-        # Counters and seeds (0-d integers) stay host tensors, as torch.optim keeps its step, so
-        # schedules read them without a device sync.
-        if key == "step" or (value.ndim == 0 and not value.is_floating_point()):
-            return value
-        if value.is_floating_point():
-            return value.to(dtype=state_dtype(param), device=param.device)
-        return value.to(device=param.device)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`, atomically: all of it is validated, then all of it replaces.
+
+        ``load_state_dict`` pre-hooks run first and their edits count; the state is then checked
+        against the parameters it lands on (the groups' sizes, each entry's keys, kinds and shapes
+        for its parameter under the loaded options, counters and indices in range) and its
+        options go through the same checks as the constructor's. Options a saved group lacks take
+        the optimizer's defaults. Floating state is cast to :func:`state_dtype` of its parameter
+        and integer state stays integer. Any mismatch raises ``ValueError`` naming the parameter
+        and leaves the optimizer as it was; post-hooks then see the loaded state.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        loaded: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+
+        def validate(optimizer: torch.optim.Optimizer, hooked: dict[str, Any]) -> dict[str, Any]:
+            state, groups = self._validated_load(hooked)
+            loaded.update(state)
+            # torch.optim would cast every state tensor to its parameter's dtype (integer indices
+            # and fp32 moments of bf16 weights included); the state goes in through `install`.
+            return {**hooked, "state": {}, "param_groups": groups}
+
+        def install(optimizer: torch.optim.Optimizer) -> None:
+            self.state.update(loaded)
+
+        # Registered now, so validation runs after every user pre-hook and the state is in place
+        # before every user post-hook.
+        pre_hook = self.register_load_state_dict_pre_hook(validate)
+        post_hook = self.register_load_state_dict_post_hook(install, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre_hook.remove()
+            post_hook.remove()
+
+    def _validated_load(
+        self, state_dict: Mapping[str, Any]
+    ) -> tuple[dict[torch.Tensor, dict[str, torch.Tensor]], list[dict[str, Any]]]:
+        """The cast state (by parameter) and the checked groups of ``state_dict``; raises first."""
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved_state, Mapping) or not isinstance(saved_groups, (list, tuple)):
+            raise ValueError("state_dict['state'] must be a dict and ['param_groups'] a list")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state_dict has {len(saved_groups)} param groups, this optimizer "
+                f"{len(self.param_groups)}"
+            )
+        groups = []
+        owners: dict[Any, tuple[torch.Tensor, dict[str, Any]]] = {}
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved, Mapping) or "params" not in saved:
+                raise ValueError(f"param group {index} of the state_dict has no 'params'")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {index} of the state_dict has {len(saved['params'])} "
+                    f"parameters, this optimizer's has {len(group['params'])}"
+                )
+            _check_same_order(index, saved.get("param_names"), group.get("param_names"))
+            # Options a saved group lacks (say, one added since it was saved) take the defaults;
+            # keys that are no option (a scheduler's initial_lr) are kept, as torch.optim does.
+            merged = {**self.defaults, **saved}
+            checked = self._checked_options(merged, known=merged)
+            groups.append(checked)
+            for param_id, param in zip(saved["params"], group["params"]):
+                if param_id in owners:
+                    raise ValueError(f"the state_dict lists parameter id {param_id!r} twice")
+                owners[param_id] = (param, checked)
+                self._state_layout(param, checked)
+        state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        for param_id, values in saved_state.items():
+            if param_id not in owners:
+                raise ValueError(
+                    f"the state_dict holds state for parameter id {param_id!r}, which none of "
+                    f"its param groups lists"
+                )
+            param, group = owners[param_id]
+            if not isinstance(values, Mapping):
+                raise ValueError(
+                    f"the state of {self._describe(param)} must be a dict of tensors, "
+                    f"got {type(values).__name__}"
+                )
+            if not values:
+                continue
+            problem = _layout_problem(values, self._state_layout(param, group))
+            if problem is None:
+                problem = self._state_value_problem(param, group, values)
+            if problem is not None:
+                raise ValueError(
+                    f"the loaded state of {self._describe(param)} {problem}; {_MISMATCH_HINT}"
+                )
+            state[param] = {key: _cast(param, key, value) for key, value in values.items()}
+        return state, groups
+
+
+def _check_same_order(index: int, saved: Any, current: Any) -> None:
+    """Raise if both lists name the same parameters in another order (a permuted state)."""
+    if not saved or not current or list(saved) == list(current):
+        return
+    if sorted(map(str, saved)) == sorted(map(str, current)):
+        position = next(i for i, (a, b) in enumerate(zip(saved, current)) if a != b)
+        raise ValueError(
+            f"param group {index} of the state_dict lists its parameters in another order: "
+            f"position {position} is {saved[position]!r} there and {current[position]!r} here; "
+            f"reorder the state in a load_state_dict pre-hook"
+        )
+
+
+def _cast(param: torch.Tensor, key: str, value: torch.Tensor) -> torch.Tensor:
+    """A loaded state tensor on ``param``'s device: floating ones in :func:`state_dtype`.
+
+    Counters and seeds (0-d integers) stay where they are (host tensors, as torch.optim keeps its
+    step), so schedules read them without a device sync.
+    """
+    if value.ndim == 0 and not value.is_floating_point():
+        return value
+    if value.is_floating_point():
+        return value.to(dtype=state_dtype(param), device=param.device)
+    return value.to(device=param.device)
+
+
+def first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
+    """The index of the first tensor with NaN/Inf, or ``None``; one host sync for all of them."""
+    if not tensors:
+        return None
+    device = tensors[0].device
+    sums = [tensor.sum(dtype=compute_dtype(tensor.dtype)).float().to(device) for tensor in tensors]
+    if bool(torch.isfinite(torch.stack(sums)).all()):
+        return None
+    # A non-finite sum may be an overflow of finite entries: settle each one exactly.
+    return next((index for index, tensor in enumerate(tensors) if not _all_finite(tensor)), None)
+

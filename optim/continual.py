@@ -8,9 +8,16 @@ right singular vectors of the sketch, enough to hold a fraction ``protect_energy
 and appends them (orthonormalised) to a protected basis :math:`B \in \mathbb{R}^{d \times k}`.
 Later gradients are projected off it, :math:`X \leftarrow X - X B B^\top`, and so are the
 updates, so every later update satisfies :math:`\Delta W\, B = 0` (or :math:`B^\top \Delta W = 0`
-when the compressed side is the rows): the inputs (outputs) the earlier tasks used keep their
+when the compressed side is the rows): inputs (outputs) in the span of :math:`B` keep their
 response. Decoupled weight decay still shrinks the whole weight; use ``weight_decay=0`` for strict
 protection.
+
+What :math:`B` spans is what the optimizer updated. With the SVD projector that is the top of the
+gradients' row space, which lies in the span of the inputs the task used, so the task's outputs
+are kept (up to the energy ``protect_energy`` leaves out and the room of :math:`d - r` columns).
+The DCT and random projectors update along fixed basis columns that need not contain the task's
+inputs: the earlier updates are protected, the earlier outputs need not be. A projected matrix
+with :math:`r \ge d` has no room at all; the optimizer refuses ``protect=True`` for it.
 
 Differences from CoSO: the sketch is fed the optimizer's selected directions weighted by the
 gradient energy along them (no extra SVD per step), and the basis lives on the compressed side.

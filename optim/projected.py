@@ -39,22 +39,34 @@ shards; the random one needs no scores. 1-D parameters take AdamW on their local
 
 from __future__ import annotations
 
+import difflib
 import math
-from typing import Any, Callable, Iterable
+import numbers
+from typing import Any, Callable, Iterable, NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from decomp._checks import _all_finite
+from decomp._checks import check_int, check_real
 
 from . import continual
 from ._adam import adam_directions, apply_update
 from ._base import (
+    COMMON_OPTIONS,
+    OptionCheck,
+    StateSpec,
     TensorStateOptimizer,
-    as_matrix,
-    check_adam_options,
+    choice,
+    first_nonfinite,
+    flag,
+    floating,
+    integer,
     local,
+    optional,
+    real,
     state_dtype,
+    whole,
 )
 from .projectors import DCTProjector, Projector, RandomProjector, SVDProjector
 
@@ -64,28 +76,36 @@ _PROJECTORS = ("dct", "svd", "random")
 _MOMENT_POLICIES = ("keep", "rotate", "reset")
 
 
-def _check_options(group: dict[str, Any]) -> None:
-    check_adam_options(group)
-    rank = group["rank"]
-    if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-            raise TypeError(f"rank must be an int, a float in (0, 1] or None, got {rank!r}")
-        if isinstance(rank, int) and rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
-        if isinstance(rank, float) and not 0 < rank <= 1:
-            raise ValueError(f"a float rank is a fraction of the dimension in (0, 1], got {rank}")
-    gap = group["update_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
-        raise ValueError(f"update_gap must be an int >= 1, got {gap!r}")
-    if not math.isfinite(group["scale"]):
-        raise ValueError(f"scale must be finite, got {group['scale']!r}")
-    for key, choices in (("projector", _PROJECTORS), ("moments", _MOMENT_POLICIES)):
-        if group[key] not in choices:
-            raise ValueError(f"{key} must be one of {choices}, got {group[key]!r}")
-    if group["score_norm"] not in ("l1", "l2"):
-        raise ValueError(f"score_norm must be 'l1' or 'l2', got {group['score_norm']!r}")
-    if not 0 < group["protect_energy"] <= 1:
-        raise ValueError(f"protect_energy must be in (0, 1], got {group['protect_energy']!r}")
+def _rank_option(value: Any, name: str) -> int | float | None:
+    """``None``, an int ``>= 1`` or a float fraction in (0, 1] (numpy scalars normalised)."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be an int >= 1, a float in (0, 1] or None, got {type(value).__name__}"
+        )
+    if isinstance(value, numbers.Integral):
+        return check_int(value, name, low=1)
+    return check_real(value, name, low=0.0, high=1.0, high_inclusive=True)
+
+
+_OPTIONS: dict[str, OptionCheck] = {
+    **COMMON_OPTIONS,
+    "rank": _rank_option,
+    "projector": choice(*_PROJECTORS),
+    "update_gap": whole(1),
+    "scale": real(),
+    "moments": choice(*_MOMENT_POLICIES),
+    "score_norm": choice("l2", "l1"),
+    "max_dim": whole(1),
+    "foreach": optional(flag),
+    "protect": flag,
+    "protect_energy": real(0.0, 1.0, high_inclusive=True),
+    "seed": whole(0, 2**62),
+    "svd_method": choice("rsvd", "exact"),
+    "dct_method": choice("fft", "matmul"),
+    "check_finite": flag,
+}
 
 
 def resolve_rank(rank: int | float, dim: int) -> int:
@@ -129,49 +149,92 @@ def _row_shard_reduce(param: torch.Tensor) -> Callable[[torch.Tensor], torch.Ten
     return reduce
 
 
+class _Orientation(NamedTuple):
+    """How a parameter is stepped: its gradient as a ``(k, dim)`` matrix, compressing ``dim``."""
+
+    rows: int  # k, this rank's rows of the oriented gradient
+    dim: int  # the compressed side d
+    cols: int  # the parameter's columns (``prod(shape[1:])``)
+    transposed: bool
+
+
+def _orientation(param: torch.Tensor, reduce: Callable | None) -> _Orientation:
+    # From the shape, not as_matrix(param): a reshape of an N-D DTensor is a dispatched op.
+    rows, cols = param.shape[0], math.prod(param.shape[1:])
+    # Row shards must compress the (whole) columns so each rank projects its own rows.
+    transposed = rows < cols and reduce is None
+    if transposed:
+        return _Orientation(cols, rows, cols, True)
+    return _Orientation(local(param).shape[0], cols, cols, False)
+
+
 def _finite_on_every_rank(
-    tensor: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None
+    tensor: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]
 ) -> bool:
     """Whether ``tensor`` is finite on every rank that holds a row shard of it (``reduce``).
 
     Every rank must agree, or one would raise while the others wait in the next collective.
     """
-    if reduce is None:
-        return _all_finite(tensor)
     nonfinite = (~torch.isfinite(tensor)).sum(dtype=torch.float32).reshape(1)
     return bool(reduce(nonfinite) == 0)
+
+
+class _Plan(NamedTuple):
+    """One parameter's step, computed before anything is written (:meth:`ProjectedAdam._prepare`)."""
+
+    low: torch.Tensor  # X P, the projected gradient
+    basis: torch.Tensor  # P
+    transposed: bool
+    fresh: dict[str, torch.Tensor]  # the whole state of a first step, else empty
+    refreshed: dict[str, torch.Tensor]  # the projector's new state (and sketch) at a refresh
+    rotation: torch.Tensor | None  # moments="rotate" at a refresh: P_old^T P_new
+    reset: bool  # moments="reset" at a refresh
 
 
 class ProjectedAdam(TensorStateOptimizer):
     r"""Adam on gradients projected to an :math:`r`-dimensional subspace, one engine for every projector.
 
     Args:
-        params: parameters or param groups (each group may override any option below).
-        lr: learning rate :math:`\eta`.
+        params: parameters or param groups (each group may override any option below), or
+            ``named_parameters()``.
+        lr: learning rate :math:`\eta \ge 0`: a float, or a 1-element tensor (read once per step).
         rank: columns :math:`r` kept: an int, or a float in (0, 1] as a fraction of the compressed
             dimension; clamped to it. ``None`` in a group: plain AdamW for that group.
         projector: ``"dct"`` (:class:`~optim.projectors.DCTProjector`), ``"svd"``
             (:class:`~optim.projectors.SVDProjector`) or ``"random"``.
-        update_gap: steps between subspace refreshes :math:`T`.
-        scale: the factor :math:`\alpha` on the projected update (GaLore's ``scale``).
+        update_gap: steps between subspace refreshes :math:`T \ge 1`.
+        scale: the factor :math:`\alpha` on the projected update (GaLore's ``scale``), finite.
         moments: on a refresh: ``"keep"``, ``"rotate"`` or ``"reset"`` (module docstring).
         score_norm: DCT column scores, ``"l2"`` (optimal subset) or ``"l1"`` (the paper's).
-        betas: Adam's :math:`(\beta_1, \beta_2)`.
-        eps: Adam's :math:`\epsilon`, added to the bias-corrected root as in ``torch.optim.AdamW``.
-        weight_decay: decoupled weight decay :math:`\lambda`, applied before the update.
+        betas: Adam's :math:`(\beta_1, \beta_2)`, each in [0, 1).
+        eps: Adam's :math:`\epsilon \ge 0`, added to the bias-corrected root as in
+            ``torch.optim.AdamW``.
+        weight_decay: decoupled weight decay :math:`\lambda \ge 0`, applied before the update.
         max_dim: matrices with a side of this size or more take AdamW (embeddings and LM heads
             of 32k-token vocabularies; the DCT-AdamW code's ``max_shape``).
         foreach: batch the moment arithmetic of a group with multi-tensor kernels
             (``None``: when every parameter is on CUDA).
-        protect: keep a sketch for :meth:`consolidate` (:mod:`optim.continual`).
+        protect: keep a sketch for :meth:`consolidate` (:mod:`optim.continual`). A projected
+            matrix must leave room for protected directions (:math:`r < d`, its compressed
+            side), else ``ValueError`` at construction; parameters that take AdamW are not
+            protected.
         protect_energy: the energy fraction of the sketch that :meth:`consolidate` protects.
-        seed: base seed of the random projector and the randomized SVD (parameter ``i`` of the
-            optimizer uses ``seed + i``).
+        seed: base seed ``>= 0`` of the random projector and the randomized SVD (parameter ``i``
+            of the optimizer uses ``seed + i``).
         svd_method: ``"rsvd"`` or ``"exact"`` for the SVD projector.
         dct_method: ``"fft"`` or ``"matmul"`` for the DCT projector's scores.
         check_finite: when a parameter is due for a refresh, raise ``ValueError`` before any
             state changes (of any parameter) if its gradient has NaN/Inf; between refreshes
             non-finite gradients propagate as in ``torch.optim.Adam``. One host sync per refresh.
+        maximize: maximise the objective (step along the gradient), as ``torch.optim.Adam``.
+        fused, capturable, differentiable: torch.optim's flags; only their defaults (``None`` /
+            ``False``) are accepted, anything else raises ``ValueError`` saying why.
+
+    Raises:
+        ValueError: an option out of range, an unknown option (with the nearest valid name), a
+            parameter the options cannot serve (``protect`` without room, the SVD projector on
+            row shards), or, at a step or load, a state that does not fit its parameter.
+        TypeError: an option or parameter of the wrong type.
 
     Example:
         >>> model = torch.nn.Linear(16, 8)
@@ -183,10 +246,12 @@ class ProjectedAdam(TensorStateOptimizer):
         ((16, 4), torch.int64)
     """
 
+    options = _OPTIONS
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         rank: int | float | None = 128,
         *,
         projector: str = "dct",
@@ -205,6 +270,10 @@ class ProjectedAdam(TensorStateOptimizer):
         svd_method: str = "rsvd",
         dct_method: str = "fft",
         check_finite: bool = True,
+        maximize: bool = False,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -214,7 +283,7 @@ class ProjectedAdam(TensorStateOptimizer):
             scale=scale,
             moments=moments,
             score_norm=score_norm,
-            betas=tuple(betas),
+            betas=betas,
             eps=eps,
             weight_decay=weight_decay,
             max_dim=max_dim,
@@ -225,18 +294,57 @@ class ProjectedAdam(TensorStateOptimizer):
             svd_method=svd_method,
             dct_method=dct_method,
             check_finite=check_finite,
+            maximize=maximize,
+            fused=fused,
+            capturable=capturable,
+            differentiable=differentiable,
         )
         super().__init__(params, defaults)
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        _check_options(group)
 
     def _takes_adamw(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
         return (
             group["rank"] is None
             or param.ndim < 2
-            or max(as_matrix(param).shape) >= group["max_dim"]
+            or max(param.shape[0], math.prod(param.shape[1:])) >= group["max_dim"]
         )
+
+    def _matrix_layout(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
+        reduce = _row_shard_reduce(param)
+        if reduce is not None and group["projector"] == "svd":
+            raise ValueError(
+                f"the SVD projector needs the whole gradient and cannot run on row shards (FSDP) "
+                f"of {self._describe(param)}; use DCTProjectedAdam or the random projector there"
+            )
+        rows, dim, _, _ = _orientation(param, reduce)
+        rank = resolve_rank(group["rank"], dim)
+        room = max(dim - rank, 0)
+        if group["protect"] and room == 0:
+            raise ValueError(
+                f"protect=True would protect nothing for {self._describe(param)}: "
+                f"rank={group['rank']!r} keeps {rank} columns of its compressed side d = {dim}, "
+                f"and consolidate() protects at most d - {rank} = 0 directions; use a rank below "
+                f"{dim} or protect=False for it"
+            )
+        layout = {
+            "step": integer(),
+            "moment_step": integer(),
+            "exp_avg": floating(rows, rank),
+            "exp_avg_sq": floating(rows, rank),
+            **_projector(group).layout(dim, rank),
+        }
+        if group["protect"]:
+            layout["sketch"] = floating(2 * rank, dim)
+            layout["protected"] = floating(dim, range(room + 1))
+        return layout
+
+    def _state_value_problem(
+        self, param: torch.Tensor, group: dict[str, Any], state: dict[str, torch.Tensor]
+    ) -> str | None:
+        problem = super()._state_value_problem(param, group, state)
+        if problem is None and not self._takes_adamw(param, group):
+            dim = _orientation(param, _row_shard_reduce(param)).dim
+            problem = _projector(group).state_problem(state, dim)
+        return problem
 
     def _param_index(self, param: torch.Tensor) -> int:
         index = 0
@@ -247,39 +355,153 @@ class ProjectedAdam(TensorStateOptimizer):
                 index += 1
         raise KeyError("parameter not in this optimizer")
 
-    def _check_gradients(self) -> None:
-        """Raise before any state changes if a gradient due for a refresh has NaN/Inf.
+    def _refreshes(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``param``'s next step picks a new subspace (its first one included)."""
+        state = self.state.get(param)
+        return not state or int(state["step"]) % group["update_gap"] == 0
+
+    def _check_gradients(
+        self, work: list[tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]]
+    ) -> None:
+        """Raise before any state changes on a gradient sharded unlike its parameter, or one due
+        for a refresh with NaN/Inf (``check_finite``).
 
         Checked up front (not parameter by parameter) so that a bad gradient in one parameter
         leaves every other parameter's state untouched too, and before the SVD, which would
-        fail with a LAPACK error instead.
+        fail with a LAPACK error instead. Row shards are checked first, each with one
+        all-reduce, so that every rank raises at the same point.
         """
-        for group in self.param_groups:
-            if not group["check_finite"]:
-                continue
-            for param in group["params"]:
-                if param.grad is None or self._takes_adamw(param, group):
-                    continue
-                state = self.state[param]
-                if "step" in state and int(state["step"]) % group["update_gap"]:
-                    continue
-                if not _finite_on_every_rank(local(param.grad), _row_shard_reduce(param)):
+        whole_grads = []
+        for group, params in work:
+            for param, grad in params:
+                reduce = _row_shard_reduce(param)
+                if reduce is not None and grad.placements != param.placements:
                     raise ValueError(
-                        f"the gradient of a parameter of shape {tuple(param.shape)} contains "
-                        f"NaN or Inf at a subspace refresh; the optimizer state was left unchanged"
+                        f"the gradient's placements {grad.placements} differ from the "
+                        f"parameter's {param.placements} ({self._describe(param)}); the "
+                        f"optimizer steps each rank's own rows"
                     )
+                if not group["check_finite"] or not self._refreshes(param, group):
+                    continue
+                if reduce is None:
+                    whole_grads.append((param, local(grad)))
+                elif not _finite_on_every_rank(local(grad), reduce):
+                    self._raise_nonfinite(param)
+        bad = first_nonfinite([grad for _, grad in whole_grads])
+        if bad is not None:
+            self._raise_nonfinite(whole_grads[bad][0])
+
+    def _raise_nonfinite(self, param: torch.Tensor) -> None:
+        raise ValueError(
+            f"the gradient of {self._describe(param)} contains NaN or Inf at a subspace "
+            f"refresh; the optimizer state was left unchanged"
+        )
+
+    def _prepare(
+        self, group: dict[str, Any], params: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[_Plan]:
+        projector = _projector(group)
+        return [self._plan(group, projector, param, grad) for param, grad in params]
+
+    def _plan(
+        self,
+        group: dict[str, Any],
+        projector: Projector,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+    ) -> _Plan:
+        """The projected gradient, its basis and the state changes of a refresh; writes nothing."""
+        reduce = _row_shard_reduce(param)
+        _, dim, cols, transposed = _orientation(param, reduce)
+        # (-1, cols), not as_matrix: an FSDP rank may hold no rows of a short weight.
+        matrix = local(grad).reshape(-1, cols).to(state_dtype(param))
+        oriented = matrix.mT if transposed else matrix
+        rank = resolve_rank(group["rank"], dim)
+        state = self.state.get(param)
+        fresh = {}
+        if not state:
+            fresh = state = self._fresh_state(group, projector, param, oriented, rank)
+        oriented = continual.project_off(oriented, state.get("protected"))
+        if int(state["step"]) % group["update_gap"]:
+            basis = projector.basis(state, dim, rank, oriented)
+            return _Plan(oriented @ basis, basis, transposed, fresh, {}, None, False)
+        # A rank without rows still joins the score all-reduce: a zero row adds no score.
+        scored = oriented if oriented.shape[0] else oriented.new_zeros(1, dim)
+        low, refreshed = projector.select(
+            scored,
+            {key: state[key] for key in projector.keys},
+            rank,
+            reduce,
+            transposed=transposed,
+        )
+        basis = projector.basis(refreshed, dim, rank, oriented)
+        rotation = None
+        if group["moments"] == "rotate" and int(state["step"]) > 0:
+            rotation = projector.basis(state, dim, rank, oriented).mT @ basis
+        if group["protect"]:
+            energy = low.square().sum(0)
+            if reduce is not None:
+                energy = reduce(energy)
+            rows = energy.sqrt()[:, None] * basis.mT
+            refreshed = {**refreshed, "sketch": continual.frequent_directions(state["sketch"], rows)}
+        return _Plan(
+            low[: oriented.shape[0]],
+            basis,
+            transposed,
+            fresh,
+            refreshed,
+            rotation,
+            group["moments"] == "reset",
+        )
+
+    def _fresh_state(
+        self,
+        group: dict[str, Any],
+        projector: Projector,
+        param: torch.Tensor,
+        oriented: torch.Tensor,
+        rank: int,
+    ) -> dict[str, torch.Tensor]:
+        dim = oriented.shape[-1]
+        seed = group["seed"] + self._param_index(param)
+        state = {
+            "step": torch.tensor(0, dtype=torch.int64),
+            "moment_step": torch.tensor(0, dtype=torch.int64),
+            **projector.init_state(dim, rank, oriented, seed),
+            "exp_avg": oriented.new_zeros(oriented.shape[0], rank),
+            "exp_avg_sq": oriented.new_zeros(oriented.shape[0], rank),
+        }
+        if group["protect"]:
+            state["sketch"] = oriented.new_zeros(2 * rank, dim)
+            state["protected"] = oriented.new_zeros(dim, 0)
+        return state
 
     def _step_matrices(
-        self, group: dict[str, Any], params: list[tuple[torch.Tensor, torch.Tensor]]
+        self,
+        group: dict[str, Any],
+        params: list[tuple[torch.Tensor, torch.Tensor]],
+        plan: list[_Plan],
     ) -> None:
-        projector = _projector(group)
-        prepared = [self._project(group, projector, param, grad) for param, grad in params]
+        states = []
+        for (param, _), step in zip(params, plan):
+            state = self.state[param]
+            state.update(step.fresh)
+            if step.reset:
+                state["exp_avg"].zero_()
+                state["exp_avg_sq"].zero_()
+                state["moment_step"].zero_()
+            elif step.rotation is not None:
+                state["exp_avg"] = state["exp_avg"] @ step.rotation
+                state["exp_avg_sq"] = state["exp_avg_sq"] @ step.rotation.square()
+            state.update(step.refreshed)
+            state["step"] += 1
+            state["moment_step"] += 1
+            states.append(state)
         foreach = group["foreach"]
         if foreach is None:
             foreach = all(param.device.type == "cuda" for param, _ in params)
-        states = [self.state[param] for param, _ in params]
         directions = adam_directions(
-            [low for low, _, _ in prepared],
+            [step.low for step in plan],
             [state["exp_avg"] for state in states],
             [state["exp_avg_sq"] for state in states],
             [int(state["moment_step"]) for state in states],
@@ -287,146 +509,64 @@ class ProjectedAdam(TensorStateOptimizer):
             group["eps"],
             foreach=foreach,
         )
-        for (param, _), state, (_, basis, transposed), direction in zip(
-            params, states, prepared, directions
-        ):
+        for (param, _), state, step, direction in zip(params, states, plan, directions):
             update = continual.project_off(
-                direction.mul_(group["scale"]) @ basis.mT, state.get("protected")
+                direction.mul_(group["scale"]) @ step.basis.mT, state.get("protected")
             )
             apply_update(
                 local(param),
-                update.mT if transposed else update,
+                update.mT if step.transposed else update,
                 lr=group["lr"],
                 weight_decay=group["weight_decay"],
             )
-
-    def _project(
-        self,
-        group: dict[str, Any],
-        projector: Projector,
-        param: torch.Tensor,
-        grad: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Refresh the subspace if due and return ``(X P, P, transposed)``; advances the counters."""
-        state = self.state[param]
-        reduce = _row_shard_reduce(param)
-        if reduce is not None and grad.placements != param.placements:
-            raise ValueError(
-                f"the gradient's placements {grad.placements} differ from the parameter's "
-                f"{param.placements}; the optimizer steps each rank's own rows"
-            )
-        # From the shape, not as_matrix(param): a reshape of an N-D DTensor is a dispatched op.
-        rows, cols = param.shape[0], math.prod(param.shape[1:])
-        # Row shards must compress the (whole) columns so each rank projects its own rows.
-        transposed = rows < cols and reduce is None
-        # (-1, cols), not as_matrix: an FSDP rank may hold no rows of a short weight.
-        matrix = local(grad).reshape(-1, cols).to(state_dtype(param))
-        oriented = matrix.mT if transposed else matrix
-        dim = oriented.shape[-1]
-        rank = resolve_rank(group["rank"], dim)
-        if "step" not in state:
-            self._init_state(group, projector, param, oriented, rank)
-        oriented = continual.project_off(oriented, state.get("protected"))
-        step = int(state["step"])
-        if step % group["update_gap"] == 0:
-            # A rank without rows still joins the score all-reduce: a zero row adds no score.
-            scored = oriented if oriented.shape[0] else oriented.new_zeros(1, dim)
-            low, basis = self._refresh(group, projector, param, scored, rank, reduce, transposed)
-            low = low[: oriented.shape[0]]
-        else:
-            basis = projector.basis(state, dim, rank, oriented)
-            low = oriented @ basis
-        state["step"] += 1
-        state["moment_step"] += 1
-        return low, basis, transposed
-
-    def _init_state(
-        self,
-        group: dict[str, Any],
-        projector: Projector,
-        param: torch.Tensor,
-        oriented: torch.Tensor,
-        rank: int,
-    ) -> None:
-        state = self.state[param]
-        dim = oriented.shape[-1]
-        state["step"] = torch.tensor(0, dtype=torch.int64)
-        state["moment_step"] = torch.tensor(0, dtype=torch.int64)
-        seed = group["seed"] + self._param_index(param)
-        state.update(projector.init_state(dim, rank, oriented, seed))
-        state["exp_avg"] = oriented.new_zeros(oriented.shape[0], rank)
-        state["exp_avg_sq"] = oriented.new_zeros(oriented.shape[0], rank)
-        if group["protect"]:
-            state["sketch"] = oriented.new_zeros(2 * rank, dim)
-            state["protected"] = oriented.new_zeros(dim, 0)
-
-    def _refresh(
-        self,
-        group: dict[str, Any],
-        projector: Projector,
-        param: torch.Tensor,
-        oriented: torch.Tensor,
-        rank: int,
-        reduce: Callable[[torch.Tensor], torch.Tensor] | None,
-        transposed: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pick the new subspace, move the moments as ``group["moments"]`` says; ``(X P, P)``."""
-        state = self.state[param]
-        dim = oriented.shape[-1]
-        low, new_projection = projector.select(
-            oriented,
-            {key: state[key] for key in projector.keys},
-            rank,
-            reduce,
-            transposed=transposed,
-        )
-        basis = projector.basis(new_projection, dim, rank, oriented)
-        policy = group["moments"]
-        if policy == "reset":
-            state["exp_avg"].zero_()
-            state["exp_avg_sq"].zero_()
-            state["moment_step"].zero_()
-        elif policy == "rotate" and int(state["step"]) > 0:
-            rotation = projector.basis(state, dim, rank, oriented).mT @ basis
-            state["exp_avg"] = state["exp_avg"] @ rotation
-            state["exp_avg_sq"] = state["exp_avg_sq"] @ rotation.square()
-        state.update(new_projection)
-        if group["protect"]:
-            energy = low.square().sum(0)
-            if reduce is not None:
-                energy = reduce(energy)
-            rows = energy.sqrt()[:, None] * basis.mT
-            state["sketch"] = continual.frequent_directions(state["sketch"], rows)
-        return low, basis
 
     @torch.no_grad()
     def consolidate(self) -> dict[str, int]:
         """End a task: protect its dominant update directions in every ``protect=True`` group.
 
         Returns the number of protected directions per parameter shape (for logging). Later
-        updates are orthogonal to everything protected so far (:mod:`optim.continual`).
+        updates are orthogonal to everything protected so far (:mod:`optim.continual`). Every
+        new basis is computed before any state changes, so an error leaves the state as it was.
         """
-        counts: dict[str, int] = {}
+        extended = []
         for group in self.param_groups:
             if not group["protect"]:
                 continue
             for param in group["params"]:
+                self._check_state(param, group)
                 state = self.state.get(param, {})
                 if "sketch" not in state:
                     continue
                 sketch = state["sketch"]
                 dim = sketch.shape[1]
                 rank = state["exp_avg"].shape[1]
-                state["protected"] = continual.extend_basis(
+                protected = continual.extend_basis(
                     state["protected"], sketch, group["protect_energy"], max(dim - rank, 0)
                 )
-                state["sketch"] = torch.zeros_like(sketch)
-                # The subspace in use is the one just protected: updates in it would be zero
-                # until the next refresh, so the next step refreshes.
-                gap = group["update_gap"]
-                state["step"] = -(-state["step"] // gap) * gap
-                counts[str(tuple(param.shape))] = int(state["protected"].shape[1])
+                extended.append((param, group["update_gap"], protected))
+        counts: dict[str, int] = {}
+        for param, gap, protected in extended:
+            state = self.state[param]
+            state["protected"] = protected
+            state["sketch"] = torch.zeros_like(state["sketch"])
+            # The subspace in use is the one just protected: updates in it would be zero
+            # until the next refresh, so the next step refreshes.
+            state["step"] = -(-state["step"] // gap) * gap
+            counts[str(tuple(param.shape))] = int(protected.shape[1])
         return counts
+
+
+def _check_keywords(cls: type, options: dict[str, Any]) -> None:
+    """Reject a keyword a wrapper cannot pass on, naming the nearest option (``TypeError``)."""
+    for key in options:
+        if key == "projector":
+            raise TypeError(
+                f"{cls.__name__} fixes its projector; use ProjectedAdam(projector=...) for another"
+            )
+        if key not in _OPTIONS:
+            close = difflib.get_close_matches(key, sorted(_OPTIONS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"{cls.__name__} got an unexpected option {key!r}{hint}")
 
 
 class DCTProjectedAdam(ProjectedAdam):
@@ -451,12 +591,13 @@ class DCTProjectedAdam(ProjectedAdam):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         rank: int | float | None = 128,
         *,
         moments: str = "rotate",
         **options: Any,
     ) -> None:
+        _check_keywords(type(self), options)
         super().__init__(params, lr, rank, projector="dct", moments=moments, **options)
 
 
@@ -484,8 +625,9 @@ class SVDProjectedAdam(ProjectedAdam):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         rank: int | float | None = 128,
         **options: Any,
     ) -> None:
+        _check_keywords(type(self), options)
         super().__init__(params, lr, rank, projector="svd", **options)

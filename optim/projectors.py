@@ -5,7 +5,7 @@ dimension to compress is the last one (the optimizer transposes a gradient whose
 its rows). It holds no tensors itself: everything it needs between steps is a small dict of
 tensors that lives in the optimizer state, so checkpoints stay ``weights_only``-loadable.
 
-The protocol: ``name``, the state ``keys`` it owns, and three methods:
+The protocol: ``name``, the state ``keys`` it owns, and five methods:
 
 - ``init_state(dim, rank, like, seed)`` — the state of a fresh subspace of ``rank`` columns out of
   ``dim`` (before the first :meth:`select`).
@@ -15,6 +15,9 @@ The protocol: ``name``, the state ``keys`` it owns, and three methods:
   ``X`` is the parameter's gradient transposed (only the SVD projector uses it).
 - ``basis(state, dim, rank, like)`` — the orthonormal :math:`P \in \mathbb{R}^{d \times r}`. Down is
   :math:`X P`, up is :math:`L P^\top`; :math:`P P^\top` is an orthogonal projection.
+- ``layout(dim, rank)`` — the kind and shape of each of its state tensors, which the optimizer
+  checks a loaded (or edited) state against; ``state_problem(state, dim)`` — what is wrong with
+  the values of a state of that layout (``None`` if nothing), read on load only.
 
 ``DCTProjector`` stores ``r`` integer column indices into the fixed orthonormal DCT-II basis,
 ``SVDProjector`` the :math:`d \times r` basis itself (GaLore), ``RandomProjector`` one seed.
@@ -30,6 +33,8 @@ from typing import Protocol
 import torch
 
 from decomp import dct, dct_matrix, rsvd
+
+from ._base import StateSpec, floating, integer
 
 __all__ = ["DCTProjector", "Projector", "RandomProjector", "SVDProjector", "dct_columns"]
 
@@ -58,6 +63,10 @@ class Projector(Protocol):
     def basis(
         self, state: ProjectorState, dim: int, rank: int, like: torch.Tensor
     ) -> torch.Tensor: ...
+
+    def layout(self, dim: int, rank: int) -> dict[str, StateSpec]: ...
+
+    def state_problem(self, state: ProjectorState, dim: int) -> str | None: ...
 
 
 def dct_columns(n: int, index: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
@@ -150,6 +159,18 @@ class DCTProjector:
     ) -> torch.Tensor:
         return dct_columns(dim, state["index"], dtype=like.dtype)
 
+    def layout(self, dim: int, rank: int) -> dict[str, StateSpec]:
+        return {"index": integer(rank)}
+
+    def state_problem(self, state: ProjectorState, dim: int) -> str | None:
+        """Indices must be strictly increasing columns of the ``dim``-point DCT basis."""
+        index = state["index"]
+        if index.numel() and not (
+            0 <= int(index.min()) and int(index.max()) < dim and bool((index.diff() > 0).all())
+        ):
+            return f"has 'index' {index.tolist()}, expected strictly increasing columns in [0, {dim})"
+        return None
+
 
 class SVDProjector:
     r"""The top-:math:`r` right singular vectors of the gradient (GaLore), stored as the basis.
@@ -219,6 +240,12 @@ class SVDProjector:
     ) -> torch.Tensor:
         return state["basis"]
 
+    def layout(self, dim: int, rank: int) -> dict[str, StateSpec]:
+        return {"basis": floating(dim, rank), "seed": integer()}
+
+    def state_problem(self, state: ProjectorState, dim: int) -> str | None:
+        return None  # any basis and seed of the layout's shapes
+
 
 class RandomProjector:
     r"""A seeded random orthonormal basis (APOLLO/Flora-style), redrawn at every refresh.
@@ -260,3 +287,9 @@ class RandomProjector:
         q, r = torch.linalg.qr(gaussian)
         # Fix the QR sign convention so the basis is a function of the seed alone.
         return q * torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
+
+    def layout(self, dim: int, rank: int) -> dict[str, StateSpec]:
+        return {"seed": integer()}
+
+    def state_problem(self, state: ProjectorState, dim: int) -> str | None:
+        return None  # any seed

@@ -24,14 +24,22 @@ from typing import Any
 import torch
 
 from decomp import dct, idct
-from decomp._checks import check_choice, check_int, check_real
 
 from ._adam import adam_direction, apply_update, init_moments
 from ._base import (
+    COMMON_OPTIONS,
+    StateSpec,
     TensorStateOptimizer,
     as_matrix,
-    check_adam_options,
+    choice,
+    first_nonfinite,
+    flag,
+    floating,
+    integer,
+    optional,
+    real,
     state_dtype,
+    whole,
 )
 
 __all__ = ["ARO", "RotatedAdam"]
@@ -88,8 +96,36 @@ _BASE_MAPS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
 }
 
 
+def _matrix_shape(param: torch.Tensor) -> tuple[int, int]:
+    """``as_matrix(param).shape`` without the reshape."""
+    return param.shape[0], math.prod(param.shape[1:])
+
+
 class _MatrixOrAdamW(TensorStateOptimizer):
     """Both optimizers: each matrix through ``_matrix_step``, the rest through AdamW."""
+
+    def _decomposes(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``param``'s next step runs a decomposition (what ``check_finite`` guards)."""
+        raise NotImplementedError
+
+    def _check_gradients(
+        self, work: list[tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]]
+    ) -> None:
+        """With ``check_finite``, raise before anything changes if a gradient due for a
+        decomposition has NaN/Inf (one host sync for all of them)."""
+        due = [
+            (param, grad)
+            for group, params in work
+            if group["check_finite"]
+            for param, grad in params
+            if self._decomposes(param, group)
+        ]
+        bad = first_nonfinite([grad for _, grad in due])
+        if bad is not None:
+            raise ValueError(
+                f"the gradient of {self._describe(due[bad][0])} contains NaN or Inf at a basis "
+                f"update; the optimizer state was left unchanged"
+            )
 
     def _matrix_step(
         self,
@@ -101,7 +137,7 @@ class _MatrixOrAdamW(TensorStateOptimizer):
         raise NotImplementedError
 
     def _step_matrices(
-        self, group: dict[str, Any], params: list[tuple[torch.Tensor, torch.Tensor]]
+        self, group: dict[str, Any], params: list[tuple[torch.Tensor, torch.Tensor]], plan: Any
     ) -> None:
         for param, grad in params:
             self._matrix_step(param, grad, self.state[param], group)
@@ -162,9 +198,20 @@ class ARO(_MatrixOrAdamW):
         adjust_lr: ``"rms_norm"`` (default), ``"spectral_norm"`` or ``"none"``.
         betas: AdamW betas for 1-D parameters, each in ``[0, 1)`` (default ``(0.9, 0.999)``).
         eps: AdamW epsilon for 1-D parameters, ``>= 0`` (default 1e-8).
+        check_finite: raise ``ValueError`` before anything changes if a matrix gradient has
+            NaN/Inf (the rotation's QR runs every step, and a NaN rotation never recovers); one
+            host sync per step for all parameters (default True).
+        maximize: step along the gradient, as ``torch.optim.Adam`` (default False).
+        fused, capturable, differentiable: torch.optim's flags; only their defaults (``None`` /
+            ``False``) are accepted, anything else raises ``ValueError`` saying why.
+
+    ``lr`` may be a 1-element tensor (read as a number once per step, as LR schedulers that
+    ``fill_`` it expect).
 
     Raises:
-        ValueError: an option out of range or an unknown ``base`` / ``adjust_lr``.
+        ValueError: an option out of range, an unknown ``base`` / ``adjust_lr`` or param-group
+            key (with the nearest valid name), or, at a step or load, a state that does not fit
+            its parameter.
         TypeError: a complex or integer parameter, or an option of the wrong type.
 
     Example:
@@ -188,10 +235,19 @@ class ARO(_MatrixOrAdamW):
         torch.Size([4, 4])
     """
 
+    options = {
+        **COMMON_OPTIONS,
+        "momentum": real(0.0, 1.0, low_inclusive=True),
+        "base": choice(*_ARO_BASES),
+        "sinkhorn_iters": whole(1),
+        "adjust_lr": choice(*_ARO_LR_ADJUSTMENTS),
+        "check_finite": flag,
+    }
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 0.01,
+        lr: float | torch.Tensor = 0.01,
         momentum: float = 0.95,
         weight_decay: float = 0.01,
         base: str = "sinkhorn",
@@ -199,6 +255,12 @@ class ARO(_MatrixOrAdamW):
         adjust_lr: str = "rms_norm",
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        *,
+        check_finite: bool = True,
+        maximize: bool = False,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -209,17 +271,25 @@ class ARO(_MatrixOrAdamW):
             "adjust_lr": adjust_lr,
             "betas": betas,
             "eps": eps,
+            "check_finite": check_finite,
+            "maximize": maximize,
+            "fused": fused,
+            "capturable": capturable,
+            "differentiable": differentiable,
         }
-        self._check_group(defaults)
         super().__init__(params, defaults)
 
-    @staticmethod
-    def _check_group(group: dict[str, Any]) -> None:
-        check_adam_options(group)
-        check_real(group["momentum"], "momentum", low=0.0, high=1.0, low_inclusive=True)
-        check_choice(group["base"], "base", _ARO_BASES)
-        check_int(group["sinkhorn_iters"], "sinkhorn_iters", low=1)
-        check_choice(group["adjust_lr"], "adjust_lr", _ARO_LR_ADJUSTMENTS)
+    def _matrix_layout(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
+        rows, cols = _matrix_shape(param)
+        side = min(rows, cols)
+        return {
+            "step": integer(),
+            "momentum": floating(rows, cols),
+            "rotation": floating(side, side),
+        }
+
+    def _decomposes(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
+        return True  # the rotation's QR runs every step
 
     def _matrix_step(
         self,
@@ -321,9 +391,21 @@ class RotatedAdam(_MatrixOrAdamW):
         shampoo_beta: EMA factor :math:`\beta_s \in [0, 1)` of :math:`L, R`; ``None`` (default)
             uses :math:`\beta_2` (``"eigen"``).
         max_dim: longest side that gets an eigenbasis, ``>= 1`` (default 10000; ``"eigen"``).
+        check_finite: ``"eigen"``: raise ``ValueError`` before anything changes if a gradient
+            due for a basis computation (the first step's ``eigh``, a refresh's QR) has NaN/Inf;
+            one host sync per such step (default True). Between refreshes, and with ``"dct"``,
+            non-finite gradients propagate as in ``torch.optim.Adam``.
+        maximize: step along the gradient, as ``torch.optim.Adam`` (default False).
+        fused, capturable, differentiable: torch.optim's flags; only their defaults (``None`` /
+            ``False``) are accepted, anything else raises ``ValueError`` saying why.
+
+    ``lr`` may be a 1-element tensor (read as a number once per step). The first eigen step of
+    every parameter computes all its eigenbases before any parameter is written, so a failing
+    ``eigh`` (``check_finite=False`` with NaN) leaves the optimizer as it was.
 
     Raises:
-        ValueError: an option out of range or an unknown ``basis``.
+        ValueError: an option out of range, an unknown ``basis`` or param-group key (with the
+            nearest valid name), or, at a step or load, a state that does not fit its parameter.
         TypeError: a complex or integer parameter, or an option of the wrong type.
 
     Example:
@@ -346,10 +428,19 @@ class RotatedAdam(_MatrixOrAdamW):
         (torch.Size([6, 6]), torch.Size([4, 4]))
     """
 
+    options = {
+        **COMMON_OPTIONS,
+        "basis": choice(*_ROTATED_ADAM_BASES),
+        "update_gap": whole(1),
+        "shampoo_beta": optional(real(0.0, 1.0, low_inclusive=True)),
+        "max_dim": whole(1),
+        "check_finite": flag,
+    }
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -357,6 +448,12 @@ class RotatedAdam(_MatrixOrAdamW):
         update_gap: int = 10,
         shampoo_beta: float | None = None,
         max_dim: int = 10000,
+        *,
+        check_finite: bool = True,
+        maximize: bool = False,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -367,18 +464,64 @@ class RotatedAdam(_MatrixOrAdamW):
             "update_gap": update_gap,
             "shampoo_beta": shampoo_beta,
             "max_dim": max_dim,
+            "check_finite": check_finite,
+            "maximize": maximize,
+            "fused": fused,
+            "capturable": capturable,
+            "differentiable": differentiable,
         }
-        self._check_group(defaults)
         super().__init__(params, defaults)
 
-    @staticmethod
-    def _check_group(group: dict[str, Any]) -> None:
-        check_adam_options(group)
-        check_choice(group["basis"], "basis", _ROTATED_ADAM_BASES)
-        check_int(group["update_gap"], "update_gap", low=1)
-        check_int(group["max_dim"], "max_dim", low=1)
-        if group["shampoo_beta"] is not None:
-            check_real(group["shampoo_beta"], "shampoo_beta", low=0.0, high=1.0, low_inclusive=True)
+    def _matrix_layout(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
+        shape = _matrix_shape(param)
+        layout = {"step": integer(), "exp_avg": floating(*shape), "exp_avg_sq": floating(*shape)}
+        if group["basis"] == "eigen":
+            for side, size in zip(_SIDES, shape):
+                if size <= group["max_dim"]:
+                    layout[f"gram_{side}"] = floating(size, size)
+                    layout[f"basis_{side}"] = floating(size, size)
+        return layout
+
+    def _state_value_problem(
+        self, param: torch.Tensor, group: dict[str, Any], state: dict[str, torch.Tensor]
+    ) -> str | None:
+        problem = super()._state_value_problem(param, group, state)
+        eigen = group["basis"] == "eigen" and not self._takes_adamw(param, group)
+        if problem is None and eigen and int(state["step"]) < 1:
+            problem = "has 'step' = 0, expected >= 1 (the eigenbases exist after the first step)"
+        return problem
+
+    def _decomposes(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
+        """The first eigen step (``eigh``) and every ``update_gap``-th Adam step (a QR)."""
+        if group["basis"] != "eigen":
+            return False
+        state = self.state.get(param)
+        return not state or int(state["step"]) % group["update_gap"] == 0
+
+    def _prepare(
+        self, group: dict[str, Any], params: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
+        """The whole first-step state of every eigen parameter starting now (its ``eigh`` can
+        fail), computed before any parameter is written."""
+        if group["basis"] != "eigen":
+            return {}
+        return {
+            param: _first_eigen_state(as_matrix(grad).to(state_dtype(param)), group)
+            for param, grad in params
+            if not self.state.get(param)
+        }
+
+    def _step_matrices(
+        self,
+        group: dict[str, Any],
+        params: list[tuple[torch.Tensor, torch.Tensor]],
+        plan: dict[torch.Tensor, dict[str, torch.Tensor]],
+    ) -> None:
+        for param, grad in params:
+            if param in plan:
+                self.state[param].update(plan[param])  # the first eigen step moves nothing
+            else:
+                self._matrix_step(param, grad, self.state[param], group)
 
     def _matrix_step(
         self,
@@ -429,21 +572,6 @@ class RotatedAdam(_MatrixOrAdamW):
         group: dict[str, Any],
     ) -> None:
         matrix = as_matrix(grad).to(state_dtype(param))
-        shampoo_beta = group["shampoo_beta"]
-        if shampoo_beta is None:
-            shampoo_beta = group["betas"][1]
-        if "step" not in state:
-            state["step"] = torch.tensor(1, dtype=torch.int64)
-            init_moments(state, torch.zeros_like(matrix))
-            for side, size in zip(_SIDES, matrix.shape):
-                if size <= group["max_dim"]:
-                    state[f"gram_{side}"] = matrix.new_zeros(size, size)
-            _accumulate_grams(state, matrix, shampoo_beta)
-            for side in _SIDES:
-                if f"gram_{side}" in state:
-                    eigenvectors = torch.linalg.eigh(state[f"gram_{side}"]).eigenvectors
-                    state[f"basis_{side}"] = eigenvectors.flip(-1)
-            return
         state["step"] += 1
         adam_steps = int(state["step"]) - 1
         direction = adam_direction(
@@ -458,9 +586,29 @@ class RotatedAdam(_MatrixOrAdamW):
         apply_update(
             param, update.reshape(param.shape), lr=group["lr"], weight_decay=group["weight_decay"]
         )
-        _accumulate_grams(state, matrix, shampoo_beta)
+        _accumulate_grams(state, matrix, _shampoo_beta(group))
         if adam_steps % group["update_gap"] == 0:
             _refresh_bases(state)
+
+
+def _first_eigen_state(matrix: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """SOAP's first step: zero moments, the Grams of ``matrix`` and their eigenbases."""
+    state = {"step": torch.tensor(1, dtype=torch.int64)}
+    init_moments(state, torch.zeros_like(matrix))
+    for side, size in zip(_SIDES, matrix.shape):
+        if size <= group["max_dim"]:
+            state[f"gram_{side}"] = matrix.new_zeros(size, size)
+    _accumulate_grams(state, matrix, _shampoo_beta(group))
+    for side in _SIDES:
+        if f"gram_{side}" in state:
+            state[f"basis_{side}"] = torch.linalg.eigh(state[f"gram_{side}"]).eigenvectors.flip(-1)
+    return state
+
+
+def _shampoo_beta(group: dict[str, Any]) -> float:
+    """:math:`\beta_s`: ``shampoo_beta``, or :math:`\beta_2` when it is ``None``."""
+    beta = group["shampoo_beta"]
+    return group["betas"][1] if beta is None else beta
 
 
 def _accumulate_grams(state: dict[str, torch.Tensor], grad: torch.Tensor, beta: float) -> None:

@@ -175,12 +175,24 @@ def test_rejected_param_group_leaves_the_optimizer_unchanged(case: OptimizerCase
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_sparse_gradients_are_rejected(case: OptimizerCase) -> None:
-    param = torch.nn.Parameter(torch.randn(5, 3))
-    optimizer = case.factory([param], 1e-2)
-    param.grad = torch.eye(5, 3).to_sparse()
+def test_sparse_gradients_are_rejected_before_any_parameter_moves(case: OptimizerCase) -> None:
+    dense, bias, sparse = (torch.nn.Parameter(torch.randn(*shape)) for shape in ((5, 4), (4,), (5, 4)))
+    optimizer = case.factory([dense, bias, sparse], 1e-2)
+    for param in (dense, bias, sparse):
+        param.grad = torch.randn_like(param)
+    optimizer.step()
+    before = [param.detach().clone() for param in (dense, bias, sparse)]
+    state = copy.deepcopy(optimizer.state_dict())
+    sparse.grad = torch.eye(5, 4).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip((dense, bias, sparse), before))
+    after = optimizer.state_dict()["state"]
+    assert all(
+        torch.equal(value, after[key][name])
+        for key, values in state["state"].items()
+        for name, value in values.items()
+    )
 
 
 @pytest.mark.parametrize("case", CASES)

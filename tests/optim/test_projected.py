@@ -637,7 +637,7 @@ def test_rejects_sparse_gradients():
         ({"moments": "transfer"}, ValueError),
         ({"score_norm": "l3"}, ValueError),
         ({"update_gap": 0}, ValueError),
-        ({"update_gap": 2.0}, ValueError),
+        ({"update_gap": 2.0}, TypeError),
         ({"lr": -1e-3}, ValueError),
         ({"betas": (0.9, 1.0)}, ValueError),
         ({"eps": -1.0}, ValueError),
