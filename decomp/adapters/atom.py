@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import atoms
-from .._checks import check_int
+from .._checks import check_int, check_optional_int
 from .base import AdapterParam
 
 _DEFAULT_NUM_ATOMS = 9
@@ -91,8 +91,10 @@ class AtomParam(AdapterParam):
             ``d_in``; default: the largest ``b <= 4`` dividing both.
 
     Raises:
-        TypeError: an argument is not an int (or ``None``).
-        ValueError: ``levels`` not in ``[1, 2]``; ``sub_atoms`` with ``levels=1``; on build,
+        TypeError: an argument is not an int (any ``numbers.Integral`` but ``bool``, stored as a
+            Python ``int``) or ``None``.
+        ValueError: ``num_atoms``, ``sub_atoms`` or ``block`` below 1; ``levels`` not in
+            ``[1, 2]``; ``sub_atoms`` with ``levels=1``; on build,
             ``num_atoms`` or ``sub_atoms`` not in ``[1, K]``, or ``block`` not dividing both dims
             of a linear weight.
 
@@ -117,18 +119,12 @@ class AtomParam(AdapterParam):
         block: int | None = None,
     ) -> None:
         super().__init__()
-        if num_atoms is not None:
-            check_int(num_atoms, "num_atoms", low=1)
+        self.num_atoms = check_optional_int(num_atoms, "num_atoms", low=1)
         self.levels = check_int(levels, "levels", low=1, high=2)
-        if sub_atoms is not None:
-            if self.levels != 2:
-                raise ValueError(f"sub_atoms is only used with levels=2, got levels={self.levels}")
-            check_int(sub_atoms, "sub_atoms", low=1)
-        if block is not None:
-            check_int(block, "block", low=1)
-        self.num_atoms = num_atoms
-        self.sub_atoms = sub_atoms
-        self.block = block
+        self.sub_atoms = check_optional_int(sub_atoms, "sub_atoms", low=1)
+        if self.sub_atoms is not None and self.levels != 2:
+            raise ValueError(f"sub_atoms is only used with levels=2, got levels={self.levels}")
+        self.block = check_optional_int(block, "block", low=1)
 
     def config(self) -> dict[str, Any]:
         return {

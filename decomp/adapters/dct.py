@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_int, check_real
+from .._checks import check_choice, check_int, check_optional_int, check_real
 from .._dct import dct, idct
 from .base import AdapterParam
 
@@ -63,8 +63,10 @@ class DCTParam(AdapterParam):
         seed: seeds ``"random"`` locations (int >= 0, default 0).
 
     Raises:
-        TypeError: an argument has the wrong type.
-        ValueError: ``locations`` is not one of its choices, ``num_coefficients < 1``,
+        TypeError: ``num_coefficients``/``seed`` not an int (``num_coefficients`` may be
+            ``None``), ``alpha`` not a real number, ``locations`` not a str. Numpy numbers are
+            accepted and stored as Python ones.
+        ValueError: ``locations`` is not one of its choices, ``seed < 0``, ``num_coefficients < 1``,
             ``alpha <= 0``; on build, ``num_coefficients > m * n_in``.
 
     Differences from LoCA: LoCA moves the locations during training by finite-difference
@@ -93,9 +95,7 @@ class DCTParam(AdapterParam):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.num_coefficients = (
-            None if num_coefficients is None else check_int(num_coefficients, "num_coefficients", low=1)
-        )
+        self.num_coefficients = check_optional_int(num_coefficients, "num_coefficients", low=1)
         self.locations_rule = check_choice(locations, "locations", _LOCATION_RULES)
         self.alpha = check_real(alpha, "alpha", low=0.0)
         self.seed = check_int(seed, "seed", low=0)

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .. import kpsvd, kron_shapes
-from .._checks import check_int, check_rank
+from .._checks import check_optional_int, check_rank
+from .._kron import _check_pair
 from .base import AdapterParam, check_weight_shape
 
 DEFAULT_RANK = 4
@@ -57,10 +58,13 @@ class KronParam(AdapterParam):
         c_shape: :math:`(m_2, n_2)`, or ``None``.
 
     Raises:
-        TypeError: an argument has the wrong type.
-        ValueError: only one of ``b_shape``/``c_shape`` given; shapes whose products are not the
-            weight's matrix view :math:`(d_{out}, d_{in} K)`; ``rank`` above
-            :math:`\min(m_1 n_1, m_2 n_2)` (both checked when built on a weight).
+        TypeError: ``rank`` is not an int or ``None``; ``b_shape``/``c_shape`` is not a pair
+            (tuple, list or ``torch.Size``) of ints. Numpy integers are accepted; :meth:`config`
+            holds Python ints, and the shapes as lists (what JSON gives back).
+        ValueError: ``rank`` or a shape entry below 1; only one of ``b_shape``/``c_shape``
+            given; shapes whose products are not the weight's matrix view
+            :math:`(d_{out}, d_{in} K)`; ``rank`` above :math:`\min(m_1 n_1, m_2 n_2)` (both
+            checked when built on a weight).
 
     Differences: SoKA picks :math:`r` by a spectral-energy threshold and an elbow criterion;
     here :math:`r` is given (its official code is unverified). LyCORIS/peft LoKr use a scaled
@@ -88,22 +92,27 @@ class KronParam(AdapterParam):
         c_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        self.rank = None if rank is None else check_int(rank, "rank", low=1)
-        if (b_shape is None) != (c_shape is None):
-            raise ValueError("b_shape and c_shape must be given together (or both None)")
+        self.rank = check_optional_int(rank, "rank", low=1)
         self.b_shape = None if b_shape is None else _check_pair(b_shape, "b_shape")
         self.c_shape = None if c_shape is None else _check_pair(c_shape, "c_shape")
+        if (self.b_shape is None) != (self.c_shape is None):
+            raise ValueError("b_shape and c_shape must be given together (or both None)")
 
     def config(self) -> dict[str, Any]:
-        return {"rank": self.rank, "b_shape": self.b_shape, "c_shape": self.c_shape}
+        # the shapes as lists: what JSON (saved adapter metadata) gives back
+        return {
+            "rank": self.rank,
+            "b_shape": None if self.b_shape is None else list(self.b_shape),
+            "c_shape": None if self.c_shape is None else list(self.c_shape),
+        }
 
     @classmethod
     def _resolve(
         cls,
         shape: Sequence[int],
         rank: int | None,
-        b_shape: tuple[int, int] | None,
-        c_shape: tuple[int, int] | None,
+        b_shape: Sequence[int] | None,
+        c_shape: Sequence[int] | None,
     ) -> tuple[int, tuple[int, int], tuple[int, int]]:
         """``(rank, b_shape, c_shape)`` for a weight of ``shape``, defaults filled in and checked."""
         check_weight_shape(shape)
@@ -115,11 +124,13 @@ class KronParam(AdapterParam):
         if b_shape is None:
             (m1, n1), (m2, n2) = kron_shapes(shape[0], shape[1])
             b_shape, c_shape = (m1, n1), (m2, n2 * kernel)
-        elif b_shape[0] * c_shape[0] != rows or b_shape[1] * c_shape[1] != cols:
-            raise ValueError(
-                f"b_shape and c_shape must multiply to the weight's matrix view (d_out, d_in*K) = "
-                f"{(rows, cols)} for weight shape {tuple(shape)}, got b_shape={b_shape}, c_shape={c_shape}"
-            )
+        else:
+            b_shape, c_shape = tuple(b_shape), tuple(c_shape)
+            if b_shape[0] * c_shape[0] != rows or b_shape[1] * c_shape[1] != cols:
+                raise ValueError(
+                    f"b_shape and c_shape must multiply to the weight's matrix view (d_out, d_in*K) = "
+                    f"{(rows, cols)} for weight shape {tuple(shape)}, got b_shape={b_shape}, c_shape={c_shape}"
+                )
         max_rank = min(b_shape[0] * b_shape[1], c_shape[0] * c_shape[1])
         if rank is None:
             rank = min(DEFAULT_RANK, max_rank)
@@ -133,8 +144,8 @@ class KronParam(AdapterParam):
         shape: tuple[int, ...],
         *,
         rank: int | None,
-        b_shape: tuple[int, int] | None,
-        c_shape: tuple[int, int] | None,
+        b_shape: list[int] | None,
+        c_shape: list[int] | None,
     ) -> int:
         """Closed form :math:`r (m_1 n_1 + m_2 n_2 + 1)`.
 
@@ -177,8 +188,3 @@ class KronParam(AdapterParam):
         matrix = change.reshape(m1, n1, m2, n2).permute(0, 2, 1, 3).reshape(m1 * m2, n1 * n2)
         return matrix.reshape(weight.shape)
 
-
-def _check_pair(value: object, name: str) -> tuple[int, int]:
-    if not isinstance(value, (tuple, list, torch.Size)) or len(value) != 2:
-        raise TypeError(f"{name} must be a pair of positive ints (rows, cols), got {value!r}")
-    return check_int(value[0], f"{name}[0]", low=1), check_int(value[1], f"{name}[1]", low=1)

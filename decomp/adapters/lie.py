@@ -9,13 +9,14 @@ keeps :math:`W`'s structure: every entry is rescaled, none is created.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
 from torch import nn
 
 from .. import Tucker
-from .._checks import check_int, check_real
+from .._checks import check_optional_int, check_real
 from .base import AdapterParam
 from .tucker import resolve_channel_rank
 
@@ -66,9 +67,11 @@ class LieParam(AdapterParam):
         order: ``None`` (exact exponential, default) or ``1`` (first-order).
 
     Raises:
-        TypeError: an argument has the wrong type.
-        ValueError: ``rank`` above :math:`\min(d_0, d_1)` (checked when built on a weight), a
-            non-finite ``scale``, ``order`` not ``None`` or ``1``.
+        TypeError: ``rank`` is not an int or ``None``, or ``scale`` not a real number (numpy
+            numbers are accepted and stored as Python ones).
+        ValueError: ``rank`` below 1 or above :math:`\min(d_0, d_1)` (checked when built on a
+            weight), a non-finite ``scale``, ``order`` not ``None`` or the int ``1`` (``True`` and
+            ``1.0`` included).
 
     Differences from the official code: it runs the first-order form as a parallel branch
     ``x @ (W * sBA).T``; here both forms are a weight parametrization (so merging is exact), the
@@ -89,11 +92,9 @@ class LieParam(AdapterParam):
 
     def __init__(self, rank: int | None = None, *, scale: float = 1.0, order: int | None = None) -> None:
         super().__init__()
-        self.rank = None if rank is None else check_int(rank, "rank", low=1)
+        self.rank = check_optional_int(rank, "rank", low=1)
         self.scale = check_real(scale, "scale")
-        if order is not None and (isinstance(order, bool) or order != 1):
-            raise ValueError(f"order must be None (exact exp) or 1 (first order), got {order!r}")
-        self.order = order
+        self.order = _check_order(order)
 
     def config(self) -> dict[str, Any]:
         return {"rank": self.rank, "scale": self.scale, "order": self.order}
@@ -146,6 +147,16 @@ class LieParam(AdapterParam):
                 )
             return value / multiplier
         return value * torch.exp(-delta)
+
+
+def _check_order(order: object) -> int | None:
+    # A choice between two values, not a range: anything else, a bool or the float 1.0 included,
+    # is an unknown choice (ValueError); a numpy 1 is stored as the Python int.
+    if order is None:
+        return None
+    if isinstance(order, numbers.Integral) and not isinstance(order, bool) and order == 1:
+        return 1
+    raise ValueError(f"order must be None (exact exp) or 1 (first order), got {order!r}")
 
 
 def _kaiming_uniform(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

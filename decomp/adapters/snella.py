@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Iterable
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_int, check_real
+from .._checks import check_bool, check_choice, check_int, check_optional_int, check_real
 from .base import AdapterParam
 
 __all__ = ["SNELL", "SNELLA", "Allocator", "capped_allocation", "keep_largest_mask"]
@@ -73,10 +73,17 @@ def _resolve_rank(shape: tuple[int, ...], rank: int | None, num_kernels: int) ->
     high = _max_rank(shape, num_kernels)
     if rank is None:
         return min(high, num_kernels * max(1, _DEFAULT_RANK // num_kernels))
-    rank = check_int(rank, "rank", low=num_kernels, high=high)
-    if rank % num_kernels:
-        raise ValueError(f"rank must be a multiple of num_kernels={num_kernels}, got {rank}")
-    return rank
+    # a multiple of num_kernels: checked by the constructor, which every rank here went through
+    return check_int(rank, "rank", low=num_kernels, high=high)
+
+
+def _check_kernel_scale(kernel_scale: object) -> float:
+    # check_real's checks, worded "positive" as the SNELL/SNELLA docs are
+    if isinstance(kernel_scale, bool) or not isinstance(kernel_scale, numbers.Real):
+        raise TypeError(f"kernel_scale must be a positive float, got {type(kernel_scale).__name__}")
+    if not 0.0 < float(kernel_scale) < math.inf:
+        raise ValueError(f"kernel_scale must be a positive finite float, got {kernel_scale}")
+    return float(kernel_scale)
 
 
 class _KernelAdapter(AdapterParam):
@@ -97,14 +104,10 @@ class _KernelAdapter(AdapterParam):
     ) -> None:
         super().__init__()
         self.num_kernels = check_int(num_kernels, "num_kernels", low=1)
-        if rank is not None:
-            check_int(rank, "rank", low=self.num_kernels)
-        self.rank = rank
-        if isinstance(kernel_scale, bool) or not isinstance(kernel_scale, numbers.Real):
-            raise TypeError(f"kernel_scale must be a positive float, got {type(kernel_scale).__name__}")
-        if not (0.0 < float(kernel_scale) < math.inf):
-            raise ValueError(f"kernel_scale must be a positive finite float, got {kernel_scale}")
-        self.kernel_scale = float(kernel_scale)
+        self.rank = check_optional_int(rank, "rank", low=self.num_kernels)
+        if self.rank is not None and self.rank % self.num_kernels:
+            raise ValueError(f"rank must be a multiple of num_kernels={self.num_kernels}, got {self.rank}")
+        self.kernel_scale = _check_kernel_scale(kernel_scale)
         self._initial_sparsity = check_real(
             self.default_sparsity if sparsity is None else sparsity,
             "sparsity",
@@ -113,15 +116,13 @@ class _KernelAdapter(AdapterParam):
             low_inclusive=True,
         )
         self.mask = check_choice(mask, "mask", _MASK_MODES)
-        if not isinstance(zero_start, bool):
-            raise TypeError(f"zero_start must be a bool, got {type(zero_start).__name__}")
-        if zero_start and self.mask == "magnitude":
+        self.zero_start = check_bool(zero_start, "zero_start")
+        if self.zero_start and self.mask == "magnitude":
             # The weighting |D| is zero at a zero start, so every gradient would be zero forever.
             raise ValueError(
                 "zero_start=True needs mask='binary': with mask='magnitude' the update "
                 "D * |D| has zero gradient at D = 0 and would never train"
             )
-        self.zero_start = zero_start
 
     # ------------------------------------------------------------------ build
     def _build(self, weight: torch.Tensor) -> None:
@@ -276,6 +277,14 @@ class SNELL(_KernelAdapter):
             copy :math:`\theta_0`, so the layer starts at the pretrained output (costs one extra
             no-grad kernel evaluation per forward). Needs ``mask="binary"``: the magnitude
             weighting has zero gradient at :math:`D = 0`.
+
+    Raises:
+        TypeError: ``rank``/``num_kernels`` not an int (``rank`` may be ``None``),
+            ``kernel_scale``/``sparsity`` not a real number, ``mask`` not a str, ``zero_start``
+            not a bool. Numpy numbers are accepted and stored as Python ones.
+        ValueError: an option out of its range above, ``rank`` not a multiple of
+            ``num_kernels``, ``zero_start=True`` with ``mask="magnitude"``; on build, ``rank``
+            above its upper end for the layer.
 
     Example:
         >>> from torch.nn.utils import parametrize
@@ -574,16 +583,52 @@ class Allocator:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore what :meth:`state_dict` returned (for the same adapters)."""
-        keep_counts = state["keep_counts"]
-        if keep_counts.shape != (len(self.adapters),):
-            raise ValueError(
-                f"state is for {keep_counts.numel()} adapters, this Allocator has {len(self.adapters)}"
+        """Restore what :meth:`state_dict` returned (for the same adapters), atomically.
+
+        All of ``state`` is checked before anything changes: its keys (none missing, none
+        unexpected), ``keep_counts`` (an integer vector with one count in :math:`[0, n_l]` per
+        adapter) and every EMA (a finite, non-negative floating tensor of its point tensor's
+        shape). A mismatch raises ``ValueError`` and leaves the Allocator and its adapters' kept
+        counts as they were.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict of tensors, got {type(state).__name__}")
+        keep_counts = state.get("keep_counts")
+        adapters = len(self.adapters)
+        if not isinstance(keep_counts, torch.Tensor) or keep_counts.shape != (adapters,):
+            found = keep_counts.numel() if isinstance(keep_counts, torch.Tensor) else "no"
+            raise ValueError(f"state is for {found} adapters, this Allocator has {adapters}")
+        if keep_counts.is_floating_point() or keep_counts.is_complex() or keep_counts.dtype == torch.bool:
+            raise ValueError(f"keep_counts must be an integer tensor, got {keep_counts.dtype}")
+        emas = {
+            f"{index}.{part}.{kind}": target
+            for index, (imp, unc) in enumerate(
+                zip(self.exp_avg_importance, self.exp_avg_uncertainty)
             )
-        for index, (adapter, imp, unc) in enumerate(
-            zip(self.adapters, self.exp_avg_importance, self.exp_avg_uncertainty)
-        ):
-            adapter.set_keep_count(int(keep_counts[index]))
-            for part, i, u in zip(("in", "out"), imp, unc):
-                i.copy_(state[f"{index}.{part}.importance"])
-                u.copy_(state[f"{index}.{part}.uncertainty"])
+            for part, i, u in zip(("in", "out"), imp, unc)
+            for kind, target in (("importance", i), ("uncertainty", u))
+        }
+        missing = sorted(emas.keys() - state.keys())
+        unexpected = sorted(map(str, state.keys() - emas.keys() - {"keep_counts"}))
+        if missing or unexpected:
+            raise ValueError(
+                f"state does not fit this Allocator: missing {missing}, unexpected {unexpected}"
+            )
+        counts = keep_counts.tolist()
+        for index, (count, cap) in enumerate(zip(counts, self.caps.tolist())):
+            if not 0 <= count <= cap:
+                raise ValueError(f"keep_counts[{index}] must be in [0, {cap}], got {count}")
+        for key, target in emas.items():
+            value = state[key]
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise ValueError(f"state[{key!r}] must be a floating tensor")
+            if value.shape != target.shape:
+                raise ValueError(
+                    f"state[{key!r}] has shape {tuple(value.shape)}, expected {tuple(target.shape)}"
+                )
+            if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+                raise ValueError(f"state[{key!r}] must be finite and non-negative (an EMA of |p g|)")
+        for adapter, count in zip(self.adapters, counts):
+            adapter.set_keep_count(count)
+        for key, target in emas.items():
+            target.copy_(state[key])

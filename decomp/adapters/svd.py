@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_int, check_rank, check_real
+from .._checks import check_choice, check_int, check_optional_int, check_rank, check_real
 from .._rsvd import rsvd
 from .base import AdapterParam
 
@@ -75,7 +75,9 @@ class SVDParam(AdapterParam):
         seed: seeds the randomized SVD's sketch and the ``"normal"`` init (int >= 0, default 0).
 
     Raises:
-        TypeError: an argument has the wrong type.
+        TypeError: ``rank``/``seed`` not an int (``rank`` may be ``None``), ``scale`` not a real
+            number, ``mode``/``svd``/``init`` not a str. Numpy numbers are accepted and stored
+            (and reported by :meth:`config`) as Python ones.
         ValueError: an option is not one of its choices, ``rank < 1``, ``scale <= 0``,
             ``init="normal"`` with another mode than ``"lora_xs"``; on build, ``rank > min(m, n)``.
 
@@ -108,7 +110,7 @@ class SVDParam(AdapterParam):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.rank = None if rank is None else check_int(rank, "rank", low=1)
+        self.rank = check_optional_int(rank, "rank", low=1)
         self.mode = check_choice(mode, "mode", _MODES)
         self.svd = check_choice(svd, "svd", _SVD_METHODS)
         self.scale = check_real(scale, "scale", low=0.0)

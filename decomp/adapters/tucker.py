@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import Tucker, tucker
-from .._checks import check_choice, check_int, check_rank, check_real
+from .._checks import check_choice, check_optional_int, check_rank, check_real
 from .base import AdapterParam, check_weight_shape
 
 _INITS = ("tucker", "random")
@@ -89,8 +89,9 @@ class TuckerParam(AdapterParam):
             code's); unused by ``"tucker"``.
 
     Raises:
-        TypeError: an argument has the wrong type.
-        ValueError: ``rank`` above :math:`\min(d_0, d_1)` (checked when built on a weight),
+        TypeError: ``rank``/``spatial_rank`` not an int or ``None``, ``scale``/``std`` not a real
+            number, ``init`` not a str. Numpy numbers are accepted and stored as Python ones.
+        ValueError: ``rank < 1`` or above :math:`\min(d_0, d_1)` (checked when built on a weight),
             ``spatial_rank < 1``, a non-finite ``scale``, an unknown ``init``, ``std <= 0``.
 
     Differences from the official code: the conv path (the official code has linear layers
@@ -120,8 +121,8 @@ class TuckerParam(AdapterParam):
         std: float = OFFICIAL_FACTOR_STD,
     ) -> None:
         super().__init__()
-        self.rank = None if rank is None else check_int(rank, "rank", low=1)
-        self.spatial_rank = None if spatial_rank is None else check_int(spatial_rank, "spatial_rank", low=1)
+        self.rank = check_optional_int(rank, "rank", low=1)
+        self.spatial_rank = check_optional_int(spatial_rank, "spatial_rank", low=1)
         self.scale = check_real(scale, "scale")
         self.init = check_choice(init, "init", _INITS)
         self.std = check_real(std, "std")

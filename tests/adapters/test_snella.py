@@ -450,3 +450,22 @@ def test_allocator_bad_input():
     allocator = Allocator(model, target_sparsity=0.5, total_steps=2)
     with pytest.raises(ValueError, match="state is for 2 adapters"):
         allocator.load_state_dict({"keep_counts": torch.tensor([1, 2])})
+
+
+def test_allocator_load_is_atomic():
+    """A state missing its last EMA used to set every layer's kept count, then raise KeyError."""
+    model = adapted_model()
+    source = Allocator(model, target_sparsity=0.9, total_steps=3)
+    backward(model)
+    source.step()
+    source.update_budget(3)
+    state = source.state_dict()
+    del state[max(key for key in state if key != "keep_counts")]
+    target_model = adapted_model()
+    target = Allocator(target_model, target_sparsity=0.9, total_steps=3)
+    counts = [adapter.keep_count for adapter in target.adapters]
+    assert counts != state["keep_counts"].tolist()
+    with pytest.raises(ValueError, match="missing"):
+        target.load_state_dict(state)
+    assert [adapter.keep_count for adapter in target.adapters] == counts
+    assert all(not ema.any() for pair in target.exp_avg_importance for ema in pair)
