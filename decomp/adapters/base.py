@@ -19,6 +19,17 @@ and may override ``compose``/``decompose`` for a non-additive update (Lie: :math
 \exp(\Delta W)`). The base class owns validation, dtype handling (the update is computed in fp32
 for fp16/bf16 weights and returned in the weight's dtype), the shape check, ``from_weight`` and
 ``extra_repr``.
+
+Adapters do not stack. An unbuilt adapter registered on a weight that is already parametrized
+(another adapter, ``parametrizations.weight_norm``/``spectral_norm``) is called by torch's
+consistency check before ``right_inverse``, and that call raises ``RuntimeError`` saying to merge
+or remove the existing parametrization; nothing is registered. With ``unsafe=True`` torch skips
+that check and the same error comes at the first forward. The hook-based
+``torch.nn.utils.weight_norm``/``spectral_norm`` leave no ``weight`` Parameter, and
+``register_parametrization`` itself refuses those layers (``ValueError``) before any adapter code
+runs. An adapter already built with :meth:`AdapterParam.from_weight` is an explicit choice and is
+stacked as asked. :func:`decomp.adapters.apply` and :func:`decomp.adapters.load_adapter` refuse
+all of these layers up front.
 """
 
 from __future__ import annotations
@@ -134,9 +145,17 @@ class AdapterParam(nn.Module):
 
     def _check_shape(self, weight: torch.Tensor) -> None:
         if not self.is_built:
+            # register_parametrization builds an adapter through right_inverse only when it is
+            # the first parametrization of the tensor; stacked on another one (an adapter,
+            # weight_norm, spectral_norm) it calls forward first, which lands here.
+            name = type(self).__name__
             raise RuntimeError(
-                f"{type(self).__name__} is not built yet: register it on a layer "
-                f"(parametrize.register_parametrization) or use {type(self).__name__}.from_weight"
+                f"{name} is not built yet: it builds from a plain weight when it is the first "
+                "parametrization registered on it (parametrize.register_parametrization), or "
+                f"with {name}.from_weight(weight). If the layer's weight is already parametrized "
+                "(an adapter, weight_norm, spectral_norm), adapters do not stack on it: bake or "
+                "remove that parametrization first (decomp.adapters.merge(model), or "
+                'parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True))'
             )
         if weight.shape != self.weight_shape:
             raise ValueError(

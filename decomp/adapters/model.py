@@ -9,6 +9,20 @@ r"""Model-level helpers: adapt a network, list and report its trainable tensors,
   checkpoints (a safetensors file whose metadata names the layers, adapter classes, configs and
   weight shapes, checked on load).
 
+Every helper takes the model itself or the model wrapped by ``torch.compile``,
+``nn.DataParallel`` or ``DistributedDataParallel``, and names layers as the unwrapped model does
+(no ``_orig_mod.``/``module.`` prefix), so an adapter file saved from a wrapped model loads into
+the plain one and back. Wrapped in ``DistributedDataParallel``, a model cannot usefully gain
+parameters (DDP recorded its parameters when it was built and would never synchronise new ones):
+:func:`apply`, and :func:`load_adapter` into an unadapted model, raise ``TypeError`` there.
+
+Shared weights: a module reachable under several names is one layer, adapted once and listed
+under its first name. A weight ``Parameter`` held by another module too (an LM head tied to its
+embedding, two layers sharing one Parameter) is refused by :func:`apply` with the names of both
+holders, because an adapter would change it for one of them only. :func:`merge` of a layer whose
+pretrained weight is shared (an adapter registered by hand on a tied weight) gives the layer a
+weight of its own instead of rewriting the shared one, so the other holders keep their values.
+
 Adapted layers keep working after ``copy.deepcopy``: :func:`apply` gives every copy its own
 parametrized class (``torch.nn.utils.parametrize`` shares one injected class between copies, so
 removing a parametrization from a copy would otherwise delete ``.weight`` from the original).
@@ -19,8 +33,9 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Union
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Union
 
 import torch
 from torch import nn
@@ -30,6 +45,9 @@ from .base import AdapterParam
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _FORMAT = "decomp.adapters/1"
+_ENTRY_FIELDS = ("name", "index", "adapter", "config", "weight_shape")
+# Attribute names under which torch.compile and (Distributed)DataParallel hold the wrapped model.
+_WRAPPER_PREFIXES = ("_orig_mod", "module")
 
 AdapterFactory = Callable[[str, nn.Module], AdapterParam]
 ModuleSelector = Union[str, Callable[[str, nn.Module], bool]]
@@ -50,8 +68,38 @@ class AdaptedLayer(NamedTuple):
         return f"{head}parametrizations.weight.{self.index}."
 
 
+def _unwrap(model: nn.Module, caller: str, *, changes_parameters: bool = False) -> nn.Module:
+    """The model inside ``torch.compile``/``nn.DataParallel``/``DistributedDataParallel`` wrappers.
+
+    ``changes_parameters``: the caller adds parameters, which a DDP wrapper does not follow (its
+    gradient buckets are fixed when it is built), so DDP is refused instead of unwrapped.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
+    while True:
+        # torch._dynamo is only in sys.modules once torch.compile ran: no import cost otherwise.
+        eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+        if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            if changes_parameters:
+                raise TypeError(
+                    f"{caller} adds parameters to the model, which DistributedDataParallel does "
+                    "not follow once it is built (the new ones would never be synchronised): call "
+                    "it on the model before wrapping it in DistributedDataParallel"
+                )
+            model = model.module
+        elif isinstance(model, nn.DataParallel):
+            model = model.module
+        else:
+            return model
+
+
 def adapted_layers(model: nn.Module) -> list[AdaptedLayer]:
     """Every :class:`AdapterParam` registered on a ``weight`` in ``model``, in module order.
+
+    A module reachable under several names is listed once, under its first; a wrapped model
+    (``torch.compile``, ``DataParallel``, DDP) is listed with the wrapped model's names.
 
     Example:
         >>> from decomp.adapters import AtomParam, apply
@@ -61,7 +109,7 @@ def adapted_layers(model: nn.Module) -> list[AdaptedLayer]:
         [('0', 0)]
     """
     found = []
-    for name, module in model.named_modules():
+    for name, module in _unwrap(model, "adapted_layers").named_modules():
         if parametrize.is_parametrized(module, "weight"):
             for index, adapter in enumerate(module.parametrizations.weight):
                 if isinstance(adapter, AdapterParam):
@@ -106,6 +154,95 @@ def _factory(
     return adapter
 
 
+class _Module(NamedTuple):
+    """A module of the model, its first qualified name and every name it is reachable under."""
+
+    name: str
+    module: nn.Module
+    aliases: tuple[str, ...]
+
+
+def _modules(root: nn.Module) -> list[_Module]:
+    names: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for name, module in root.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+        modules[id(module)] = module
+    return [_Module(found[0], modules[key], tuple(found)) for key, found in names.items()]
+
+
+def _holders(root: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """Per tensor: every ``(qualified name, module, attribute)`` slot holding it, aliases too."""
+    found: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for module_name, module in root.named_modules(remove_duplicate=False):
+        slots = list(module._parameters.items()) + list(module._buffers.items())
+        for attribute, tensor in slots:
+            if tensor is not None:
+                qualified = f"{module_name}.{attribute}" if module_name else attribute
+                found.setdefault(id(tensor), []).append((qualified, module, attribute))
+    return found
+
+
+def _other_holders(
+    holders: dict[int, list[tuple[str, nn.Module, str]]],
+    tensor: torch.Tensor,
+    owner: nn.Module,
+    attribute: str,
+) -> list[str]:
+    """The names under which modules other than ``owner.attribute`` hold ``tensor``."""
+    return [
+        qualified
+        for qualified, module, slot in holders.get(id(tensor), [])
+        if module is not owner or slot != attribute
+    ]
+
+
+def _adaptable_problem(
+    name: str, module: nn.Module, holders: dict[int, list[tuple[str, nn.Module, str]]]
+) -> str | None:
+    """Why ``module``'s weight cannot take an adapter (None: it can); says what to do."""
+    if parametrize.is_parametrized(module, "weight"):
+        chain = list(module.parametrizations.weight)
+        adapters = [type(item).__name__ for item in chain if isinstance(item, AdapterParam)]
+        if adapters:
+            return (
+                f"layer {name!r} is already adapted ({', '.join(adapters)}); an adapter must be "
+                "the only parametrization of a weight: merge(model) to bake it in first, or leave "
+                f"{name!r} out of target"
+            )
+        others = ", ".join(type(item).__name__ for item in chain)
+        return (
+            f"layer {name!r} has its weight parametrized by {others} (weight_norm, spectral_norm "
+            "or another parametrization); an adapter must be the only parametrization of a weight: "
+            "remove it first (torch.nn.utils.parametrize.remove_parametrizations(layer, "
+            f'"weight")) or leave {name!r} out of target'
+        )
+    weight = module._parameters.get("weight")
+    if weight is None:
+        hooks = [
+            type(hook).__name__
+            for hook in module._forward_pre_hooks.values()
+            if getattr(hook, "name", None) == "weight"
+        ]
+        if hooks:
+            return (
+                f"layer {name!r} computes its weight in a forward pre-hook ({', '.join(hooks)}: "
+                "torch.nn.utils.weight_norm or spectral_norm); an adapter needs the weight as a "
+                "Parameter: remove the hook first (torch.nn.utils.remove_weight_norm / "
+                f"remove_spectral_norm) or leave {name!r} out of target"
+            )
+        return f"layer {name!r} has no weight Parameter to adapt"
+    tied = _other_holders(holders, weight, module, "weight")
+    if tied:
+        return (
+            f"the weight of layer {name!r} is shared with {', '.join(map(repr, tied))} (tied "
+            f"weights); an adapter would change it for {name!r} only: leave {name!r} out of "
+            "target, or give it a weight of its own first "
+            "(layer.weight = nn.Parameter(layer.weight.detach().clone()))"
+        )
+    return None
+
+
 def apply(
     model: nn.Module,
     adapter: type[AdapterParam] | AdapterFactory,
@@ -125,20 +262,29 @@ def apply(
 
     Matching: a string ``target``/``train_heads`` is a regex that must match a module's whole
     qualified name (``re.fullmatch``, as peft does for a string: ``"fc"`` does not match
-    ``"fc2"``; write ``".*fc.*"`` to search); a callable is called as ``(name, module)``.
-    ``target=None`` selects every ``nn.Linear`` and ``nn.Conv1d/2d/3d``. A matched module without
-    a weight of its own (an activation, a container) is skipped, so ``r"features\.\d+"`` is fine;
-    a matched module with a weight of an unsupported type (``nn.Embedding``,
-    ``nn.ConvTranspose2d``, ``nn.LayerNorm``) raises. Modules matched by ``train_heads`` are never
-    adapted.
+    ``"fc2"``; write ``".*fc.*"`` to search); a callable is called as ``(name, module)``. A module
+    reachable under several names (one layer used twice) matches if any of its names does and is
+    adapted once. ``target=None`` selects every ``nn.Linear`` and ``nn.Conv1d/2d/3d``. A matched
+    module without a weight of its own (an activation, a container) is skipped, so
+    ``r"features\.\d+"`` is fine; a matched module with a weight of an unsupported type
+    (``nn.Embedding``, ``nn.ConvTranspose2d``, ``nn.LayerNorm``) raises. A module matched by
+    ``train_heads`` is a head with all its submodules: none of them is adapted and all their
+    parameters stay trainable.
 
-    All or nothing: unsupported targets, already adapted layers and factories that do not return
-    a fresh :class:`AdapterParam` are rejected before anything is registered, and if building an
-    adapter fails the layers registered so far are restored, so an error leaves the model as it was.
+    Repeated calls compose: when ``model`` already carries adapters (from an earlier call, or
+    registered by hand), this call adapts its own targets (freezing their pretrained weights and
+    biases) and makes its own heads trainable, and leaves every other ``requires_grad`` flag as it
+    is -- the earlier adapters and heads stay trainable.
+
+    All or nothing: unsupported targets, layers that already carry an adapter or another
+    parametrization (``weight_norm``, ``spectral_norm``, hook-based or not), weights shared with
+    another module, heads holding an adapted layer, and factories that do not return a fresh
+    :class:`AdapterParam` are rejected before anything is registered, and if building an adapter
+    fails the layers registered so far are restored, so an error leaves the model as it was.
     Every adapted layer's class is made copy-safe (``copy.deepcopy`` gives an independent model).
 
     Args:
-        model: the network, modified in place.
+        model: the network, modified in place (or its ``torch.compile``/``DataParallel`` wrapper).
         adapter: an :class:`AdapterParam` subclass (``config`` are its keyword arguments) or a
             factory ``(name, module) -> AdapterParam`` returning a new adapter per layer.
         target: which modules to adapt (regex or callable); default every supported layer.
@@ -152,10 +298,14 @@ def apply(
         TypeError: ``adapter`` is neither a subclass nor a callable (or is an instance); ``config``
             given with a factory; a factory returned something other than an ``AdapterParam``; a
             targeted module is not ``nn.Linear``/``nn.Conv1d/2d/3d`` (e.g. ``nn.Embedding``,
-            ``nn.ConvTranspose2d``); ``target``/``train_heads`` of a wrong type.
-        ValueError: ``target`` matched no module; a targeted layer is already adapted; a factory
-            returned an adapter that is already built; the adapter rejects a layer (e.g. an
-            explicit ``num_atoms`` above the kernel size).
+            ``nn.ConvTranspose2d``); ``target``/``train_heads`` of a wrong type; ``model`` is
+            wrapped in ``DistributedDataParallel`` (apply before wrapping).
+        ValueError: ``target`` matched no module (or only heads); a targeted layer already
+            carries an adapter or another parametrization or a weight-norm hook; a targeted
+            layer's weight is shared with another module (the message names both); a
+            ``train_heads`` module holds an adapted layer; a factory returned an adapter that is
+            already built; the adapter rejects a layer (e.g. an explicit ``num_atoms`` above the
+            kernel size).
 
     Example:
         >>> from decomp.adapters import AtomParam, apply, trainable_parameters
@@ -168,38 +318,46 @@ def apply(
     make_adapter = _factory(adapter, config)
     is_target = _selector(target, "target")
     is_head = _selector(train_heads, "train_heads")
+    root = _unwrap(model, "apply", changes_parameters=True)
+    modules = _modules(root)
 
-    head_modules = [
-        module for name, module in model.named_modules() if is_head and is_head(name, module)
-    ]
-    head_ids = {id(module) for module in head_modules}
+    heads = _heads(modules, is_head)
+    head_ids = {id(module) for head in heads for module in head.modules()}
     targets: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if id(module) in head_ids:
+    matched_heads: list[str] = []
+    for entry in modules:
+        if id(entry.module) in head_ids:
+            if _matches(is_target, entry):
+                matched_heads.append(entry.name)
             continue
         if is_target is None:
-            if isinstance(module, SUPPORTED_LAYERS):
-                targets.append((name, module))
-        elif is_target(name, module):
-            if not isinstance(module, SUPPORTED_LAYERS):
-                if not _has_own_weight(module):
+            if isinstance(entry.module, SUPPORTED_LAYERS):
+                targets.append((entry.name, entry.module))
+        elif _matches(is_target, entry):
+            if not isinstance(entry.module, SUPPORTED_LAYERS):
+                if not _has_own_weight(entry.module):
                     continue  # activations and containers carry no weight to adapt
-                layer_type = parametrize.type_before_parametrizations(module).__name__
+                layer_type = parametrize.type_before_parametrizations(entry.module).__name__
                 raise TypeError(
-                    f"target matched {name!r} of type {layer_type}; adapters support "
+                    f"target matched {entry.name!r} of type {layer_type}; adapters support "
                     "nn.Linear and nn.Conv1d/2d/3d"
                 )
-            targets.append((name, module))
+            targets.append((entry.name, entry.module))
     if not targets:
+        if matched_heads:
+            raise ValueError(
+                f"target={target!r} matched only train_heads modules or their submodules "
+                f"{matched_heads}, which are never adapted"
+            )
         raise ValueError(f"target={target!r} matched no nn.Linear or nn.Conv1d/2d/3d in the model")
 
+    holders = _holders(root)
+    problems = [_adaptable_problem(name, module, holders) for name, module in targets]
+    problems = [problem for problem in problems if problem is not None]
+    if problems:
+        raise ValueError("; ".join(problems))
     planned: list[tuple[str, nn.Module, AdapterParam]] = []
     for name, module in targets:
-        if parametrize.is_parametrized(module, "weight"):
-            raise ValueError(
-                f"layer {name!r} is already adapted; "
-                "merge(model) or remove its parametrization first"
-            )
         new_adapter = make_adapter(name, module)
         if not isinstance(new_adapter, AdapterParam):
             raise TypeError(
@@ -213,30 +371,80 @@ def apply(
             )
         planned.append((name, module, new_adapter))
 
+    first_call = not adapted_layers(root)
+    registered = _register(planned)
+    _commit(root, registered, heads, first_call)
+    return model
+
+
+def _matches(selector: Callable[[str, nn.Module], bool] | None, entry: _Module) -> bool:
+    """Whether ``selector`` matches the module under any of its names (None matches nothing)."""
+    return selector is not None and any(selector(alias, entry.module) for alias in entry.aliases)
+
+
+def _heads(
+    modules: list[_Module], is_head: Callable[[str, nn.Module], bool] | None
+) -> list[nn.Module]:
+    """The modules ``train_heads`` matches; refused if one holds an adapted layer."""
+    heads = [entry for entry in modules if _matches(is_head, entry)]
+    for entry in heads:
+        for inner_name, inner in entry.module.named_modules():
+            if parametrize.is_parametrized(inner, "weight") and any(
+                isinstance(item, AdapterParam) for item in inner.parametrizations.weight
+            ):
+                where = ".".join(part for part in (entry.name, inner_name) if part)
+                raise ValueError(
+                    f"train_heads matched {entry.name!r}, which holds the adapted layer {where!r}: "
+                    "a head's parameters all become trainable, its pretrained weight included; "
+                    f"leave {entry.name!r} out of train_heads, or merge(model) first"
+                )
+    return [entry.module for entry in heads]
+
+
+def _register(planned: list[tuple[str, nn.Module, AdapterParam]]) -> list[nn.Module]:
+    """Register every planned adapter, or none: a failure restores the layers registered so far."""
     registered: list[nn.Module] = []
     try:
         for name, module, new_adapter in planned:
-            parametrize.register_parametrization(module, "weight", new_adapter)
+            try:
+                parametrize.register_parametrization(module, "weight", new_adapter)
+            except Exception as error:
+                error.add_note(f"while registering {type(new_adapter).__name__} on layer {name!r}")
+                raise
             registered.append(module)
     except Exception:
         # Building happens inside register_parametrization (right_inverse), so a bad layer is
         # only found here; the layers before it get their plain weight back.
-        for module in registered:
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        _unregister(registered)
         raise
+    return registered
 
+
+def _unregister(modules: Iterable[nn.Module]) -> None:
+    """Undo :func:`_register`: each layer gets its own weight Parameter (same object) and class."""
+    for module in modules:
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+
+
+def _commit(
+    root: nn.Module, registered: list[nn.Module], heads: list[nn.Module], first_call: bool
+) -> None:
+    """Make the new layers copy-safe and set ``requires_grad``: adapters and heads trainable.
+
+    On a model's first adaptation everything else is frozen; later calls freeze only the layers
+    they adapted, so what earlier calls (or the user) made trainable stays so.
+    """
     for module in registered:
         _make_copies_independent(module)
-    # Every adapter in the model, not only the new ones: a second apply() on other layers must
-    # not freeze the adapters of the first.
-    adapter_tensors = {id(p) for layer in adapted_layers(model) for p in layer.adapter.parameters()}
-    head_tensors = {id(p) for head in head_modules for p in head.parameters()}
-    for parameter in model.parameters():
-        if id(parameter) in head_tensors:
-            parameter.requires_grad_(True)
-        elif id(parameter) not in adapter_tensors:
+    adapter_tensors = {id(p) for layer in adapted_layers(root) for p in layer.adapter.parameters()}
+    head_tensors = {id(p) for head in heads for p in head.parameters()}
+    scope = root.parameters() if first_call else (p for m in registered for p in m.parameters())
+    for parameter in scope:
+        if id(parameter) not in adapter_tensors and id(parameter) not in head_tensors:
             parameter.requires_grad_(False)
-    return model
+    for head in heads:
+        for parameter in head.parameters():
+            parameter.requires_grad_(True)
 
 
 def _has_own_weight(module: nn.Module) -> bool:
@@ -279,7 +487,8 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
         >>> tuple(tuple(p.shape) for p in trainable_parameters(model))
         ((3, 3),)
     """
-    return [parameter for parameter in model.parameters() if parameter.requires_grad]
+    root = _unwrap(model, "trainable_parameters")
+    return [parameter for parameter in root.parameters() if parameter.requires_grad]
 
 
 class LayerReport(NamedTuple):
@@ -346,8 +555,9 @@ def report(model: nn.Module) -> Report:
         0 Conv2d 8x3x3x3 AtomParam(num_atoms=4, levels=1, sub_atoms=None, block=None) 36 224
         trainable 36 of 260 parameters (13.846%)
     """
+    root = _unwrap(model, "report")
     rows = []
-    for layer in adapted_layers(model):
+    for layer in adapted_layers(root):
         config = ", ".join(f"{key}={value!r}" for key, value in layer.adapter.config().items())
         rows.append(
             LayerReport(
@@ -359,8 +569,8 @@ def report(model: nn.Module) -> Report:
                 frozen=sum(p.numel() for p in layer.layer.parameters() if not p.requires_grad),
             )
         )
-    model_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Report(rows, model_trainable, sum(p.numel() for p in model.parameters()))
+    model_trainable = sum(p.numel() for p in root.parameters() if p.requires_grad)
+    return Report(rows, model_trainable, sum(p.numel() for p in root.parameters()))
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -369,7 +579,11 @@ def merge(model: nn.Module) -> nn.Module:
     Uses ``remove_parametrizations(leave_parametrized=True)``; the merged model computes the same
     outputs as the adapted one (to the rounding of the weight's dtype), has no adapter tensors left,
     and its merged weights keep ``requires_grad=False``. Safe on a ``copy.deepcopy`` of an adapted
-    model: the original keeps its adapters.
+    model: the original keeps its adapters. A layer whose pretrained weight is shared with another
+    module (an adapter registered by hand on a tied weight; :func:`apply` refuses those) gets a
+    new merged weight Parameter of its own, with the shared one's ``requires_grad``: the shared
+    Parameter is not rewritten, so the other modules keep the weight they computed with in the
+    adapted model. A ``torch.compile``/``DataParallel``/DDP wrapper is looked through.
 
     Example:
         >>> from decomp.adapters import AtomParam, apply, merge
@@ -378,19 +592,36 @@ def merge(model: nn.Module) -> nn.Module:
         >>> type(merged[0]).__name__, merged[0].weight.shape
         ('Linear', torch.Size([8, 8]))
     """
-    for layer in {id(item.layer): item.layer for item in adapted_layers(model)}.values():
+    root = _unwrap(model, "merge")
+    holders = _holders(root)
+    for layer in {id(item.layer): item.layer for item in adapted_layers(root)}.values():
         # A layer registered by hand and then deep-copied still shares its class with the
         # original; detaching it first keeps the removal from reaching the original.
         _own_class(layer)
-        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+        chain = layer.parametrizations.weight
+        original = getattr(chain, "original", None)
+        if original is None or not _other_holders(holders, original, chain, "original"):
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+            continue
+        # leave_parametrized=True would write W' into the shared tensor (set_), and so into
+        # every other module holding it.
+        with torch.no_grad():
+            merged = layer.weight.detach().clone()
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        if isinstance(original, nn.Parameter):
+            merged = nn.Parameter(merged, requires_grad=original.requires_grad)
+        layer.weight = merged
+        holders[id(original)] = [slot for slot in holders[id(original)] if slot[1] is not chain]
     return model
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors only (Parameters and persistent buffers), keyed as in ``state_dict()``.
 
-    Buffers are included on purpose: frozen factors from an SVD (the atom coefficients, say) can
-    differ by sign from one machine to another, so rebuilding them from the weight is not enough.
+    Keys are those of the unwrapped model (no ``_orig_mod.``/``module.`` prefix for a
+    ``torch.compile``/``DataParallel``/DDP wrapper). Buffers are included on purpose: frozen
+    factors from an SVD (the atom coefficients, say) can differ by sign from one machine to
+    another, so rebuilding them from the weight is not enough.
 
     Example:
         >>> from decomp.adapters import AtomParam, adapter_state_dict, apply
@@ -424,6 +655,8 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
 
     The metadata (key ``"decomp.adapters"``, JSON) lists per adapted layer its name, slot, adapter
     class, config and weight shape; :func:`load_adapter` checks it against the target model.
+    Names are the unwrapped model's, so a file saved from a ``torch.compile``\\ d or
+    ``DataParallel`` model loads into the plain one and back.
 
     Example:
         >>> import tempfile, pathlib
@@ -435,12 +668,13 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     """
     from safetensors.torch import save_file
 
-    if not adapted_layers(model):
+    root = _unwrap(model, "save_adapter")
+    if not adapted_layers(root):
         raise ValueError("model has no adapters to save; call decomp.adapters.apply first")
     tensors = {
-        key: value.detach().contiguous().clone() for key, value in adapter_state_dict(model).items()
+        key: value.detach().contiguous().clone() for key, value in adapter_state_dict(root).items()
     }
-    metadata = {"format": _FORMAT, "decomp.adapters": json.dumps(_layer_metadata(model))}
+    metadata = {"format": _FORMAT, "decomp.adapters": json.dumps(_layer_metadata(root))}
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -449,17 +683,32 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
 
     ``model`` either carries the same adapters as the saved one (the same :func:`apply` call on a
     fresh copy of the pretrained network), or none at all: then the adapters the file describes
-    are first registered with :func:`apply` (class and config from the metadata; everything else
-    frozen). The file is checked -- layer names, adapter classes, configs, weight shapes, tensor
-    names and shapes -- and a mismatch raises without loading anything. Tensors are copied into
-    the existing Parameters and buffers (so an optimizer holding them keeps working), cast to
-    their dtype and device.
+    are registered as :func:`apply` does (class and config from the metadata; everything else
+    frozen). Tensors are copied into the existing Parameters and buffers (so an optimizer holding
+    them keeps working), cast to their dtype and device. A ``torch.compile``/``DataParallel``/DDP
+    wrapper is looked through, and layer names that all start with its ``_orig_mod.`` or
+    ``module.`` prefix (a file written from a wrapped model by an older version) are read without
+    it.
+
+    Atomic: everything is checked before the model changes -- the file (safetensors, the format
+    tag, the metadata's structure), the adapter classes and configs (each class must accept its
+    config), the layer names, slots, classes, configs and weight shapes against the model, the
+    layers themselves (supported type, no other parametrization, no weight shared with another
+    module), and every tensor (present on both sides, same shape, same kind of dtype). Adapters
+    for an unadapted model are built first and removed again if their tensors do not match. On
+    any error the model is exactly as before: no adapters registered, the same ``requires_grad``
+    flags, the same values.
 
     Raises:
-        ValueError: the file was not written by :func:`save_adapter`, or does not match ``model``
-            (the message lists every mismatch); for an unadapted model, the file names a layer
-            the model lacks or of another weight shape, or an adapter class
-            :mod:`decomp.adapters` does not have (the model is then left unadapted).
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a safetensors file, not an adapter file written by
+            :func:`save_adapter`, or its metadata is malformed (missing, not JSON, wrong structure
+            or types, unknown keys, an adapter class :mod:`decomp.adapters` does not have, a
+            config the class rejects); or the file does not match ``model`` (the message lists
+            every mismatch); for an unadapted model, the file names a layer the model lacks, of
+            another weight shape or type, or one that cannot take an adapter (see :func:`apply`).
+        TypeError: ``model`` is wrapped in ``DistributedDataParallel`` and has no adapters yet
+            (load into the model before wrapping it).
 
     Example:
         >>> import tempfile, pathlib
@@ -473,72 +722,270 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         ...
         ValueError: adapter file ... does not match the model: layer '0': weight shape ...
     """
-    from safetensors import safe_open
+    root = _unwrap(model, "load_adapter")
+    entries, saved = _read_adapter_file(path)
+    entries, saved = _without_wrapper_prefixes(entries, saved, root)
+    described = _described_adapters(entries, path)
 
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != _FORMAT:
-            raise ValueError(
-                f"{path} is not an adapter file written by decomp.adapters.save_adapter"
-            )
-        saved = {key: handle.get_tensor(key) for key in handle.keys()}
-    described = json.loads(metadata["decomp.adapters"])
-    if not adapted_layers(model):
-        _adapt_as_described(model, described)
-    problems = _mismatches(described, _layer_metadata(model))
-    current = adapter_state_dict(model)
-    if not problems:
-        for key in sorted(set(saved) ^ set(current)):
-            problems.append(f"tensor {key!r} only in the {'file' if key in saved else 'model'}")
-        for key in sorted(set(saved) & set(current)):
-            if saved[key].shape != current[key].shape:
-                problems.append(
-                    f"tensor {key!r}: shape {tuple(saved[key].shape)} in the file, "
-                    f"{tuple(current[key].shape)} in the model"
-                )
-    if problems:
-        raise ValueError(f"adapter file {path} does not match the model: " + "; ".join(problems))
-    targets = dict(_adapter_tensors(model))
-    with torch.no_grad():
-        for key, value in saved.items():
-            targets[key].copy_(value)
+    if adapted_layers(root):
+        _check_match(root, entries, saved, path)
+        _copy_tensors(root, saved)
+        return model
+
+    _unwrap(model, "load_adapter (into a model without adapters)", changes_parameters=True)
+    registered = _register(_plan_described(root, entries, described, path))
+    try:
+        # Tensor shapes are only known once the adapters are built.
+        _check_match(root, entries, saved, path)
+    except ValueError:
+        _unregister(registered)
+        raise
+    _commit(root, registered, [], first_call=True)
+    _copy_tensors(root, saved)
     return model
 
 
-def _adapt_as_described(model: nn.Module, described: list[dict[str, Any]]) -> None:
-    """:func:`apply` the adapters a file describes to an unadapted model (slot 0 of each layer)."""
+def _check_match(
+    root: nn.Module, entries: list[dict[str, Any]], saved: dict[str, torch.Tensor], path: str | Path
+) -> None:
+    """Raise listing every difference between the file and the adapters ``root`` carries."""
+    problems = _mismatches(entries, _layer_metadata(root))
+    problems = problems or _tensor_problems(saved, adapter_state_dict(root))
+    if problems:
+        raise ValueError(f"adapter file {path} does not match the model: " + "; ".join(problems))
+
+
+def _read_adapter_file(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """The validated layer entries and the tensors of an adapter file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            entries = _parse_metadata(handle.metadata() or {}, path)
+            saved = {key: handle.get_tensor(key) for key in handle.keys()}
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    return entries, saved
+
+
+def _parse_metadata(metadata: dict[str, str], path: str | Path) -> list[dict[str, Any]]:
+    found = metadata.get("format")
+    if found != _FORMAT:
+        if isinstance(found, str) and found.startswith("decomp.adapters/"):
+            raise ValueError(
+                f"{path} is an adapter file of format {found!r}; this version reads {_FORMAT!r}"
+            )
+        raise ValueError(f"{path} is not an adapter file written by decomp.adapters.save_adapter")
+    if "decomp.adapters" not in metadata:
+        raise ValueError(
+            f"adapter file {path}: its metadata lacks the 'decomp.adapters' entry "
+            "(the JSON list of adapted layers that save_adapter writes)"
+        )
+    try:
+        described = json.loads(metadata["decomp.adapters"])
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"adapter file {path}: metadata 'decomp.adapters' is not valid JSON ({error})"
+        ) from error
+    problems = _entry_problems(described)
+    if problems:
+        raise ValueError(
+            f"adapter file {path}: malformed metadata 'decomp.adapters': " + "; ".join(problems)
+        )
+    return described
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry_problems(described: object) -> list[str]:
+    """What is wrong with the structure of a file's layer list (empty: nothing)."""
+    if not isinstance(described, list) or not described:
+        got = "an empty list" if isinstance(described, list) else type(described).__name__
+        return [f"expected a non-empty list of layer entries, got {got}"]
+    problems = []
+    seen: set[tuple[str, int]] = set()
+    for position, entry in enumerate(described):
+        label = f"entry {position}"
+        if not isinstance(entry, dict):
+            problems.append(f"{label} is a {type(entry).__name__}, not an object")
+            continue
+        missing = [field for field in _ENTRY_FIELDS if field not in entry]
+        unknown = sorted(set(entry) - set(_ENTRY_FIELDS))
+        if missing:
+            problems.append(f"{label} lacks {missing}")
+        if unknown:
+            problems.append(f"{label} has unknown keys {unknown} (expected {list(_ENTRY_FIELDS)})")
+        if missing:
+            continue
+        name, index, shape = entry["name"], entry["index"], entry["weight_shape"]
+        checks = [
+            (isinstance(name, str), "name must be a string", name),
+            (_is_int(index) and index >= 0, "index must be an int >= 0", index),
+            (isinstance(entry["adapter"], str), "adapter must be a class name", entry["adapter"]),
+            (isinstance(entry["config"], dict), "config must be an object", entry["config"]),
+            (
+                isinstance(shape, list)
+                and 2 <= len(shape) <= 5
+                and all(_is_int(size) and size >= 1 for size in shape),
+                "weight_shape must be a list of 2 to 5 positive ints",
+                shape,
+            ),
+        ]
+        failed = [f"{label}: {what}, got {value!r}" for ok, what, value in checks if not ok]
+        problems.extend(failed)
+        if not failed:
+            if (name, index) in seen:
+                problems.append(f"{label} repeats layer {name!r} slot {index}")
+            seen.add((name, index))
+    return problems
+
+
+def _adapter_classes() -> dict[str, type[AdapterParam]]:
     from decomp import adapters  # the package imports this module: resolve the classes lazily
 
-    classes = {
+    return {
         name: value
         for name, value in vars(adapters).items()
         if isinstance(value, type) and issubclass(value, AdapterParam) and value is not AdapterParam
     }
-    unknown = sorted({entry["adapter"] for entry in described} - set(classes))
+
+
+def _described_adapters(entries: list[dict[str, Any]], path: str | Path) -> list[AdapterParam]:
+    """One unbuilt adapter per entry, from its class and config (each class checks its config)."""
+    classes = _adapter_classes()
+    unknown = sorted({entry["adapter"] for entry in entries} - set(classes))
     if unknown:
         raise ValueError(
-            f"the adapter file names adapter classes unknown to decomp.adapters: {unknown}"
+            f"adapter file {path} names adapter classes unknown to decomp.adapters: {unknown} "
+            f"(known: {sorted(classes)})"
         )
-    plan = {entry["name"]: entry for entry in described if entry["index"] == 0}
-    modules = dict(model.named_modules())
-    missing = sorted(set(plan) - set(modules))
+    adapters, problems = [], []
+    for entry in entries:
+        try:
+            adapters.append(classes[entry["adapter"]](**entry["config"]))
+        except (TypeError, ValueError) as error:
+            problems.append(
+                f"layer {entry['name']!r}: {entry['adapter']} rejects the config "
+                f"{entry['config']} ({error})"
+            )
+    if problems:
+        raise ValueError(f"adapter file {path}: " + "; ".join(problems))
+    return adapters
+
+
+def _strip_prefix(name: str, prefix: str) -> str | None:
+    if name == prefix:
+        return ""
+    return name[len(prefix) + 1 :] if name.startswith(prefix + ".") else None
+
+
+def _without_wrapper_prefixes(
+    entries: list[dict[str, Any]], saved: dict[str, torch.Tensor], root: nn.Module
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """The file's names without a ``torch.compile``/``DataParallel`` prefix shared by all of them.
+
+    Only a prefix that every layer name and tensor key carries and that is not a submodule of
+    ``root`` is removed; the names are then checked against the model like any others.
+    """
+    children = {name for name, _ in root.named_children()}
+    while True:
+        for prefix in _WRAPPER_PREFIXES:
+            names = [_strip_prefix(entry["name"], prefix) for entry in entries]
+            if (
+                prefix in children
+                or None in names
+                or not all(key.startswith(prefix + ".") for key in saved)
+            ):
+                continue
+            entries = [{**entry, "name": name} for entry, name in zip(entries, names)]
+            saved = {key[len(prefix) + 1 :]: value for key, value in saved.items()}
+            break
+        else:
+            return entries, saved
+
+
+def _plan_described(
+    root: nn.Module,
+    entries: list[dict[str, Any]],
+    described: list[AdapterParam],
+    path: str | Path,
+) -> list[tuple[str, nn.Module, AdapterParam]]:
+    """Where each adapter of a file goes in an unadapted model; raises before anything changes."""
+    stacked = sorted({entry["name"] for entry in entries if entry["index"] != 0})
+    if stacked:
+        raise ValueError(
+            f"adapter file {path} stacks several parametrizations on {stacked}; into a model "
+            "without adapters load_adapter registers one adapter per layer: register the same "
+            "stack first, then load"
+        )
+    modules = dict(root.named_modules())
+    missing = sorted(entry["name"] for entry in entries if entry["name"] not in modules)
     if missing:
         raise ValueError(f"the adapter file adapts layers the model does not have: {missing}")
-    reshaped = []
-    for name, entry in plan.items():
-        weight = getattr(modules[name], "weight", None)
-        shape = list(weight.shape) if isinstance(weight, torch.Tensor) else None
-        if shape != entry["weight_shape"]:
-            reshaped.append(f"{name}: {entry['weight_shape']} in the file, {shape} in the model")
+    layers = [(entry["name"], modules[entry["name"]]) for entry in entries]
+    unsupported = [
+        f"{name!r} ({parametrize.type_before_parametrizations(layer).__name__})"
+        for name, layer in layers
+        if not isinstance(layer, SUPPORTED_LAYERS)
+    ]
+    if unsupported:
+        raise ValueError(
+            f"the adapter file adapts {', '.join(unsupported)}; adapters support nn.Linear and "
+            "nn.Conv1d/2d/3d"
+        )
+    holders = _holders(root)
+    problems = [_adaptable_problem(name, layer, holders) for name, layer in layers]
+    problems = [problem for problem in problems if problem is not None]
+    if problems:
+        raise ValueError(f"adapter file {path}: " + "; ".join(problems))
+    reshaped = [
+        f"{name}: {entry['weight_shape']} in the file, {list(layer.weight.shape)} in the model"
+        for entry, (name, layer) in zip(entries, layers)
+        if list(layer.weight.shape) != entry["weight_shape"]
+    ]
     if reshaped:
         raise ValueError(
             "the adapter file's weight shapes differ from the model's: " + "; ".join(reshaped)
         )
-    apply(
-        model,
-        lambda name, module: classes[plan[name]["adapter"]](**plan[name]["config"]),
-        target=lambda name, module: name in plan,
-    )
+    return [(name, layer, adapter) for (name, layer), adapter in zip(layers, described)]
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating" if dtype.is_floating_point else "integer"
+
+
+def _tensor_problems(saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> list[str]:
+    """Every tensor present on both sides, with the same shape and the same kind of dtype."""
+    problems = [
+        f"tensor {key!r} only in the {'file' if key in saved else 'model'}"
+        for key in sorted(set(saved) ^ set(current))
+    ]
+    for key in sorted(set(saved) & set(current)):
+        in_file, in_model = saved[key], current[key]
+        if in_file.shape != in_model.shape:
+            problems.append(
+                f"tensor {key!r}: shape {tuple(in_file.shape)} in the file, "
+                f"{tuple(in_model.shape)} in the model"
+            )
+        elif _dtype_kind(in_file.dtype) != _dtype_kind(in_model.dtype):
+            problems.append(
+                f"tensor {key!r}: dtype {in_file.dtype} in the file, {in_model.dtype} in the model "
+                f"({_dtype_kind(in_file.dtype)} vs {_dtype_kind(in_model.dtype)})"
+            )
+    return problems
+
+
+def _copy_tensors(root: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    targets = dict(_adapter_tensors(root))
+    with torch.no_grad():
+        for key, value in saved.items():
+            targets[key].copy_(value)
 
 
 def _adapter_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

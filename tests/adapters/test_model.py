@@ -140,6 +140,24 @@ def test_bad_calls_raise_and_leave_the_model_untouched(call, error, message):
     assert all(torch.equal(model.state_dict()[key], value) for key, value in state.items())
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: apply(m, AtomParam),
+        lambda m: merge(m),
+        lambda m: report(m),
+        lambda m: trainable_parameters(m),
+        lambda m: adapter_state_dict(m),
+        lambda m: save_adapter(m, "unused.safetensors"),
+        lambda m: load_adapter(m, "unused.safetensors"),
+    ],
+    ids=["apply", "merge", "report", "trainable_parameters", "adapter_state_dict", "save_adapter", "load_adapter"],
+)
+def test_a_model_that_is_not_a_module_is_refused(call):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
+        call({"fc.weight": torch.zeros(2, 2)})
+
+
 def test_failure_after_some_registrations_rolls_them_back():
     # features.0 and features.2 build fine with num_atoms=4; the 1x1 features.4 rejects it.
     model = pretrained()

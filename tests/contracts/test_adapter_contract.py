@@ -3,8 +3,8 @@
 Identity at init over hypothesis-drawn layers (Linear, Conv1d/2d/3d with groups, dilation,
 stride and every padding mode), the closed-form trainable count, merge equivalence after a
 training step, gradients reaching only adapter tensors, adapter save -> load into a fresh model,
-``copy.deepcopy`` independence, bf16 layers, the ``state_dict`` round trip, and all-or-nothing
-rejection of unsupported layers.
+an atomic load (a file missing a tensor changes nothing), ``copy.deepcopy`` independence, bf16
+layers, the ``state_dict`` round trip, and all-or-nothing rejection of unsupported layers.
 
 Example counts are per adapter case and kept small so that the file stays fast as cases are
 added; ``HYPOTHESIS_PROFILE=dev`` does not raise them (the per-test settings win), so explore with
@@ -19,6 +19,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -171,6 +173,30 @@ def test_save_then_load_into_fresh_model_reproduces_outputs(case, tmp_path):
     torch.testing.assert_close(fresh(), model(), rtol=0, atol=0)
     saved = adapter_state_dict(model)
     assert all(torch.equal(adapter_state_dict(fresh)[key], value) for key, value in saved.items())
+
+
+@pytest.mark.parametrize("adapted", [False, True], ids=["into-plain", "into-adapted"])
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+def test_loading_a_file_missing_a_tensor_changes_nothing(case, adapted, tmp_path):
+    pretrained = LayerBank(case.layers)
+    model = adapt(copy.deepcopy(pretrained), case)
+    path = tmp_path / "adapter.safetensors"
+    save_adapter(model, path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    missing = sorted(tensors)[-1]
+    save_file({key: value for key, value in tensors.items() if key != missing}, str(path), metadata=metadata)
+    target = adapt(copy.deepcopy(pretrained), case) if adapted else copy.deepcopy(pretrained)
+    state = {key: value.clone() for key, value in target.state_dict().items()}
+    flags = [parameter.requires_grad for parameter in target.parameters()]
+    classes = [type(module) for module in target.modules()]
+    with pytest.raises(ValueError, match=f"tensor '{missing}' only in the model"):
+        load_adapter(target, path)
+    assert [type(module) for module in target.modules()] == classes
+    assert [parameter.requires_grad for parameter in target.parameters()] == flags
+    assert target.state_dict().keys() == state.keys()
+    assert all(torch.equal(target.state_dict()[key], value) for key, value in state.items())
 
 
 @pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
