@@ -9,6 +9,7 @@ layer's own forward is untouched). :mod:`decomp.adapters.model` adds the model-l
 from .atom import AtomParam
 from .base import AdapterParam
 from .dct import DCTParam
+from .export import merged_state_dict
 from .kron import KronParam
 from .ldu import LDUParam
 from .lie import LieParam
@@ -33,6 +34,7 @@ __all__ = [
     "trainable_parameters",
     "report",
     "merge",
+    "merged_state_dict",
     "adapter_state_dict",
     "save_adapter",
     "load_adapter",
