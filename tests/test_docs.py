@@ -2,9 +2,10 @@
 
 (a) Every ```python block of README.md and docs/**/*.md runs in a fresh namespace (docs/benchmarks.md
     is written by the benchmark script and is skipped).
-(b) Every row of the per-function tables in docs/errors.md is a literal call, an exception type and
-    a message fragment; the call must raise exactly that type with that fragment in its message,
-    and every public function has rows.
+(b) Every row of the tables in docs/errors.md is a literal call, an exception type and a message
+    fragment (evaluated with the public names of decomp, decomp.adapters and optim in scope); the
+    call must raise exactly that type with that fragment in its message, and every public
+    function of decomp has rows.
 (c) The signature line at the top of each page matches the function's real signature, defaults
     included, and every page is in the mkdocs nav.
 (d) examples/decompose.py, the demo behind ``make demo``, runs end to end on a tiny network.
@@ -24,6 +25,7 @@ import torch
 
 import decomp
 import decomp.adapters
+import optim
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -153,7 +155,8 @@ def test_every_public_function_has_error_rows(function: str):
 @pytest.mark.parametrize("row", ERROR_ROWS, ids=[row.call for row in ERROR_ROWS])
 def test_documented_error_is_raised(row: ErrorRow):
     namespace = {"torch": torch, "decomp": decomp}
-    namespace.update({name: getattr(decomp, name) for name in decomp.__all__})
+    for module in (decomp, decomp.adapters, optim):
+        namespace.update({name: getattr(module, name) for name in module.__all__})
     with pytest.raises(EXCEPTIONS[row.exception]) as raised:
         eval(row.call, namespace)
     # pytest.raises also accepts subclasses; the table promises the exact type.
