@@ -416,8 +416,9 @@ def bench_ldu(settings: Settings) -> BenchResult:
         Comparison(name, ours_time, "torch.linalg.lu", anchor_time, Target.ratio(1.2), ours_error, anchor_error)
     ]
     notes = [
-        f"ldu: A standard Gaussian {n}x{n} fp32. Error = relative Frobenius error of `P L diag(D) U` "
-        "(ours) and of `P L U` (torch.linalg.lu).",
+        f"ldu: A standard Gaussian {n}x{n} fp32. Error = relative Frobenius error of "
+        "`(L diag(D) U)[perm]` (ours: the row permutation as an index vector) and of `P L U` "
+        "(torch.linalg.lu, whose P is a dense n x n matrix).",
     ]
     return comparisons, notes
 
