@@ -12,6 +12,7 @@ import math
 import numbers
 from typing import Sequence
 
+import numpy as np
 import torch
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -32,11 +33,13 @@ def check_tensor(
 ) -> torch.Tensor:
     """Validate a real floating tensor and return it unchanged.
 
-    Raises ``TypeError`` if ``x`` is not a tensor or not real floating point, and ``ValueError``
+    Raises ``TypeError`` if ``check_finite`` is not a ``bool`` (``0`` or ``"no"`` would silently
+    mean something), if ``x`` is not a tensor or not real floating point, and ``ValueError``
     if it has the wrong number of dimensions, no elements, or (with ``check_finite``) NaN/Inf.
     The finiteness check reads one boolean back from the device; pass ``check_finite=False`` to
     the public function to skip it in a hot loop.
     """
+    check_bool(check_finite, "check_finite")  # every public function's flag passes through here
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -113,21 +116,37 @@ def unit_scaled(x: torch.Tensor, dims: Sequence[int]) -> tuple[torch.Tensor, tor
         ...     [[3e30, -1e30], [0.0, 2e29]])))
         (torch.Size([1, 1]), 0.5916..., True)
     """
-    dtype = compute_dtype(x.dtype)
-    integer, mantissa_bits, bias = _FLOAT_LAYOUT[dtype]
     with torch.no_grad():
         # amax and amin: two plain reductions, several times cheaper than an inf-norm or abs().
         dims = tuple(dims)
         largest = torch.maximum(x.amax(dims, keepdim=True), -x.amin(dims, keepdim=True))
-        # largest = 1.f * 2^(b - bias) for its biased exponent field b, so e = b - bias + 1 puts
-        # largest / 2^e in [1/2, 1). Zero and subnormals have b = 0, inf and NaN the top value;
-        # the clamp maps them to the extreme scales, under which 0, inf and NaN stay what they are.
-        biased = (largest.to(dtype).view(integer) >> mantissa_bits) & (2 * bias + 1)
-        exponent = (biased - (bias - 1)).clamp(1 - bias, bias - 1)
-        scale = ((exponent + bias) << mantissa_bits).view(dtype)
-        inverse = ((bias - exponent) << mantissa_bits).view(dtype)
+        scale, inverse = power_of_two_scales(largest.to(compute_dtype(x.dtype)))
     # A dimensioned fp32 factor promotes a half x to fp32 in this one multiply.
     return x * inverse, scale
+
+
+def power_of_two_scales(largest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(s, 1/s)`` with :math:`s = 2^e` such that ``largest / s`` lies in :math:`[1/2, 1)`.
+
+    ``largest`` holds non-negative magnitudes in float32 or float64 (any shape; the result has
+    the same). The exponent is clamped as in :func:`unit_scaled`, which calls this on the
+    largest magnitude of each slice; call it directly when the magnitude is agreed elsewhere (the
+    maximum over the ranks of a sharded tensor, say), so that every part is scaled alike.
+
+    Example:
+        >>> scale, inverse = power_of_two_scales(torch.tensor([3e30, 0.75]))
+        >>> scale.tolist() == [2.0**102, 1.0], (scale * inverse).tolist()
+        (True, [1.0, 1.0])
+    """
+    integer, mantissa_bits, bias = _FLOAT_LAYOUT[largest.dtype]
+    # largest = 1.f * 2^(b - bias) for its biased exponent field b, so e = b - bias + 1 puts
+    # largest / 2^e in [1/2, 1). Zero and subnormals have b = 0, inf and NaN the top value;
+    # the clamp maps them to the extreme scales, under which 0, inf and NaN stay what they are.
+    biased = (largest.view(integer) >> mantissa_bits) & (2 * bias + 1)
+    exponent = (biased - (bias - 1)).clamp(1 - bias, bias - 1)
+    scale = ((exponent + bias) << mantissa_bits).view(largest.dtype)
+    inverse = ((bias - exponent) << mantissa_bits).view(largest.dtype)
+    return scale, inverse
 
 
 def check_result_finite(result: torch.Tensor, what: str, name: str) -> None:
@@ -177,6 +196,30 @@ def _checked_int(value: object, name: str, low: int, high: int | None, expected:
         allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be {allowed}, got {value}")
     return value
+
+
+def as_sequence(value: object, name: str) -> tuple | None:
+    """``value`` (the argument ``name``) as a tuple if it is a sequence, else ``None``.
+
+    Lists, tuples, ``torch.Size`` and other ``Sequence`` types count, and so do 1-D numpy arrays
+    (``np.array([4, 2])``), whose entries come back as Python numbers; strings do not. A numpy
+    array of another number of dimensions raises ``TypeError`` naming ``name`` and its shape.
+
+    Example:
+        >>> as_sequence(np.array([4, 2]), "ranks"), as_sequence((1, 2.5), "ranks")
+        ((4, 2), (1, 2.5))
+        >>> as_sequence("ab", "modes"), as_sequence(3, "modes")
+        (None, None)
+    """
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1:
+            raise TypeError(
+                f"{name} must be a 1-D sequence, got a numpy array of shape {value.shape}"
+            )
+        return tuple(value.tolist())
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return None
+    return tuple(value)
 
 
 def check_rank(rank: object, name: str, high: int) -> int:
@@ -236,7 +279,12 @@ def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
 def check_bool(value: object, name: str) -> bool:
     """Validate a flag: a real ``bool`` (``0``/``1`` and other ints are refused, not truth-tested)."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        kind = type(value)
+        # numpy's bool is also called "bool": qualify names from outside the builtins.
+        shown = kind.__name__
+        if kind.__module__ != "builtins":
+            shown = f"{kind.__module__}.{shown}"
+        raise TypeError(f"{name} must be a bool, got {shown}")
     return value
 
 

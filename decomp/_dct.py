@@ -39,7 +39,15 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_int, check_tensor, to_compute
+from ._checks import (
+    _all_finite,
+    _unwrapped,
+    check_bool,
+    check_int,
+    check_result_finite,
+    check_tensor,
+    to_compute,
+)
 
 # lru_cache bounds: one entry per (n, dtype, device); a few hundred sizes covers every model.
 _CACHE_SIZE = 256
@@ -365,16 +373,17 @@ def dct(x: torch.Tensor, dim: int = -1, *, check_finite: bool = True) -> torch.T
     Args:
         x: real floating tensor, any shape with ``x.shape[dim] = n >= 1``.
         dim: the transformed dimension, in ``[-x.ndim, x.ndim - 1]``.
-        check_finite: check ``x`` for NaN/Inf (one device sync; under ``torch.func.vmap`` the
-            whole batch is checked); pass ``False`` in hot loops.
+        check_finite: check ``x`` for NaN/Inf and the result for overflow of ``x``'s dtype
+            (one device sync; under ``torch.func.vmap`` the whole batch is checked); pass
+            ``False`` in hot loops.
 
     Returns:
         Tensor of ``x``'s shape, dtype and device.
 
     Raises:
         TypeError: ``x`` is not a real floating tensor, or ``dim`` is not an int.
-        ValueError: ``x`` is 0-dim, empty or (with ``check_finite``) has NaN/Inf, or ``dim`` is
-            out of range.
+        ValueError: ``x`` is 0-dim, empty or (with ``check_finite``) has NaN/Inf or a result
+            beyond its dtype's range, or ``dim`` is out of range.
 
     Example:
         >>> x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -382,9 +391,7 @@ def dct(x: torch.Tensor, dim: int = -1, *, check_finite: bool = True) -> torch.T
         >>> torch.allclose(X, dct_matrix(5, dtype=torch.float64) @ x)
         True
     """
-    x = check_tensor(x, "x", check_finite=check_finite)
-    dim = _check_dim(dim, x.ndim)
-    return _OrthonormalDCT.apply(to_compute(x), dim, False).to(x.dtype)
+    return _checked_transform(x, dim, check_finite, inverse=False)
 
 
 def idct(x: torch.Tensor, dim: int = -1, *, check_finite: bool = True) -> torch.Tensor:
@@ -401,22 +408,41 @@ def idct(x: torch.Tensor, dim: int = -1, *, check_finite: bool = True) -> torch.
     Args:
         x: real floating tensor, any shape with ``x.shape[dim] = n >= 1``.
         dim: the transformed dimension, in ``[-x.ndim, x.ndim - 1]``.
-        check_finite: check ``x`` for NaN/Inf (one device sync; under ``torch.func.vmap`` the
-            whole batch is checked); pass ``False`` in hot loops.
+        check_finite: check ``x`` for NaN/Inf and the result for overflow of ``x``'s dtype
+            (one device sync; under ``torch.func.vmap`` the whole batch is checked); pass
+            ``False`` in hot loops.
 
     Returns:
         Tensor of ``x``'s shape, dtype and device.
 
     Raises:
         TypeError: ``x`` is not a real floating tensor, or ``dim`` is not an int.
-        ValueError: ``x`` is 0-dim, empty or (with ``check_finite``) has NaN/Inf, or ``dim`` is
-            out of range.
+        ValueError: ``x`` is 0-dim, empty or (with ``check_finite``) has NaN/Inf or a result
+            beyond its dtype's range, or ``dim`` is out of range.
 
     Example:
         >>> x = torch.randn(4, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         >>> torch.allclose(idct(dct(x)), x)
         True
     """
-    x = check_tensor(x, "x", check_finite=check_finite)
+    return _checked_transform(x, dim, check_finite, inverse=True)
+
+
+def _checked_transform(
+    x: object, dim: object, check_finite: bool, *, inverse: bool
+) -> torch.Tensor:
+    """:func:`dct` or :func:`idct` with their checks, reading one bool back for ``check_finite``.
+
+    A NaN/Inf in ``x`` reaches the result, so checking the result alone finds it (and then ``x``
+    is checked to say so); a finite ``x`` whose result is not finite overflowed the dtype (an
+    fp16 fibre with a norm over 65504), which raises instead of returning ``inf``.
+    """
+    check_bool(check_finite, "check_finite")
+    x = check_tensor(x, "x", check_finite=False)
     dim = _check_dim(dim, x.ndim)
-    return _OrthonormalDCT.apply(to_compute(x), dim, True).to(x.dtype)
+    result = _OrthonormalDCT.apply(to_compute(x), dim, inverse).to(x.dtype)
+    if check_finite and not _all_finite(_unwrapped(result)):
+        check_tensor(x, "x")
+        what = "the entries of idct(x)" if inverse else "the entries of dct(x)"
+        check_result_finite(_unwrapped(result), what, "x")
+    return result

@@ -12,6 +12,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from ._checks import (
+    as_sequence,
     check_choice,
     check_generator,
     check_int,
@@ -233,6 +234,7 @@ def _largest_divisor_up_to_sqrt(size: int) -> int:
 
 
 def _check_pair(value: object, name: str) -> tuple[int, int]:
-    if not isinstance(value, (tuple, list, torch.Size)) or len(value) != 2:
+    pair = as_sequence(value, name)
+    if pair is None or len(pair) != 2:
         raise TypeError(f"{name} must be a pair of positive ints (rows, cols), got {value!r}")
-    return check_int(value[0], f"{name}[0]", low=1), check_int(value[1], f"{name}[1]", low=1)
+    return check_int(pair[0], f"{name}[0]", low=1), check_int(pair[1], f"{name}[1]", low=1)

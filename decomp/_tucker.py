@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple, Sequence, Union
 import torch
 
 from ._checks import (
+    as_sequence,
     check_choice,
     check_fraction,
     check_generator,
@@ -384,8 +385,10 @@ def _squared_norm(X: torch.Tensor) -> torch.Tensor:
 def _check_modes(modes: object, ndim: int) -> tuple[int, ...]:
     if modes is None:
         return tuple(range(ndim))
-    if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence):
+    sequence = as_sequence(modes, "modes")
+    if sequence is None:
         raise TypeError(f"modes must be a sequence of ints or None, got {type(modes).__name__}")
+    modes = sequence
     if len(modes) == 0:
         raise ValueError("modes must name at least one mode, got an empty sequence")
     normalized = tuple(
@@ -399,11 +402,13 @@ def _check_modes(modes: object, ndim: int) -> tuple[int, ...]:
 
 def _check_ranks(ranks: object, modes: tuple[int, ...], shape: torch.Size) -> list[int | float]:
     """One int (validated against the mode size) or float fraction per decomposed mode."""
-    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, (numbers.Real, Sequence)):
+    sequence = as_sequence(ranks, "ranks")
+    if sequence is None and not isinstance(ranks, numbers.Real):
         raise TypeError(
             f"ranks must be an int, a float or a sequence of them, got {type(ranks).__name__}"
         )
-    if isinstance(ranks, Sequence):
+    if sequence is not None:
+        ranks = sequence
         if len(ranks) != len(modes):
             raise ValueError(
                 f"ranks must have one entry per decomposed mode ({len(modes)}, modes {modes}), "

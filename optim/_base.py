@@ -306,6 +306,8 @@ class TensorStateOptimizer(torch.optim.Optimizer):
     """
 
     options: ClassVar[Mapping[str, OptionCheck]] = COMMON_OPTIONS
+    fixed_options: ClassVar[Mapping[str, Any]] = {}
+    """Options a subclass pins (``DCTProjectedAdam``'s projector): no group may set another value."""
 
     def __init__(
         self,
@@ -333,6 +335,13 @@ class TensorStateOptimizer(torch.optim.Optimizer):
         checked = {
             key: check(group[key], key) for key, check in cls.options.items() if key in group
         }
+        for key, value in cls.fixed_options.items():
+            if key in checked and checked[key] != value:
+                raise ValueError(
+                    f"{cls.__name__} fixes {key}={value!r}, got {key}={checked[key]!r} (a param "
+                    f"group or a state_dict of another optimizer?); use "
+                    f"{cls.__mro__[1].__name__}({key}=...) for another"
+                )
         return {**group, **checked}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -352,8 +361,9 @@ class TensorStateOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------ state layout
 
     def _takes_adamw(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
-        """Whether ``param`` takes the plain AdamW step (default: tensors with fewer than 2 dims)."""
-        return param.ndim < 2
+        """Whether ``param`` takes the plain AdamW step (default: tensors with fewer than 2 dims,
+        and empty ones, which have no basis to compute and no entry to move)."""
+        return param.ndim < 2 or param.numel() == 0
 
     def _matrix_layout(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
         """The state layout of a parameter stepped as a matrix; raise ``ValueError`` if the
@@ -457,6 +467,10 @@ class TensorStateOptimizer(torch.optim.Optimizer):
             work.append((options, fallback, matrices))
         return work
 
+    # Eager even inside torch.compile: the step reads host counters and checks (graph breaks,
+    # so nothing to gain), and inductor miscompiles it silently (torch 2.13 on the CPU:
+    # `W.add_(A @ B, alpha=-lr)` loses its alpha, `zeros.lerp_(A @ B, w)` its weight).
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter with a gradient; returns ``closure()`` if given.
@@ -464,7 +478,8 @@ class TensorStateOptimizer(torch.optim.Optimizer):
         Parameters that :meth:`_takes_adamw` step with ``torch.optim.AdamW``'s arithmetic and the
         group's ``lr``, ``betas``, ``eps`` and ``weight_decay``; the others of each group go to
         :meth:`_step_matrices` together. Every check and every computation that can fail runs for
-        all parameters before the first one changes.
+        all parameters before the first one changes. Under ``torch.compile`` the step runs
+        eagerly (a graph break), with the same result as without.
         """
         loss = None
         if closure is not None:

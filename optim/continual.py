@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from decomp._checks import unit_scaled
+
 __all__ = ["extend_basis", "frequent_directions", "project_off"]
 
 
@@ -52,7 +54,9 @@ def frequent_directions(sketch: torch.Tensor, rows: torch.Tensor) -> torch.Tenso
     Stack, take the SVD :math:`[S; R] = U \Sigma V^\top`, keep
     :math:`\sqrt{\max(\sigma_i^2 - \sigma_{\ell+1}^2, 0)}\, v_i^\top` for :math:`i \le \ell`
     (Liberty 2013): :math:`0 \preceq A^\top A - S^\top S \preceq (\lVert A\rVert_F^2 /
-    (\ell - \text{rank}))\, I` over everything added so far.
+    (\ell - \text{rank}))\, I` over everything added so far. The SVD and the squares run on the
+    stack divided by a power of two (:func:`decomp._checks.unit_scaled`), so rows of any size
+    that fits the dtype neither overflow nor underflow.
 
     Example:
         >>> sketch = frequent_directions(torch.zeros(4, 6), torch.eye(6)[:2])
@@ -60,12 +64,13 @@ def frequent_directions(sketch: torch.Tensor, rows: torch.Tensor) -> torch.Tenso
         (torch.Size([4, 6]), True)
     """
     size = sketch.shape[0]
-    _, singular, vh = torch.linalg.svd(torch.cat([sketch, rows]), full_matrices=False)
+    stacked, scale = unit_scaled(torch.cat([sketch, rows]), (-2, -1))
+    _, singular, vh = torch.linalg.svd(stacked, full_matrices=False)
     if singular.shape[0] > size:
         shrunk = (singular[:size].square() - singular[size].square()).clamp_min(0).sqrt()
     else:
         shrunk = singular
-    kept = shrunk[:, None] * vh[: shrunk.shape[0]]
+    kept = (shrunk[:, None] * vh[: shrunk.shape[0]]) * scale
     if kept.shape[0] < size:
         kept = torch.cat([kept, kept.new_zeros(size - kept.shape[0], kept.shape[1])])
     return kept
@@ -87,7 +92,8 @@ def extend_basis(
         >>> basis.shape, torch.allclose(basis.abs(), torch.tensor([[1.0], [0.0], [0.0]]))
         (torch.Size([3, 1]), True)
     """
-    _, singular, vh = torch.linalg.svd(sketch, full_matrices=False)
+    # The fractions are scale-free; squares of the raw sketch could overflow or underflow.
+    _, singular, vh = torch.linalg.svd(unit_scaled(sketch, (-2, -1))[0], full_matrices=False)
     power = singular.square()
     total = power.sum()
     if total <= 0:

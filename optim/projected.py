@@ -68,7 +68,7 @@ from ._base import (
     state_dtype,
     whole,
 )
-from .projectors import DCTProjector, Projector, RandomProjector, SVDProjector
+from .projectors import DCTProjector, Projector, RandomProjector, SVDProjector, column_norms
 
 __all__ = ["DCTProjectedAdam", "ProjectedAdam", "SVDProjectedAdam"]
 
@@ -123,11 +123,12 @@ def _projector(group: dict[str, Any]) -> Projector:
     return RandomProjector()
 
 
-def _row_shard_reduce(param: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def _row_shard_reduce(param: torch.Tensor) -> Callable[..., torch.Tensor] | None:
     """The score all-reduce for a DTensor sharded by rows; ``None`` for a whole tensor.
 
-    The sum runs over the one mesh dimension that splits the rows (FSDP's ``Shard(0)``); replicated
-    mesh dimensions (HSDP) hold the same rows with the same gradient, so they need nothing.
+    The sum (``op="max"``: the maximum) runs over the one mesh dimension that splits the rows
+    (FSDP's ``Shard(0)``); replicated mesh dimensions (HSDP) hold the same rows with the same
+    gradient, so they need nothing.
     """
     placements = getattr(param, "placements", None)
     if placements is None or all(placement.is_replicate() for placement in placements):
@@ -142,8 +143,9 @@ def _row_shard_reduce(param: torch.Tensor) -> Callable[[torch.Tensor], torch.Ten
         )
     group = param.device_mesh.get_group(row_dims[0])
 
-    def reduce(scores: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(scores, group=group)
+    def reduce(scores: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+        dist.all_reduce(scores, op=reduce_op, group=group)
         return scores
 
     return reduce
@@ -169,7 +171,7 @@ def _orientation(param: torch.Tensor, reduce: Callable | None) -> _Orientation:
 
 
 def _finite_on_every_rank(
-    tensor: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]
+    tensor: torch.Tensor, reduce: Callable[..., torch.Tensor]
 ) -> bool:
     """Whether ``tensor`` is finite on every rank that holds a row shard of it (``reduce``).
 
@@ -303,8 +305,8 @@ class ProjectedAdam(TensorStateOptimizer):
 
     def _takes_adamw(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
         return (
-            group["rank"] is None
-            or param.ndim < 2
+            super()._takes_adamw(param, group)
+            or group["rank"] is None
             or max(param.shape[0], math.prod(param.shape[1:])) >= group["max_dim"]
         )
 
@@ -439,10 +441,9 @@ class ProjectedAdam(TensorStateOptimizer):
         if group["moments"] == "rotate" and int(state["step"]) > 0:
             rotation = projector.basis(state, dim, rank, oriented).mT @ basis
         if group["protect"]:
-            energy = low.square().sum(0)
-            if reduce is not None:
-                energy = reduce(energy)
-            rows = energy.sqrt()[:, None] * basis.mT
+            # Scale-free: the squares of a 1e20 (1e-25) gradient overflow (underflow) float32.
+            norms, norm_scale = column_norms(low, "l2", reduce)
+            rows = (norms[:, None] * basis.mT) * norm_scale
             refreshed = {**refreshed, "sketch": continual.frequent_directions(state["sketch"], rows)}
         return _Plan(
             low[: oriented.shape[0]],
@@ -588,6 +589,8 @@ class DCTProjectedAdam(ProjectedAdam):
         torch.Size([32, 8])
     """
 
+    fixed_options = {"projector": "dct"}
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -621,6 +624,8 @@ class SVDProjectedAdam(ProjectedAdam):
         >>> state["basis"].shape
         torch.Size([16, 4])
     """
+
+    fixed_options = {"projector": "svd"}
 
     def __init__(
         self,

@@ -11,8 +11,9 @@ The protocol: ``name``, the state ``keys`` it owns, and five methods:
   ``dim`` (before the first :meth:`select`).
 - ``select(X, state, rank, reduce)`` — choose the subspace for gradient ``X`` and return
   ``(X P, new_state)`` without touching ``state`` (so a failing check leaves it intact). ``reduce``
-  (optional) sums a tensor over the ranks that hold row shards of ``X``; ``transposed`` says that
-  ``X`` is the parameter's gradient transposed (only the SVD projector uses it).
+  (optional) sums a tensor over the ranks that hold row shards of ``X`` (``reduce(t, op="max")``
+  takes the maximum); ``transposed`` says that ``X`` is the parameter's gradient transposed (only
+  the SVD projector uses it).
 - ``basis(state, dim, rank, like)`` — the orthonormal :math:`P \in \mathbb{R}^{d \times r}`. Down is
   :math:`X P`, up is :math:`L P^\top`; :math:`P P^\top` is an orthogonal projection.
 - ``layout(dim, rank)`` — the kind and shape of each of its state tensors, which the optimizer
@@ -33,13 +34,52 @@ from typing import Protocol
 import torch
 
 from decomp import dct, dct_matrix, rsvd
+from decomp._checks import power_of_two_scales
+from decomp._dct import _cached_dct_matrix
 
 from ._base import StateSpec, floating, integer
 
-__all__ = ["DCTProjector", "Projector", "RandomProjector", "SVDProjector", "dct_columns"]
+__all__ = [
+    "DCTProjector",
+    "Projector",
+    "RandomProjector",
+    "SVDProjector",
+    "column_norms",
+    "dct_columns",
+]
 
 ProjectorState = dict[str, torch.Tensor]
-Reduce = Callable[[torch.Tensor], torch.Tensor]
+Reduce = Callable[..., torch.Tensor]  # reduce(tensor, op="sum" | "max") over the row-shard ranks
+
+
+def column_norms(
+    matrix: torch.Tensor, norm: str = "l2", reduce: Reduce | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Scale-free column norms of ``matrix`` (:math:`k \times d`): ``(norms / s, s)``.
+
+    ``norm="l2"`` gives :math:`\lVert X_{:,j} \rVert_2`, ``"l1"`` gives
+    :math:`\lVert X_{:,j} \rVert_1`, each divided by the power of two :math:`s` that brings the
+    largest magnitude of ``matrix`` into :math:`[1/2, 1)`. The squares and sums run on
+    :math:`X / s`, so they neither overflow (a gradient of 1e20, whose squares exceed float32)
+    nor underflow (one of 1e-25, whose squares are zero in float32): the relative sizes of the
+    columns, and so any choice made from them, are those of :math:`X` at every scale. Under row
+    sharding ``reduce`` makes :math:`s` the same on every rank (a max) and sums the columns.
+    Compare columns through ``norms``; ``norms * s`` is the true value when it fits the dtype.
+
+    Example:
+        >>> norms, scale = column_norms(torch.tensor([[3e20, 0.0], [4e20, 1e20]]))
+        >>> (norms * scale / 1e20).tolist()
+        [5.0, 1.0]
+    """
+    largest = torch.maximum(matrix.amax(), -matrix.amin())
+    if reduce is not None:
+        largest = reduce(largest.reshape(1), op="max")[0]
+    scale, inverse = power_of_two_scales(largest)
+    scaled = matrix * inverse
+    sums = (scaled.square_() if norm == "l2" else scaled.abs_()).sum(0)
+    if reduce is not None:
+        sums = reduce(sums)
+    return (sums.sqrt() if norm == "l2" else sums), scale
 
 
 class Projector(Protocol):
@@ -147,10 +187,11 @@ class DCTProjector:
         if self.method == "fft":
             aligned = dct(grad, dim=-1, check_finite=False)
         else:
-            aligned = grad @ dct_matrix(grad.shape[-1], dtype=grad.dtype, device=grad.device).T
-        scores = aligned.square().sum(0) if self.norm == "l2" else aligned.abs().sum(0)
-        if reduce is not None:
-            scores = reduce(scores)
+            # The private cache, read only: dct_matrix would copy d x d at every refresh.
+            aligned = grad @ _cached_dct_matrix(grad.shape[-1], grad.dtype, grad.device).T
+        # Scale-free scores: squares of a 1e20 gradient would all be inf, of a 1e-25 one all
+        # zero, and top-k would then pick arbitrary columns.
+        scores, _ = column_norms(aligned, self.norm, reduce)
         index = torch.topk(scores, rank, sorted=False).indices.sort().values
         return aligned[:, index], {"index": index}
 

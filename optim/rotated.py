@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from decomp import dct, idct
+from decomp._checks import unit_scaled
 
 from ._adam import adam_direction, apply_update, init_moments
 from ._base import (
@@ -63,16 +64,31 @@ def _orthonormal_factor(matrix: torch.Tensor) -> torch.Tensor:
     return q * signs
 
 
+# Rows (and columns) of R^T M whose norm is at most this many machine epsilons of the largest
+# are rounding noise: when M is rank-deficient (a first step on a small batch) the QR completes R
+# with columns orthogonal to M, which exact arithmetic maps to zero rows and floating point to
+# rows of about eps ||M||; normalising those would blow noise up to a full-size update. Measured
+# (fp32, rank-1 M, sides up to 1024): noise at 1-6 eps; the smallest row of a 1024 x 1024
+# Gaussian M sits at about 600 eps.
+_ROUNDING_EPS = 32
+
+
 def _normalize_rows(x: torch.Tensor, target: float) -> torch.Tensor:
-    # Dividing before scaling, with the norm floored at the smallest normal number, maps a zero
-    # row to zero (0 / tiny) instead of 0 * inf = NaN, and never overflows for a nonzero row.
+    r"""Rows of ``x`` scaled to L2 norm ``target``; rows at the rounding level become zero.
+
+    ``x`` must be of moderate scale (the base maps divide it by :func:`unit_scaled` first), so
+    no squared norm over- or underflows. A row whose norm is at most ``_ROUNDING_EPS`` machine
+    epsilons of the largest one (a zero row included) maps to zero: it is divided by ``inf``.
+    """
     norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x.div(norms.clamp_min(torch.finfo(x.dtype).tiny)).mul_(target)
+    floor = norms.amax() * (_ROUNDING_EPS * torch.finfo(x.dtype).eps)
+    return x.div(torch.where(norms > floor, norms, torch.inf)).mul_(target)
 
 
 def _sinkhorn(x: torch.Tensor, iters: int) -> torch.Tensor:
     r"""``iters`` rounds of: rows to L2 norm :math:`\sqrt{n}`, then columns to :math:`\sqrt{m}`."""
     rows, cols = x.shape
+    x = unit_scaled(x, (-2, -1))[0]  # the map is scale-invariant; this makes it scale-safe
     for _ in range(iters):
         x = _normalize_rows(x, math.sqrt(cols))
         x = _normalize_rows(x.T, math.sqrt(rows)).T
@@ -81,12 +97,12 @@ def _sinkhorn(x: torch.Tensor, iters: int) -> torch.Tensor:
 
 def _row_norm(x: torch.Tensor, iters: int) -> torch.Tensor:
     r""":math:`\sqrt{n}\, x_i / \lVert x_i \rVert` for every row (``iters`` is unused)."""
-    return _normalize_rows(x, math.sqrt(x.shape[-1]))
+    return _normalize_rows(unit_scaled(x, (-2, -1))[0], math.sqrt(x.shape[-1]))
 
 
 def _sign(x: torch.Tensor, iters: int) -> torch.Tensor:
-    """Elementwise sign (``iters`` is unused)."""
-    return torch.sign(x)
+    """Elementwise sign, zero on rows at the rounding level (``iters`` is unused)."""
+    return _normalize_rows(unit_scaled(x, (-2, -1))[0], 1.0).sign()
 
 
 _BASE_MAPS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
@@ -108,23 +124,34 @@ class _MatrixOrAdamW(TensorStateOptimizer):
         """Whether ``param``'s next step runs a decomposition (what ``check_finite`` guards)."""
         raise NotImplementedError
 
+    def _decomposition_inputs(
+        self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]
+    ) -> list[tuple[torch.Tensor, str]]:
+        """What this step's decomposition of ``param`` reads, each with the error if non-finite.
+
+        Default: the gradient. The messages name the parameter through ``{param}``.
+        """
+        return [(grad, "the gradient of {param} contains NaN or Inf at a basis update")]
+
     def _check_gradients(
         self, work: list[tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]]
     ) -> None:
-        """With ``check_finite``, raise before anything changes if a gradient due for a
-        decomposition has NaN/Inf (one host sync for all of them)."""
+        """With ``check_finite``, raise before anything changes if a gradient (or a statistic)
+        due for a decomposition has NaN/Inf (one host sync for all of them)."""
         due = [
-            (param, grad)
+            (param, tensor, problem)
             for group, params in work
             if group["check_finite"]
             for param, grad in params
             if self._decomposes(param, group)
+            for tensor, problem in self._decomposition_inputs(param, grad, group)
         ]
-        bad = first_nonfinite([grad for _, grad in due])
+        bad = first_nonfinite([tensor for _, tensor, _ in due])
         if bad is not None:
+            param, _, problem = due[bad]
             raise ValueError(
-                f"the gradient of {self._describe(due[bad][0])} contains NaN or Inf at a basis "
-                f"update; the optimizer state was left unchanged"
+                f"{problem.format(param=self._describe(param))}; the optimizer state was left "
+                f"unchanged"
             )
 
     def _matrix_step(
@@ -165,14 +192,23 @@ class ARO(_MatrixOrAdamW):
     * ``"row_norm"`` -- :math:`\sqrt{n}\, x_i / \lVert x_i \rVert` per row;
     * ``"sign"`` -- :math:`\operatorname{sign}(X)`.
 
-    A zero row or column stays zero, so a zero gradient gives a zero update (no NaN). Each
+    A zero row or column stays zero, so a zero gradient gives a zero update (no NaN). So does a
+    row (column) whose norm is at most :math:`32\,\epsilon` of the largest (:math:`\epsilon` the
+    state dtype's machine epsilon): when :math:`M` is rank-deficient (a first step on a batch
+    smaller than :math:`\min(m, n)`) the QR completes :math:`R` with columns orthogonal to
+    :math:`M`, whose rows of :math:`R^\top M` are zero in exact arithmetic and rounding noise in
+    floating point, and normalising them would turn noise into most of the update. For a rank-1
+    :math:`M` that noise is a few :math:`\epsilon` and the update stays in :math:`M`'s span; for
+    rank 2 and more the unpivoted QR of an ill-conditioned :math:`C` can leave rows of about
+    :math:`10^{-5}` of the largest (float32), which are normalised like any other row, as in the
+    official code. Each
     :math:`f` commutes with flipping the sign of rows, so the sign convention of the QR does not
     change the update; it is fixed only so the rotation state is deterministic. With ``"sign"``
-    the step is not continuous in :math:`M`: :math:`C` can be singular (then the trailing
-    columns of :math:`R` are whatever orthonormal completion the QR returns) and
-    :math:`R^\top M` can hold exact zeros whose computed sign is rounding, so runs on different
-    devices or LAPACKs may drift apart; ``"sinkhorn"`` and ``"row_norm"`` have neither issue
-    (:math:`C = M D_2 M^\top R D_1` has the rank of :math:`M`).
+    the step is not continuous in :math:`M`: :math:`R^\top M` can hold exact zeros whose
+    computed sign is rounding, so runs on different devices or LAPACKs may drift apart. Every
+    :math:`f` is scale-invariant and runs on :math:`R^\top M` divided by a power of two (and the
+    QR on :math:`C` likewise), so a momentum of 1e20 or 1e-30 gets the update of its unit-scale
+    copy, where raw squared norms would overflow or underflow float32.
 
     Which side is rotated: the smaller one. For :math:`m \le n` the rotation is :math:`m \times m`
     as in the paper; for :math:`m > n` the same step runs on :math:`W^\top` (so :math:`R` is
@@ -313,7 +349,7 @@ class ARO(_MatrixOrAdamW):
         tall = rows > cols
         framed = momentum.T if tall else momentum
         cross = framed @ base_map(rotation.T @ framed, iters).T
-        rotation.copy_(_orthonormal_factor(cross))
+        rotation.copy_(_orthonormal_factor(unit_scaled(cross, (-2, -1))[0]))
         update = rotation @ base_map(rotation.T @ framed, iters)
         if tall:
             update = update.T
@@ -392,7 +428,9 @@ class RotatedAdam(_MatrixOrAdamW):
             uses :math:`\beta_2` (``"eigen"``).
         max_dim: longest side that gets an eigenbasis, ``>= 1`` (default 10000; ``"eigen"``).
         check_finite: ``"eigen"``: raise ``ValueError`` before anything changes if a gradient
-            due for a basis computation (the first step's ``eigh``, a refresh's QR) has NaN/Inf;
+            due for a basis computation (the first step's ``eigh``, a refresh's QR) has NaN/Inf,
+            or if a Gram it decomposes is not finite (squared gradients beyond the dtype's range,
+            about 1e19 / sqrt(n) in float32, or a NaN gradient folded in since the last refresh);
             one host sync per such step (default True). Between refreshes, and with ``"dct"``,
             non-finite gradients propagate as in ``torch.optim.Adam``.
         maximize: step along the gradient, as ``torch.optim.Adam`` (default False).
@@ -498,6 +536,37 @@ class RotatedAdam(_MatrixOrAdamW):
         state = self.state.get(param)
         return not state or int(state["step"]) % group["update_gap"] == 0
 
+    def _decomposition_inputs(
+        self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]
+    ) -> list[tuple[torch.Tensor, str]]:
+        r"""The gradient, and the diagonals of the Grams this step decomposes.
+
+        A Gram's diagonal bounds its other entries (:math:`|L_{ij}| \le \sqrt{L_{ii} L_{jj}}`),
+        so checking it, in :math:`O(mn)` without forming :math:`G G^\top`, tells whether the
+        accumulated Gram is finite: a finite gradient of about :math:`10^{19} / \sqrt{n}` or
+        more in float32 overflows it (Adam's own moments fit up to about :math:`10^{19}`), and
+        a NaN gradient folded in between two refreshes leaves it NaN; its basis would be NaN.
+        """
+        matrix = as_matrix(grad).to(state_dtype(param))
+        state = self.state.get(param) or {}
+        beta = _shampoo_beta(group)
+        inputs = super()._decomposition_inputs(param, grad, group)
+        for dim, (side, size) in enumerate(zip(_SIDES, matrix.shape)):
+            if size > group["max_dim"]:
+                continue
+            squares = matrix.square().sum(1 - dim)
+            gram = state.get(f"gram_{side}")
+            diagonal = squares if gram is None else torch.lerp(gram.diagonal(), squares, 1 - beta)
+            inputs.append((
+                diagonal,
+                f"the {side} Gram statistics of {{param}} are not finite in {matrix.dtype} at a "
+                f"basis update: its squared gradients overflow the dtype (entries of about "
+                f"1e19 / sqrt({matrix.shape[1 - dim]}) or more in float32), or a NaN/Inf "
+                f"gradient was folded in since the last update; lower the loss scale, or clear "
+                f"this parameter's state (optimizer.state[param].clear()) to restart it",
+            ))
+        return inputs
+
     def _prepare(
         self, group: dict[str, Any], params: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
@@ -601,7 +670,9 @@ def _first_eigen_state(matrix: torch.Tensor, group: dict[str, Any]) -> dict[str,
     _accumulate_grams(state, matrix, _shampoo_beta(group))
     for side in _SIDES:
         if f"gram_{side}" in state:
-            state[f"basis_{side}"] = torch.linalg.eigh(state[f"gram_{side}"]).eigenvectors.flip(-1)
+            # The eigenvectors are scale-free; a unit-scale Gram keeps eigh clear of over/underflow.
+            gram = unit_scaled(state[f"gram_{side}"], (-2, -1))[0]
+            state[f"basis_{side}"] = torch.linalg.eigh(gram).eigenvectors.flip(-1)
     return state
 
 
@@ -645,7 +716,9 @@ def _refresh_bases(state: dict[str, torch.Tensor]) -> None:
         if f"basis_{side}" not in state:
             continue
         basis = state[f"basis_{side}"]
-        power = state[f"gram_{side}"] @ basis
+        # Unit scale: L Q of a Gram near the dtype's largest numbers would overflow; the order
+        # and the Q factor are scale-free.
+        power = unit_scaled(state[f"gram_{side}"], (-2, -1))[0] @ basis
         estimated_eigenvalues = (basis * power).sum(dim=0)
         # stable: tied estimates (a zero gram) keep their order on every device.
         order = torch.argsort(estimated_eigenvalues, descending=True, stable=True)

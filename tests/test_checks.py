@@ -115,3 +115,61 @@ def test_check_real_rejects(value, bounds, error, match):
 def test_check_real_accepts_inclusive_bounds_and_returns_float():
     assert _checks.check_real(0, "sparsity", low=0.0, high=1.0, low_inclusive=True) == 0.0
     assert isinstance(_checks.check_real(3, "scale"), float)
+
+
+# Every public decomposition, called on a small valid input with extra keyword arguments.
+def _entry_points():
+    from decomp import atoms, dct, idct, kpsvd, ldu, rsvd, tucker
+
+    return {
+        "rsvd": lambda **kw: rsvd(torch.randn(6, 4), 2, **kw),
+        "tucker": lambda **kw: tucker(torch.randn(4, 3, 2), 2, **kw),
+        "kpsvd": lambda **kw: kpsvd(torch.randn(6, 6), (2, 3), (3, 2), 1, **kw),
+        "ldu": lambda **kw: ldu(torch.randn(4, 4), **kw),
+        "atoms": lambda **kw: atoms(torch.randn(2, 2, 3, 3), 2, **kw),
+        "dct": lambda **kw: dct(torch.randn(4, 8), **kw),
+        "idct": lambda **kw: idct(torch.randn(4, 8), **kw),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_entry_points()))
+@pytest.mark.parametrize(
+    "flag, shown", [(0, "int"), ("no", "str"), (None, "NoneType"), ("np.bool_", "numpy.bool")]
+)
+def test_check_finite_must_be_a_bool_everywhere(name, flag, shown):
+    """Regression: ``check_finite=0`` or ``"no"`` was truth-tested (``"no"`` meant checking);
+    numpy's bool is refused with a name that is not the builtin's."""
+    import numpy as np
+
+    value = np.bool_(False) if flag == "np.bool_" else flag
+    with pytest.raises(TypeError, match=rf"check_finite must be a bool, got {shown}$"):
+        _entry_points()[name](check_finite=value)
+    _entry_points()[name](check_finite=False)
+
+
+def test_numpy_arrays_of_options_are_sequences():
+    """Regression: ``tucker(T, np.array([2, 2, 2]))``, ``modes=np.arange(2)`` and
+    ``kpsvd(A, np.array([2, 3]), ...)`` were refused while numpy scalars were accepted."""
+    import numpy as np
+
+    from decomp import kpsvd, tucker
+
+    T = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(0))
+    expected = tucker(T, (2, 2), modes=(0, 1))
+    result = tucker(T, np.array([2, 2]), modes=np.arange(2))
+    assert result.modes == (0, 1) and all(type(mode) is int for mode in result.modes)
+    torch.testing.assert_close(result.core, expected.core, rtol=0, atol=0)
+    assert tucker(T, np.array([0.9, 1.0, 1.0])).core.shape[1:] == (3, 2)
+    A = torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(
+        kpsvd(A, np.array([2, 3]), np.array([3, 2]), np.int64(1)).S,
+        kpsvd(A, (2, 3), (3, 2), 1).S,
+    )
+    assert _checks.as_sequence(np.array([4, 2]), "ranks") == (4, 2)
+    assert _checks.as_sequence("ab", "ranks") is None
+    with pytest.raises(TypeError, match=r"ranks must be a 1-D sequence, got a numpy array of"):
+        tucker(T, np.array([[2, 2, 2]]))
+    with pytest.raises(TypeError, match="ranks must be an int, a float or a sequence .* Tensor"):
+        tucker(T, torch.tensor([2, 2, 2]))
+    with pytest.raises(TypeError, match=r"b_shape\[0\] must be an int, got float"):
+        kpsvd(A, np.array([2.0, 3.0]), (3, 2), 1)

@@ -268,6 +268,22 @@ def test_unrepresentable_results_raise_instead_of_inf(call, what):
     call(A / 8)  # 0.75 * 2**127 is: no error
 
 
+@pytest.mark.parametrize("transform, what", [(dct, r"dct\(x\)"), (idct, r"idct\(x\)")])
+@pytest.mark.parametrize("dtype, value", [(torch.float16, 20000.0), (torch.bfloat16, 2.0**127)])
+def test_transforms_of_half_input_raise_instead_of_inf(transform, what, dtype, value):
+    """Regression: dct of a float16 image row of 16 values of 20000 returned inf silently (its
+    DC coefficient, 80000, is past 65504). With check_finite the result is checked too; an input
+    that fits keeps its one host sync."""
+    x = torch.full((3, 16), value, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"the entries of {what} overflow {dtype}"):
+        transform(x)
+    assert not torch.isfinite(transform(x, check_finite=False)).all()  # the documented opt-out
+    fits = (x / 8).float()
+    torch.testing.assert_close(transform(x / 8).float(), transform(fits), rtol=1e-2, atol=0)
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        transform(torch.tensor([[1.0, float("inf")]], dtype=dtype))
+
+
 def test_unrepresentable_pivots_raise_instead_of_inf():
     A = wilkinson(4) * 2.0**126  # finite; the last pivot is 8 * 2**126
     with pytest.raises(ValueError, match="the pivots of A overflow torch.float32"):

@@ -281,6 +281,24 @@ def test_load_rejects_what_is_not_a_state_dict():
     assert_same(before, snapshot(optimizer))
 
 
+@pytest.mark.parametrize("source, target", [("dct", "svd"), ("svd", "dct"), ("projected-svd", "dct")])
+def test_a_class_that_fixes_its_projector_refuses_another_one(source, target):
+    """Regression: a DCTProjectedAdam state loaded into SVDProjectedAdam replaced its groups'
+    projector, so an object of one class silently stepped as the other. A load (or a param
+    group) with another projector now raises and changes nothing."""
+    saved = trained(source, 2, 0).state_dict()
+    optimizer = trained(target, 1, 1)
+    before = snapshot(optimizer)
+    with pytest.raises(ValueError, match=r"fixes projector=.*use ProjectedAdam\(projector=\.\.\.\)"):
+        optimizer.load_state_dict(saved)
+    assert_same(before, snapshot(optimizer))
+    other = "svd" if optimizer.param_groups[0]["projector"] == "dct" else "dct"
+    with pytest.raises(ValueError, match="fixes projector"):
+        optimizer.add_param_group({"params": make_params([(4, 3)], 2), "projector": other})
+    assert_same(before, snapshot(optimizer))
+    ProjectedAdam(make_params(SHAPES, 0), rank=2, update_gap=2).load_state_dict(saved)
+
+
 # ----------------------------------------------------------------------------------- Allocator
 
 
