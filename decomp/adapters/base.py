@@ -30,11 +30,20 @@ that check and the same error comes at the first forward. The hook-based
 runs. An adapter already built with :meth:`AdapterParam.from_weight` is an explicit choice and is
 stacked as asked. :func:`decomp.adapters.apply` and :func:`decomp.adapters.load_adapter` refuse
 all of these layers up front.
+
+Every adapter checks what is loaded into it: :meth:`AdapterParam._state_problems` says what is
+wrong with the values of a state (NaN/Inf, in the adapter's own dtype; a kept count out of range;
+repeated DCT locations), and both :func:`decomp.adapters.load_adapter` (before anything changes)
+and ``nn.Module.load_state_dict`` (through a load pre-hook: torch raises ``RuntimeError`` naming
+the tensor) use it. An unknown constructor keyword raises ``TypeError`` naming the nearest option.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+import difflib
+import functools
+import inspect
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +59,78 @@ def check_weight_shape(shape: Sequence[int]) -> None:
         check_int(size, f"shape[{index}]", low=1)
 
 
+def _unknown_keywords_named(init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` that refuses an unknown keyword naming the nearest option (``TypeError``).
+
+    Python's own error says only "unexpected keyword argument"; a typo (``num_atom=4``) deserves
+    "did you mean 'num_atoms'?", as the optimizers' param-group keys get.
+    """
+    parameters = inspect.signature(init).parameters.values()
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+        return init  # passes unknown keywords on: the class that finally takes them checks
+    keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    options = [p.name for p in parameters if p.kind in keyword_kinds and p.name != "self"]
+
+    @functools.wraps(init)
+    def checked(self: AdapterParam, *args: Any, **kwargs: Any) -> None:
+        for key in kwargs:
+            if key not in options:
+                close = difflib.get_close_matches(key, options, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                listed = ", ".join(options) or "none"
+                raise TypeError(
+                    f"{type(self).__name__}.__init__() got an unexpected keyword argument "
+                    f"{key!r}{hint} (options: {listed})"
+                )
+        init(self, *args, **kwargs)
+
+    return checked
+
+
+def _check_loaded_state(
+    adapter: AdapterParam,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """``nn.Module.load_state_dict`` pre-hook: refuse the adapter's bad values as load errors.
+
+    Only tensors that torch would copy as they are (same shape, same kind of dtype) are judged;
+    torch reports the others itself. A refused entry is replaced, in torch's private copy of the
+    state dict, by the adapter's own tensor, so the adapter keeps its value; torch raises
+    ``RuntimeError`` listing ``error_msgs`` once the whole model was visited.
+    """
+    if not adapter.is_built:
+        return
+    own = adapter.state_dict(keep_vars=True)
+    incoming = {}
+    for key, current in own.items():
+        value = state_dict.get(prefix + key)
+        if isinstance(value, torch.Tensor) and same_kind_and_shape(value, current):
+            incoming[key] = value.detach().to(current.dtype)
+    for key, problem in adapter._state_problems(incoming).items():
+        error_msgs.append(f"{prefix}{key}: {problem}")
+        state_dict[prefix + key] = own[key]  # torch's own copy of the caller's dict
+
+
+def dtype_kind(dtype: torch.dtype) -> str:
+    """``"floating"``, ``"complex"``, ``"integer"`` or ``"bool"``: what a cast may not change."""
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating" if dtype.is_floating_point else "integer"
+
+
+def same_kind_and_shape(value: torch.Tensor, current: torch.Tensor) -> bool:
+    """Whether ``value`` can be loaded into ``current`` by a plain cast."""
+    return value.shape == current.shape and dtype_kind(value.dtype) == dtype_kind(current.dtype)
+
+
 class AdapterParam(nn.Module):
     r"""Base class of every adapter: :math:`W' = \mathrm{compose}(W, \Delta W)`, default :math:`W + \Delta W`.
 
@@ -60,9 +141,15 @@ class AdapterParam(nn.Module):
     min_ndim: ClassVar[int] = 2
     max_ndim: ClassVar[int] = 5
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in vars(cls):
+            cls.__init__ = _unknown_keywords_named(vars(cls)["__init__"])
+
     def __init__(self) -> None:
         super().__init__()
         self.weight_shape: torch.Size | None = None
+        self.register_load_state_dict_pre_hook(_check_loaded_state)
 
     # ------------------------------------------------------------------ subclass hooks
     def _build(self, weight: torch.Tensor) -> None:
@@ -86,6 +173,21 @@ class AdapterParam(nn.Module):
     def _count(cls, shape: tuple[int, ...], **config: Any) -> int:
         """The closed form, from a weight shape and a validated :meth:`config`."""
         raise NotImplementedError
+
+    def _state_problems(self, state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+        """What is wrong with the values of ``state``, tensors about to be loaded into this adapter.
+
+        ``state`` holds some or all of this built adapter's ``state_dict()`` keys, each tensor
+        already of its target's shape and dtype (so an overflow of the cast shows as Inf). Returns
+        key -> what is wrong (empty: nothing). Here: NaN or Inf in a floating tensor -- a
+        diverged or corrupted checkpoint, which would make the layer's output NaN. Subclasses add
+        their own invariants and include these.
+        """
+        return {
+            key: f"contains NaN or Inf (as {value.dtype})"
+            for key, value in state.items()
+            if value.is_floating_point() and not bool(torch.isfinite(value).all())
+        }
 
     def compose(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         r""":math:`W'` from the frozen :math:`W` and :math:`\Delta W` (both in the compute dtype)."""

@@ -8,7 +8,7 @@ maps them back with :func:`decomp.idct` along both dims.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -148,6 +148,21 @@ class DCTParam(AdapterParam):
         count = self._resolve_count(tuple(weight.shape), self.num_coefficients)
         self.register_buffer("locations", self._choose_locations(matrix, count))
         self.coefficients = nn.Parameter(torch.zeros(count, dtype=weight.dtype, device=weight.device))
+
+    def _state_problems(self, state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+        problems = super()._state_problems(state)
+        locations = state.get("locations")
+        if locations is not None:
+            size = math.prod(self.weight_shape)
+            # delta scatters the coefficients: a repeated location would keep one of them only.
+            low, high = int(locations.min()), int(locations.max())
+            values, counts = locations.unique(return_counts=True)
+            if low < 0 or high >= size:
+                problems["locations"] = f"must be flat indices in [0, {size}), got {low} to {high}"
+            elif bool((counts > 1).any()):
+                repeated = values[counts > 1][:8].tolist()
+                problems["locations"] = f"must be distinct, got {repeated} more than once"
+        return problems
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         rows = weight.shape[0]

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .base import AdapterParam
-from .model import _unwrap
+from .model import _holders, _other_holders, _unwrap
 
 __all__ = ["merged_state_dict"]
 
@@ -41,7 +41,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: a parametrized ``weight`` mixes an adapter with another parametrization
             (``weight_norm``, ``spectral_norm``): the plain architecture would store that one's
-            own tensors, not a merged weight.
+            own tensors, not a merged weight; or an adapted layer's pretrained weight is shared
+            with another module (an adapter registered by hand on a tied weight, which
+            :func:`apply` refuses): the plain architecture ties the two again, so loading would
+            write one value into both.
 
     Example:
         >>> from decomp.adapters import LieParam, apply, merged_state_dict
@@ -53,6 +56,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         <All keys matched successfully>
     """
     model = _unwrap(model, "merged_state_dict")
+    holders = _holders(model)
     merged: dict[str, torch.Tensor] = {}
     # Every name of a module reused under several names: state_dict() lists it under each.
     for name, module in model.named_modules(remove_duplicate=False):
@@ -67,6 +71,15 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             raise ValueError(
                 f"layer {name!r} has an adapter and other parametrizations of its weight "
                 f"({others}); merged_state_dict only merges adapters"
+            )
+        tied = _other_holders(holders, chain.original, chain, "original")
+        if tied:
+            raise ValueError(
+                f"layer {name!r} is adapted on a weight it shares with {', '.join(map(repr, tied))} "
+                "(tied weights): a plain copy of the architecture ties them again and would load "
+                f"one value into both, losing either the update of {name!r} or the other's "
+                "weight; merge(model) unties them in place (the layer gets a merged weight of its "
+                "own), for an architecture without that tie"
             )
         with torch.no_grad():
             merged[f"{name}." if name else ""] = module.weight.detach()

@@ -21,7 +21,9 @@ under its first name. A weight ``Parameter`` held by another module too (an LM h
 embedding, two layers sharing one Parameter) is refused by :func:`apply` with the names of both
 holders, because an adapter would change it for one of them only. :func:`merge` of a layer whose
 pretrained weight is shared (an adapter registered by hand on a tied weight) gives the layer a
-weight of its own instead of rewriting the shared one, so the other holders keep their values.
+weight of its own instead of rewriting the shared one, so the other holders keep their values;
+:func:`~decomp.adapters.merged_state_dict` refuses such a layer (the plain architecture would tie
+the two again).
 
 Adapted layers keep working after ``copy.deepcopy``: :func:`apply` gives every copy its own
 parametrized class (``torch.nn.utils.parametrize`` shares one injected class between copies, so
@@ -41,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import AdapterParam
+from .base import AdapterParam, dtype_kind, same_kind_and_shape
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _FORMAT = "decomp.adapters/1"
@@ -232,6 +234,12 @@ def _adaptable_problem(
                 f"remove_spectral_norm) or leave {name!r} out of target"
             )
         return f"layer {name!r} has no weight Parameter to adapt"
+    if weight.is_meta:
+        return (
+            f"layer {name!r} has its weight on the meta device, without values to build an "
+            "adapter from: materialise the model and load its pretrained weights first "
+            "(model.to_empty(device=...) and load_state_dict, or from_pretrained), then adapt it"
+        )
     tied = _other_holders(holders, weight, module, "weight")
     if tied:
         return (
@@ -269,18 +277,21 @@ def apply(
     ``r"features\.\d+"`` is fine; a matched module with a weight of an unsupported type
     (``nn.Embedding``, ``nn.ConvTranspose2d``, ``nn.LayerNorm``) raises. A module matched by
     ``train_heads`` is a head with all its submodules: none of them is adapted and all their
-    parameters stay trainable.
+    parameters become trainable (``requires_grad=True``, also where it was ``False``).
 
     Repeated calls compose: when ``model`` already carries adapters (from an earlier call, or
     registered by hand), this call adapts its own targets (freezing their pretrained weights and
-    biases) and makes its own heads trainable, and leaves every other ``requires_grad`` flag as it
-    is -- the earlier adapters and heads stay trainable.
+    biases, but not a tensor that another module holds too) and makes its own heads trainable,
+    and leaves every other ``requires_grad`` flag as it is -- the earlier adapters and heads stay
+    trainable. A model without adapters (a fresh one, or one after :func:`merge`) is adapted as
+    new: everything but this call's adapters and heads is frozen.
 
     All or nothing: unsupported targets, layers that already carry an adapter or another
     parametrization (``weight_norm``, ``spectral_norm``, hook-based or not), weights shared with
-    another module, heads holding an adapted layer, and factories that do not return a fresh
-    :class:`AdapterParam` are rejected before anything is registered, and if building an adapter
-    fails the layers registered so far are restored, so an error leaves the model as it was.
+    another module or on the ``meta`` device, heads holding an adapted layer, and factories that
+    do not return a fresh :class:`AdapterParam` for each layer are rejected before anything is
+    registered, and if building an adapter fails the layers registered so far are restored, so an
+    error leaves the model as it was.
     Every adapted layer's class is made copy-safe (``copy.deepcopy`` gives an independent model).
 
     Args:
@@ -299,13 +310,14 @@ def apply(
             given with a factory; a factory returned something other than an ``AdapterParam``; a
             targeted module is not ``nn.Linear``/``nn.Conv1d/2d/3d`` (e.g. ``nn.Embedding``,
             ``nn.ConvTranspose2d``); ``target``/``train_heads`` of a wrong type; ``model`` is
-            wrapped in ``DistributedDataParallel`` (apply before wrapping).
+            wrapped in ``DistributedDataParallel`` (apply before wrapping); an unknown keyword in
+            ``config`` (the message names the nearest option).
         ValueError: ``target`` matched no module (or only heads); a targeted layer already
             carries an adapter or another parametrization or a weight-norm hook; a targeted
-            layer's weight is shared with another module (the message names both); a
-            ``train_heads`` module holds an adapted layer; a factory returned an adapter that is
-            already built; the adapter rejects a layer (e.g. an explicit ``num_atoms`` above the
-            kernel size).
+            layer's weight is shared with another module (the message names both) or is on the
+            ``meta`` device; a ``train_heads`` module holds an adapted layer; a factory returned
+            an adapter that is already built, or one adapter for two layers; the adapter rejects
+            a layer (e.g. an explicit ``num_atoms`` above the kernel size).
 
     Example:
         >>> from decomp.adapters import AtomParam, apply, trainable_parameters
@@ -357,6 +369,7 @@ def apply(
     if problems:
         raise ValueError("; ".join(problems))
     planned: list[tuple[str, nn.Module, AdapterParam]] = []
+    returned_for: dict[int, str] = {}
     for name, module in targets:
         new_adapter = make_adapter(name, module)
         if not isinstance(new_adapter, AdapterParam):
@@ -369,6 +382,13 @@ def apply(
                 f"the adapter factory returned an already built adapter for {name!r}; "
                 "return a new one"
             )
+        if id(new_adapter) in returned_for:
+            # It would be built from the first layer's weight and then shared by both layers.
+            raise ValueError(
+                "the adapter factory returned the same adapter for "
+                f"{returned_for[id(new_adapter)]!r} and {name!r}; return a new one per layer"
+            )
+        returned_for[id(new_adapter)] = name
         planned.append((name, module, new_adapter))
 
     first_call = not adapted_layers(root)
@@ -432,13 +452,24 @@ def _commit(
     """Make the new layers copy-safe and set ``requires_grad``: adapters and heads trainable.
 
     On a model's first adaptation everything else is frozen; later calls freeze only the layers
-    they adapted, so what earlier calls (or the user) made trainable stays so.
+    they adapted, so what earlier calls (or the user) made trainable stays so -- including a
+    tensor of an adapted layer that another module holds too (a bias shared with an earlier head).
     """
     for module in registered:
         _make_copies_independent(module)
     adapter_tensors = {id(p) for layer in adapted_layers(root) for p in layer.adapter.parameters()}
     head_tensors = {id(p) for head in heads for p in head.parameters()}
-    scope = root.parameters() if first_call else (p for m in registered for p in m.parameters())
+    if first_call:
+        scope = list(root.parameters())
+    else:
+        inside = {id(sub) for module in registered for sub in module.modules()}
+        elsewhere = {
+            id(p)
+            for m in root.modules()
+            if id(m) not in inside
+            for p in m.parameters(recurse=False)
+        }
+        scope = [p for m in registered for p in m.parameters() if id(p) not in elsewhere]
     for parameter in scope:
         if id(parameter) not in adapter_tensors and id(parameter) not in head_tensors:
             parameter.requires_grad_(False)
@@ -658,6 +689,11 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     Names are the unwrapped model's, so a file saved from a ``torch.compile``\\ d or
     ``DataParallel`` model loads into the plain one and back.
 
+    Raises:
+        ValueError: ``model`` has no adapters; or an adapter holds a value :func:`load_adapter`
+            would refuse (NaN/Inf from a diverged run, a kept count out of range): no file is
+            written that could not be loaded back.
+
     Example:
         >>> import tempfile, pathlib
         >>> from decomp.adapters import AtomParam, apply, load_adapter, save_adapter
@@ -674,6 +710,12 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     tensors = {
         key: value.detach().contiguous().clone() for key, value in adapter_state_dict(root).items()
     }
+    problems = _value_problems(tensors, root)
+    if problems:
+        raise ValueError(
+            f"save_adapter: the model's adapters hold values load_adapter would refuse, so {path} "
+            "was not written: " + "; ".join(problems)
+        )
     metadata = {"format": _FORMAT, "decomp.adapters": json.dumps(_layer_metadata(root))}
     save_file(tensors, str(path), metadata=metadata)
 
@@ -694,10 +736,16 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     tag, the metadata's structure), the adapter classes and configs (each class must accept its
     config), the layer names, slots, classes, configs and weight shapes against the model, the
     layers themselves (supported type, no other parametrization, no weight shared with another
-    module), and every tensor (present on both sides, same shape, same kind of dtype). Adapters
-    for an unadapted model are built first and removed again if their tensors do not match. On
-    any error the model is exactly as before: no adapters registered, the same ``requires_grad``
-    flags, the same values.
+    module), every tensor (present on both sides, same shape, same kind of dtype) and every value
+    as it will be stored, cast to the model's dtype (no NaN/Inf; each adapter's own invariants,
+    :meth:`AdapterParam._state_problems`: a SNELL kept count in range, distinct DCT locations).
+    Configs are compared as the class reads them (an option the file leaves out is at its
+    default). Adapters for an unadapted model are built first and removed again if their tensors
+    do not match. On any error the model is exactly as before: no adapters registered, the same
+    ``requires_grad`` flags, the same values.
+
+    Adapter classes are looked up in :mod:`decomp.adapters` and among the model's own adapters,
+    so a class of your own loads into a model that already carries it.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -705,8 +753,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             :func:`save_adapter`, or its metadata is malformed (missing, not JSON, wrong structure
             or types, unknown keys, an adapter class :mod:`decomp.adapters` does not have, a
             config the class rejects); or the file does not match ``model`` (the message lists
-            every mismatch); for an unadapted model, the file names a layer the model lacks, of
-            another weight shape or type, or one that cannot take an adapter (see :func:`apply`).
+            every mismatch, a value an adapter refuses included); for an unadapted model, the
+            file names a layer the model lacks, of another weight shape or type, or one that
+            cannot take an adapter (see :func:`apply`).
         TypeError: ``model`` is wrapped in ``DistributedDataParallel`` and has no adapters yet
             (load into the model before wrapping it).
 
@@ -725,7 +774,12 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     root = _unwrap(model, "load_adapter")
     entries, saved = _read_adapter_file(path)
     entries, saved = _without_wrapper_prefixes(entries, saved, root)
-    described = _described_adapters(entries, path)
+    described = _described_adapters(entries, path, root)
+    # Compare configs as the classes see them: a key left at its default, 4 for 4.0, are equal.
+    entries = [
+        {**entry, "config": json.loads(json.dumps(adapter.config(), default=repr))}
+        for entry, adapter in zip(entries, described)
+    ]
 
     if adapted_layers(root):
         _check_match(root, entries, saved, path)
@@ -751,6 +805,7 @@ def _check_match(
     """Raise listing every difference between the file and the adapters ``root`` carries."""
     problems = _mismatches(entries, _layer_metadata(root))
     problems = problems or _tensor_problems(saved, adapter_state_dict(root))
+    problems = problems or _value_problems(saved, root)
     if problems:
         raise ValueError(f"adapter file {path} does not match the model: " + "; ".join(problems))
 
@@ -842,24 +897,31 @@ def _entry_problems(described: object) -> list[str]:
     return problems
 
 
-def _adapter_classes() -> dict[str, type[AdapterParam]]:
+def _adapter_classes(root: nn.Module) -> dict[str, type[AdapterParam]]:
+    """decomp.adapters' classes by name, and those of the adapters ``root`` carries (yours too)."""
     from decomp import adapters  # the package imports this module: resolve the classes lazily
 
-    return {
+    classes = {
         name: value
         for name, value in vars(adapters).items()
         if isinstance(value, type) and issubclass(value, AdapterParam) and value is not AdapterParam
     }
+    for layer in adapted_layers(root):
+        classes[type(layer.adapter).__name__] = type(layer.adapter)
+    return classes
 
 
-def _described_adapters(entries: list[dict[str, Any]], path: str | Path) -> list[AdapterParam]:
+def _described_adapters(
+    entries: list[dict[str, Any]], path: str | Path, root: nn.Module
+) -> list[AdapterParam]:
     """One unbuilt adapter per entry, from its class and config (each class checks its config)."""
-    classes = _adapter_classes()
+    classes = _adapter_classes(root)
     unknown = sorted({entry["adapter"] for entry in entries} - set(classes))
     if unknown:
         raise ValueError(
             f"adapter file {path} names adapter classes unknown to decomp.adapters: {unknown} "
-            f"(known: {sorted(classes)})"
+            f"(known: {sorted(classes)}); an adapter class of your own loads into a model that "
+            "already carries it (apply it first, then load)"
         )
     adapters, problems = [], []
     for entry in entries:
@@ -952,14 +1014,6 @@ def _plan_described(
     return [(name, layer, adapter) for (name, layer), adapter in zip(layers, described)]
 
 
-def _dtype_kind(dtype: torch.dtype) -> str:
-    if dtype == torch.bool:
-        return "bool"
-    if dtype.is_complex:
-        return "complex"
-    return "floating" if dtype.is_floating_point else "integer"
-
-
 def _tensor_problems(saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> list[str]:
     """Every tensor present on both sides, with the same shape and the same kind of dtype."""
     problems = [
@@ -973,11 +1027,29 @@ def _tensor_problems(saved: dict[str, torch.Tensor], current: dict[str, torch.Te
                 f"tensor {key!r}: shape {tuple(in_file.shape)} in the file, "
                 f"{tuple(in_model.shape)} in the model"
             )
-        elif _dtype_kind(in_file.dtype) != _dtype_kind(in_model.dtype):
+        elif dtype_kind(in_file.dtype) != dtype_kind(in_model.dtype):
             problems.append(
                 f"tensor {key!r}: dtype {in_file.dtype} in the file, {in_model.dtype} in the model "
-                f"({_dtype_kind(in_file.dtype)} vs {_dtype_kind(in_model.dtype)})"
+                f"({dtype_kind(in_file.dtype)} vs {dtype_kind(in_model.dtype)})"
             )
+        elif in_model.is_meta:
+            problems.append(f"tensor {key!r} is on the meta device in the model (no values)")
+    return problems
+
+
+def _value_problems(saved: dict[str, torch.Tensor], root: nn.Module) -> list[str]:
+    """Each adapter's verdict on the file's values for it, cast to the dtypes they will take."""
+    problems = []
+    for layer in adapted_layers(root):
+        incoming = {}
+        for key, current in layer.adapter.state_dict(keep_vars=True).items():
+            value = saved.get(layer.prefix + key)
+            if value is not None and same_kind_and_shape(value, current):
+                incoming[key] = value.to(current.dtype)
+        problems += [
+            f"tensor {layer.prefix + key!r} {problem}"
+            for key, problem in layer.adapter._state_problems(incoming).items()
+        ]
     return problems
 
 

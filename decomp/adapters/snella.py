@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -211,6 +211,13 @@ class _KernelAdapter(AdapterParam):
         if not self.is_built:
             return self._initial_sparsity
         return 1.0 - self.keep_count / self.num_entries
+
+    def _state_problems(self, state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+        problems = super()._state_problems(state)
+        kept = state.get("kept_entries")
+        if kept is not None and not 0 <= int(kept) <= self.num_entries:
+            problems["kept_entries"] = f"must be in [0, {self.num_entries}], got {int(kept)}"
+        return problems
 
     def set_keep_count(self, keep: int) -> None:
         """Keep the ``keep`` largest :math:`|\\Delta W|` entries (what the :class:`Allocator` sets)."""

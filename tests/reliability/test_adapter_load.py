@@ -3,16 +3,17 @@
 One property over every adapter of the contract registry, both ways into ``load_adapter`` (a model
 without adapters, which it adapts as the file describes, and a model already adapted the same
 way) and every fault a file can carry: a tensor missing, extra, of another shape or of another
-kind of dtype; metadata missing, not JSON, of the wrong structure, with missing, unknown or
-mistyped fields, an unknown adapter class, a config the class rejects, a repeated entry, a layer
-the model lacks or of another weight shape, another format tag; bytes that are not safetensors, a
-truncated file, no file. Each raises the documented error and leaves the model exactly as it was
+kind of dtype, or holding NaN/Inf; metadata missing, not JSON, of the wrong structure, with
+missing, unknown or mistyped fields, an unknown adapter class, a config the class rejects, a
+repeated entry, a layer the model lacks or of another weight shape, another format tag; bytes that
+are not safetensors, a truncated file, no file. Each raises the documented error and leaves the model exactly as it was
 (values, Parameter objects, ``requires_grad`` flags, classes, parametrizations), and the clean file
 then still loads and reproduces the saved model.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -82,6 +83,13 @@ def _retype_tensor(tensors: Tensors, metadata: Metadata, draw: Draw) -> tuple[Te
     return {**tensors, key: torch.zeros(value.shape, dtype=other)}, metadata
 
 
+def _poison_tensor(tensors: Tensors, metadata: Metadata, draw: Draw) -> tuple[Tensors, Metadata]:
+    key = draw(st.sampled_from(sorted(key for key, value in tensors.items() if value.is_floating_point())))
+    value = tensors[key].clone(memory_format=torch.contiguous_format)
+    value.view(-1)[draw(st.integers(0, value.numel() - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+    return {**tensors, key: value}, metadata
+
+
 def _entry_edit(edit: Callable[[dict[str, Any], Draw], None]) -> Callable[[Tensors, Metadata, Draw], tuple[Tensors, Metadata]]:
     def corrupt(tensors: Tensors, metadata: Metadata, draw: Draw) -> tuple[Tensors, Metadata]:
         def apply_edit(entries: list[dict[str, Any]]) -> None:
@@ -132,6 +140,7 @@ FILE_FAULTS: list[Fault] = [
     Fault("tensor extra", _extra_tensor, "only in the file"),
     Fault("tensor of another shape", _reshape_tensor, r"tensor '.*': shape"),
     Fault("tensor of another dtype kind", _retype_tensor, r"tensor '.*': dtype"),
+    Fault("tensor with NaN or Inf", _poison_tensor, r"tensor '.*' contains NaN or Inf \(as torch.float32\)"),
     Fault("no layer list", _metadata(lambda m, d: {"format": m["format"]}), "lacks the 'decomp.adapters' entry"),
     Fault("layer list not JSON", _metadata(lambda m, d: {**m, "decomp.adapters": m["decomp.adapters"][:-1]}), "is not valid JSON"),
     Fault(

@@ -3,7 +3,9 @@
 * ``apply`` called up to three times (drawn adapters, targets and heads, a container as a head):
   after every call exactly the adapters' Parameters and every call's heads are trainable, the
   earlier adapters keep their flags, no head or head descendant is adapted, and every adapted
-  layer's pretrained weight and bias are frozen.
+  layer's pretrained weight and bias are frozen -- but a tensor another module holds (a bias
+  shared with an earlier head) keeps its flag; a factory returning one adapter for two layers is
+  refused.
 * A layer that already carries an adapter, a ``weight_norm``/``spectral_norm`` parametrization or
   the old hook-based ``weight_norm``/``spectral_norm``, reached through ``apply`` (default or
   explicit target), ``load_adapter`` or a verbatim ``register_parametrization``: the documented
@@ -102,6 +104,43 @@ def test_regression_second_apply_keeps_the_first_heads_trainable():
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     assert {"fc2.weight", "fc2.bias"} <= trainable
     assert not model.fc.bias.requires_grad and not model.features[2].weight.requires_grad
+
+
+class SharedBiasNet(Net):
+    """Net whose fc2 computes 6 outputs with fc's bias: one bias Parameter held by two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(2)
+            self.fc2 = nn.Linear(6, 6)
+        self.fc2.bias = self.fc.bias
+
+
+def test_a_later_apply_keeps_a_tensor_it_shares_with_an_earlier_head_trainable():
+    # Seen: fc2 was a head of the first call, and adapting fc (whose bias IS fc2's) in the second
+    # call froze fc2's bias with it. A tensor another module holds keeps its flag, as every
+    # tensor outside the new layers does.
+    model = apply(SharedBiasNet(), AtomParam, target=r"features\.0", train_heads="fc2")
+    apply(model, LieParam, target="fc")
+    assert model.fc2.bias is model.fc.bias
+    assert model.fc2.weight.requires_grad and model.fc2.bias.requires_grad
+    assert not model.fc.parametrizations.weight.original.requires_grad
+    # the first call behaves the same way: the head's shared bias stays trainable
+    first = apply(SharedBiasNet(), LieParam, target="fc", train_heads="fc2")
+    assert first.fc2.bias.requires_grad
+
+
+def test_a_factory_returning_one_adapter_for_two_layers_is_refused():
+    # Seen: both layers were registered with the same adapter object, built from the first
+    # layer's weight; after training the second layer applied the first one's update.
+    model = Net()
+    shared = LieParam()
+    before = Snapshot(model)
+    with pytest.raises(ValueError, match="returned the same adapter for 'fc' and 'fc2'; return a new one per layer"):
+        apply(model, lambda name, module: shared, target="fc|fc2")
+    before.assert_unchanged(model)
+    assert not shared.is_built
 
 
 @settings(max_examples=10)

@@ -128,6 +128,41 @@ def test_merged_state_dict_refuses_an_adapter_mixed_with_another_parametrization
         merged_state_dict(layer)
 
 
+class TiedPair(nn.Module):
+    """An embedding and a head holding one weight Parameter (tie_word_embeddings), in __init__."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(6, 4)
+            self.head = nn.Linear(4, 6, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(tokens)))
+
+
+def test_merged_state_dict_refuses_an_adapter_on_a_tied_weight():
+    # Seen: with an adapter registered by hand on the tied head, the export held emb.weight = W and
+    # head.weight = W'; the plain architecture ties them again, so a strict load wrote W' into the
+    # embedding too ("All keys matched") and the outputs differed by 0.04.
+    model = TiedPair()
+    parametrize.register_parametrization(model.head, "weight", LieParam())
+    with torch.no_grad():
+        model.head.parametrizations.weight[0].out_factor.add_(0.1)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"layer 'head' is adapted on a weight it shares with 'emb.weight' \(tied"):
+        merged_state_dict(model)
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    # what the message offers: merge unties in place, for an architecture without the tie
+    tokens = torch.tensor([0, 5, 2])
+    with torch.no_grad():
+        adapted = model(tokens)
+        merge(model)
+        torch.testing.assert_close(model(tokens), adapted)
+
+
 def test_merged_state_dict_rejects_a_non_module():
     with pytest.raises(TypeError, match="merged_state_dict: model must be a torch.nn.Module, got dict"):
         merged_state_dict({})
