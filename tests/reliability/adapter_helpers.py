@@ -121,3 +121,20 @@ def edit_entries(metadata: Metadata, edit: Callable[[list[dict[str, Any]]], Any]
     entries = json.loads(metadata["decomp.adapters"])
     edited = edit(entries)
     return {**metadata, "decomp.adapters": json.dumps(entries if edited is None else edited)}
+
+
+def tiny_llama(*, tied: bool, layers: int = 1) -> nn.Module:
+    """A randomly initialised transformers ``LlamaForCausalLM`` of width 32 and vocabulary 64."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)

@@ -26,7 +26,14 @@ from torch.nn.utils import parametrize
 from decomp.adapters import SVDParam, apply, load_adapter, merge, report, save_adapter
 from decomp.adapters.model import adapted_layers
 
-from .adapter_helpers import Snapshot, adapter_cases, factory, parametrized_layers, train_step
+from .adapter_helpers import (
+    Snapshot,
+    adapter_cases,
+    factory,
+    parametrized_layers,
+    tiny_llama,
+    train_step,
+)
 
 
 class TiedLM(nn.Module):
@@ -207,18 +214,8 @@ def test_regression_svd_on_a_tied_lm_head():
 
 
 def test_transformers_tied_lm_head_is_named():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    pytest.importorskip("transformers")
+    model = tiny_llama(tied=True)
     before = Snapshot(model)
     with pytest.raises(ValueError, match=r"'lm_head' is shared with 'model.embed_tokens.weight'"):
         apply(model, SVDParam, rank=2)

@@ -23,6 +23,8 @@ from decomp.adapters import LieParam, SVDParam, apply, merge, merged_state_dict,
 
 from tests.contracts.registry import ADAPTER_CASES
 
+from .adapter_helpers import tiny_llama
+
 
 def _network() -> nn.Module:
     with torch.random.fork_rng():
@@ -173,17 +175,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_transformers_save_pretrained_round_trip(tmp_path, tied):
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(tied=tied, layers=2).eval()
     apply(model, SVDParam, target=r".*\.(q_proj|v_proj|down_proj)", rank=4)
     with torch.no_grad():
         for parameter in trainable_parameters(model):
