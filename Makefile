@@ -16,7 +16,7 @@ $(VENV)/.torch: | $(PY)
 	$(PIP) install $(TORCH)
 	touch $@
 
-$(VENV)/.extra-%: pyproject.toml $(VENV)/.torch
+$(VENV)/.extra-%: pyproject.toml decomp/_version.py $(VENV)/.torch
 	$(PIP) install -e ".[$*]"
 	touch $@
 

@@ -21,6 +21,7 @@ from ._kron import KronSum, kpsvd, kron_shapes
 from ._ldu import LDU, ldu
 from ._rsvd import SVD, rsvd
 from ._tucker import Tucker, tucker
+from ._version import __version__
 
 __all__ = [
     "SVD",

@@ -8,6 +8,9 @@
   (:mod:`optim.continual`).
 """
 
+# One version for the distribution, which ships optim and decomp together.
+from decomp._version import __version__
+
 from .projected import DCTProjectedAdam, ProjectedAdam, SVDProjectedAdam
 from .projectors import (
     DCTProjector,
