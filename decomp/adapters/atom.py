@@ -213,7 +213,11 @@ class AtomParam(AdapterParam):
             self.sub_atom_delta = nn.Parameter(
                 torch.zeros(layout.num_atoms, layout.sub_atoms, *layout.kernel, **like_weight)
             )
-            self.sub_coeffs = nn.Parameter(decomposition.sub_coeffs.contiguous())
+            # .contiguous() keeps the transposed strides of its size-1 dims, which DDP's gradient
+            # buckets flag; a row-major copy is what FSDP2 and DDP both lay out as expected.
+            self.sub_coeffs = nn.Parameter(
+                decomposition.sub_coeffs.clone(memory_format=torch.contiguous_format)
+            )
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         coeffs = self.coeffs.to(weight.dtype)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import sys
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
@@ -107,6 +108,8 @@ def _check_loaded_state(
     if not adapter.is_built:
         return
     own = adapter.state_dict(keep_vars=True)
+    own_keys = {prefix + key: value for key, value in own.items()}
+    state_dict.update(legacy_scalars_reshaped(state_dict, own_keys))
     incoming = {}
     for key, current in own.items():
         value = state_dict.get(prefix + key)
@@ -115,6 +118,83 @@ def _check_loaded_state(
     for key, problem in adapter._state_problems(incoming).items():
         error_msgs.append(f"{prefix}{key}: {problem}")
         state_dict[prefix + key] = own[key]  # torch's own copy of the caller's dict
+
+
+def legacy_scalars_reshaped(
+    saved: Mapping[str, Any], current: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The 0-d tensors of ``saved`` whose namesake in ``current`` has shape ``(1,)``, reshaped to it.
+
+    Adapters hold their scalars (LDU's scale, SNELLA's alpha/gamma/beta) with shape ``(1,)``, as
+    FSDP2 shards no 0-d parameter; files and state dicts written when they were 0-d load through
+    this (same values, same keys). Other entries are left to the caller's shape check.
+
+    Example:
+        >>> legacy_scalars_reshaped({"scale": torch.tensor(2.0)}, {"scale": torch.ones(1)})
+        {'scale': tensor([2.])}
+    """
+    return {
+        key: value.reshape(1)
+        for key, value in saved.items()
+        if isinstance(value, torch.Tensor)
+        and value.ndim == 0
+        and key in current
+        and tuple(current[key].shape) == (1,)
+    }
+
+
+def _dtensor_class() -> type | None:
+    # Only loaded once torch.distributed.tensor is imported (which any DTensor needs): no import
+    # cost, and no failure on builds without torch.distributed.
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole: a DTensor (a parameter sharded by FSDP2) gathered, a plain tensor as it is.
+
+    Gathering is a collective: every rank of the tensor's device mesh must make the call.
+
+    Example:
+        >>> whole_tensor(torch.ones(2))
+        tensor([1., 1.])
+    """
+    dtensor = _dtensor_class()
+    return tensor.full_tensor() if dtensor is not None and isinstance(tensor, dtensor) else tensor
+
+
+def copy_whole_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target.copy_(value)`` for the whole ``value``; a DTensor ``target`` takes its own shard.
+
+    Every rank holds the whole ``value`` (read from the same file), so each keeps its part without
+    communicating.
+
+    Example:
+        >>> target = torch.zeros(2)
+        >>> copy_whole_into(target, torch.ones(2))
+        >>> target
+        tensor([1., 1.])
+    """
+    dtensor = _dtensor_class()
+    if dtensor is not None and isinstance(target, dtensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(
+            value.to(device=target.device, dtype=target.dtype),
+            target.device_mesh,
+            target.placements,
+            src_data_rank=None,
+        )
+    target.copy_(value)
+
+
+def _row_major_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides ``torch.empty(shape)`` has (an empty dim counts as size 1)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def dtype_kind(dtype: torch.dtype) -> str:
@@ -230,6 +310,7 @@ class AdapterParam(nn.Module):
         if not self.is_built:
             check_tensor(value, "weight", min_ndim=self.min_ndim, max_ndim=self.max_ndim)
             self._build(value.detach())
+            self._check_parameters_shardable()
             self.weight_shape = value.shape
             return value
         self._check_shape(value)
@@ -244,6 +325,28 @@ class AdapterParam(nn.Module):
     def num_trainable(self) -> int:
         """Number of trainable elements this adapter holds."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def _check_parameters_shardable(self) -> None:
+        """Every Parameter ``_build`` made is row-major contiguous and at least 1-D, or ``RuntimeError``.
+
+        FSDP2's ``fully_shard`` refuses both a non-contiguous parameter (a factor kept as a
+        transposed view) and a 0-d one, and DDP's gradient buckets expect row-major strides even
+        on size-1 dims (which ``.contiguous()`` leaves as they are), so an adapter that built
+        either could not be sharded or bucketed as laid out: this catches it in every adapter, on
+        every weight, at build time.
+        """
+        for key, parameter in self.named_parameters():
+            expected = _row_major_strides(parameter.shape)
+            if parameter.ndim == 0 or parameter.stride() != expected:
+                problem = "0-d (hold a scalar with shape (1,))" if parameter.ndim == 0 else (
+                    f"not contiguous in row-major order (strides {parameter.stride()}, expected "
+                    f"{expected}; create it with .clone(memory_format=torch.contiguous_format))"
+                )
+                raise RuntimeError(
+                    f"{type(self).__name__}._build created Parameter {key!r} of shape "
+                    f"{tuple(parameter.shape)} that is {problem}: FSDP2 (fully_shard) refuses 0-d "
+                    "and non-contiguous parameters, and DDP lays out gradients row-major"
+                )
 
     def _check_shape(self, weight: torch.Tensor) -> None:
         if not self.is_built:

@@ -159,12 +159,15 @@ class KronParam(AdapterParam):
         rank, b_shape, c_shape = self._resolve(weight.shape, self.rank, self.b_shape, self.c_shape)
         self.term_shapes = (b_shape, c_shape)
         start = kpsvd(weight.reshape(weight.shape[0], -1), b_shape, c_shape, rank, check_finite=False)
-        self.register_buffer("S0", start.S.clone())
-        self.register_buffer("B0", start.B.clone())
-        self.register_buffer("C0", start.C.clone())
-        self.S = nn.Parameter(start.S.clone())
-        self.B = nn.Parameter(start.B.clone())
-        self.C = nn.Parameter(start.C.clone())
+        # kpsvd's factors can be transposed views; contiguous copies are what FSDP2 can shard,
+        # and the start and the trainable copy share one layout, so their sums round alike.
+        S, B, C = (factor.clone(memory_format=torch.contiguous_format) for factor in start)
+        self.register_buffer("S0", S)
+        self.register_buffer("B0", B)
+        self.register_buffer("C0", C)
+        self.S = nn.Parameter(S.clone())
+        self.B = nn.Parameter(B.clone())
+        self.C = nn.Parameter(C.clone())
 
     def _rearranged(
         self, S: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dtype: torch.dtype

@@ -33,7 +33,8 @@ class LDUParam(AdapterParam):
 
     reshaped back to the weight's shape. Trainable: the pivots :math:`z \in \mathbb{R}^r`
     (initialised to :math:`z_0 = D_{:r}`) and the scalar :math:`s` (initialised to
-    :math:`s_0 = \alpha / r`); frozen buffers: ``left`` :math:`= P L_r` (``(m, r)``, the
+    :math:`s_0 = \alpha / r`; ``scale`` and ``initial_scale`` have shape ``(1,)``, as FSDP2
+    shards no 0-d parameter); frozen buffers: ``left`` :math:`= P L_r` (``(m, r)``, the
     permutation applied as a row gather, so no :math:`m \times m` matrix is ever formed or
     stored: building on a 32000-row head needs :math:`O(m n)` memory, not 4 GB), ``right``
     :math:`= U_r` (``(r, n)``), :math:`z_0` and :math:`s_0`.
@@ -119,7 +120,8 @@ class LDUParam(AdapterParam):
         self.register_buffer("left", L[perm, :rank])
         self.register_buffer("right", U[:rank].clone())
         self.register_buffer("initial_pivots", D[:rank].clone())
-        initial_scale = torch.tensor(self.alpha / rank, dtype=weight.dtype, device=weight.device)
+        # Shape (1,), not a 0-d scalar: FSDP2 (fully_shard) refuses 0-d parameters.
+        initial_scale = torch.full((1,), self.alpha / rank, dtype=weight.dtype, device=weight.device)
         self.register_buffer("initial_scale", initial_scale)
         self.pivots = nn.Parameter(self.initial_pivots.clone())
         self.scale = nn.Parameter(self.initial_scale.clone())

@@ -122,7 +122,9 @@ class LieParam(AdapterParam):
         else:
             # drawn as (r, c_in) so its fan-in is c_in, as LoRA's A; with the core's fan-in of
             # r * prod(kernel), the product (core x U_in) then has about LoRA's A variance
-            self.in_factor = nn.Parameter(_kaiming_uniform((r, weight.shape[1]), **like).T.contiguous())
+            # (a row-major copy even where a size-1 dim lets .contiguous() keep the transposed strides)
+            in_factor = _kaiming_uniform((r, weight.shape[1]), **like).T
+            self.in_factor = nn.Parameter(in_factor.clone(memory_format=torch.contiguous_format))
             self.core = nn.Parameter(_kaiming_uniform((r, r, *weight.shape[2:]), **like))
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:

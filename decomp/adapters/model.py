@@ -43,7 +43,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import AdapterParam, dtype_kind, same_kind_and_shape
+from .base import (
+    AdapterParam,
+    copy_whole_into,
+    dtype_kind,
+    legacy_scalars_reshaped,
+    same_kind_and_shape,
+    whole_tensor,
+)
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _FORMAT = "decomp.adapters/1"
@@ -707,15 +714,20 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     root = _unwrap(model, "save_adapter")
     if not adapted_layers(root):
         raise ValueError("model has no adapters to save; call decomp.adapters.apply first")
-    tensors = {
-        key: value.detach().contiguous().clone() for key, value in adapter_state_dict(root).items()
-    }
+    state = adapter_state_dict(root)
+    # Adapter parameters sharded by FSDP2 (DTensors) are gathered: a collective, so every rank
+    # calls save_adapter, and rank 0 alone writes the file.
+    gathered = {key: whole_tensor(value) for key, value in state.items()}
+    sharded = any(gathered[key] is not value for key, value in state.items())
+    tensors = {key: value.detach().contiguous().clone() for key, value in gathered.items()}
     problems = _value_problems(tensors, root)
     if problems:
         raise ValueError(
             f"save_adapter: the model's adapters hold values load_adapter would refuse, so {path} "
             "was not written: " + "; ".join(problems)
         )
+    if sharded and torch.distributed.get_rank() != 0:
+        return
     metadata = {"format": _FORMAT, "decomp.adapters": json.dumps(_layer_metadata(root))}
     save_file(tensors, str(path), metadata=metadata)
 
@@ -803,6 +815,8 @@ def _check_match(
     root: nn.Module, entries: list[dict[str, Any]], saved: dict[str, torch.Tensor], path: str | Path
 ) -> None:
     """Raise listing every difference between the file and the adapters ``root`` carries."""
+    # A file from before adapters held their scalars with shape (1,) has them 0-d.
+    saved.update(legacy_scalars_reshaped(saved, adapter_state_dict(root)))
     problems = _mismatches(entries, _layer_metadata(root))
     problems = problems or _tensor_problems(saved, adapter_state_dict(root))
     problems = problems or _value_problems(saved, root)
@@ -1057,7 +1071,7 @@ def _copy_tensors(root: nn.Module, saved: dict[str, torch.Tensor]) -> None:
     targets = dict(_adapter_tensors(root))
     with torch.no_grad():
         for key, value in saved.items():
-            targets[key].copy_(value)
+            copy_whole_into(targets[key], value)
 
 
 def _adapter_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -327,7 +327,8 @@ class SNELLA(_KernelAdapter):
     ``(d_in, d_out)`` layout). The update is sparsified as in :class:`SNELL`; an
     :class:`Allocator` can move the non-zero budget between layers during training.
 
-    Trainable parameters: :math:`q\,(d_{in} + d_{out}) + 3`.
+    Trainable parameters: :math:`q\,(d_{in} + d_{out}) + 3` (the scalars ``alpha``, ``gamma``,
+    ``beta`` each of shape ``(1,)``, as FSDP2 shards no 0-d parameter).
 
     **Not identity at init** (``zero_start=True`` makes it so, as for :class:`SNELL`). The default
     sparsity 0.01 is the official scripts' ``init_thres``; the allocator then lowers the budget.
@@ -346,9 +347,10 @@ class SNELLA(_KernelAdapter):
     num_scalars = 3
 
     def _build_scalars(self, weight: torch.Tensor) -> None:
-        self.alpha = nn.Parameter(torch.ones((), dtype=weight.dtype, device=weight.device))
-        self.gamma = nn.Parameter(torch.ones((), dtype=weight.dtype, device=weight.device))
-        self.beta = nn.Parameter(torch.zeros((), dtype=weight.dtype, device=weight.device))
+        # Shape (1,), not 0-d scalars: FSDP2 (fully_shard) refuses 0-d parameters.
+        self.alpha = nn.Parameter(torch.ones(1, dtype=weight.dtype, device=weight.device))
+        self.gamma = nn.Parameter(torch.ones(1, dtype=weight.dtype, device=weight.device))
+        self.beta = nn.Parameter(torch.zeros(1, dtype=weight.dtype, device=weight.device))
 
     def kernel(self, dtype: torch.dtype, initial: bool = False) -> torch.Tensor:
         prefix = "initial_" if initial else ""

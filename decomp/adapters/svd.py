@@ -164,7 +164,11 @@ class SVDParam(AdapterParam):
     def _build(self, weight: torch.Tensor) -> None:
         matrix = weight.reshape(weight.shape[0], -1)
         rank = self._resolve_rank(tuple(weight.shape), self.rank)
-        U, S, Vh = self._truncated_svd(matrix, rank)
+        # LAPACK hands back column-major factors: row-major copies are what FSDP2 can shard.
+        U, S, Vh = (
+            factor.clone(memory_format=torch.contiguous_format)
+            for factor in self._truncated_svd(matrix, rank)
+        )
         if self.mode == "pissa":
             root = (S / self.scale).sqrt()
             self.register_buffer("initial_left", U * root)

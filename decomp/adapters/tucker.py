@@ -170,7 +170,10 @@ class TuckerParam(AdapterParam):
                 torch.randn(weight.shape[mode], ranks[mode], dtype=weight.dtype, device=weight.device) * self.std
                 for mode in factored
             ]
-        self.factors = nn.ParameterList(nn.Parameter(factor.clone()) for factor in start)
+        # clone() alone keeps an HOSVD factor's transposed strides, which FSDP2 refuses to shard.
+        self.factors = nn.ParameterList(
+            nn.Parameter(factor.clone(memory_format=torch.contiguous_format)) for factor in start
+        )
         self.factored_modes = tuple(factored)
         core_shape = [size if r is None else r for size, r in zip(weight.shape, ranks)]
         self.core = nn.Parameter(torch.zeros(core_shape, dtype=weight.dtype, device=weight.device))

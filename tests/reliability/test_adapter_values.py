@@ -50,7 +50,7 @@ def _poisoned(state: dict[str, torch.Tensor], keys: list[str], data: st.DataObje
 @given(drawn=cases_and_banks(), data=st.data())
 def test_load_state_dict_refuses_a_non_finite_adapter_tensor_unchanged(drawn, data):
     case, kinds = drawn
-    model = apply(Bank(kinds), factory(case))
+    model = apply(Bank(kinds), factory(case), target=r".*")
     train_step(model)
     state = {key: value.clone() for key, value in model.state_dict().items()}
     floating = sorted(key for key, value in adapter_state_dict(model).items() if value.is_floating_point())
@@ -64,7 +64,7 @@ def test_load_state_dict_refuses_a_non_finite_adapter_tensor_unchanged(drawn, da
 @pytest.mark.parametrize("route", ["load_adapter into unadapted", "load_adapter into adapted", "load_state_dict"])
 def test_a_value_that_overflows_the_models_dtype_is_refused(tmp_path, route):
     # 1e6 is finite in the fp32 file and inf once cast to the fp16 model.
-    source = apply(nn.Sequential(nn.Linear(4, 3)), LieParam, rank=2)
+    source = apply(nn.Sequential(nn.Linear(4, 3)), LieParam, target=r".*", rank=2)
     key = "0.parametrizations.weight.0.out_factor"
     with torch.no_grad():
         source[0].parametrizations.weight[0].out_factor.fill_(1e6)
@@ -72,7 +72,7 @@ def test_a_value_that_overflows_the_models_dtype_is_refused(tmp_path, route):
     save_adapter(source, path)
     adapted = route != "load_adapter into unadapted"
     model = nn.Sequential(nn.Linear(4, 3))
-    model = (apply(model, LieParam, rank=2) if adapted else model).half()
+    model = (apply(model, LieParam, target=r".*", rank=2) if adapted else model).half()
     before = Snapshot(model)
     message = rf"'?{re.escape(key)}'?:? contains NaN or Inf \(as torch.float16\)"
     if route == "load_state_dict":
@@ -90,11 +90,11 @@ def _plain() -> nn.Module:
 
 
 def _kernel_model(cls: type[AdapterParam]) -> nn.Module:
-    return apply(_plain(), cls, rank=2)
+    return apply(_plain(), cls, target=r".*", rank=2)
 
 
 def _dct_model(cls: type[AdapterParam]) -> nn.Module:
-    return apply(_plain(), cls, num_coefficients=4)
+    return apply(_plain(), cls, target=r".*", num_coefficients=4)
 
 
 # (adapter class, model, buffer, bad value, message); 30 = the 5x6 weight's entries
@@ -144,7 +144,7 @@ class ScaleParam(AdapterParam):
         self.init = init
 
     def _build(self, weight: torch.Tensor) -> None:
-        self.s = nn.Parameter(torch.full((), self.init, dtype=weight.dtype, device=weight.device))
+        self.s = nn.Parameter(torch.full((1,), self.init, dtype=weight.dtype, device=weight.device))
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         return self.s * weight
@@ -160,12 +160,12 @@ class ScaleParam(AdapterParam):
 def test_an_adapter_class_of_your_own_loads_into_a_model_carrying_it(tmp_path):
     # Regression: every class not exported by decomp.adapters was refused, even into a model
     # adapted with it (the file's class is the model's own).
-    source = apply(nn.Sequential(nn.Linear(4, 3)), ScaleParam)
+    source = apply(nn.Sequential(nn.Linear(4, 3)), ScaleParam, target=r".*")
     with torch.no_grad():
         source[0].parametrizations.weight[0].s.fill_(0.5)
     path = tmp_path / "adapter.safetensors"
     save_adapter(source, path)
-    model = apply(nn.Sequential(nn.Linear(4, 3)), ScaleParam)
+    model = apply(nn.Sequential(nn.Linear(4, 3)), ScaleParam, target=r".*")
     load_adapter(model, path)
     assert float(model[0].parametrizations.weight[0].s.detach()) == 0.5
 
@@ -179,16 +179,16 @@ def test_an_adapter_class_of_your_own_loads_into_a_model_carrying_it(tmp_path):
 def test_configs_are_compared_as_the_class_reads_them(tmp_path):
     # A file whose config leaves an option at its default (an older writer, a hand edit) is the
     # same adapter; another value of that option is still a mismatch.
-    source = apply(nn.Sequential(nn.Linear(4, 3)), LieParam, rank=2)
+    source = apply(nn.Sequential(nn.Linear(4, 3)), LieParam, target=r".*", rank=2)
     path = tmp_path / "adapter.safetensors"
     save_adapter(source, path)
     tensors, metadata = read_file(path)
     entries = metadata["decomp.adapters"].replace(', "scale": 1.0', "")
     assert entries != metadata["decomp.adapters"]
     save_file(tensors, str(path), metadata={**metadata, "decomp.adapters": entries})
-    load_adapter(apply(nn.Sequential(nn.Linear(4, 3)), LieParam, rank=2), path)
+    load_adapter(apply(nn.Sequential(nn.Linear(4, 3)), LieParam, target=r".*", rank=2), path)
 
-    other = apply(nn.Sequential(nn.Linear(4, 3)), LieParam, rank=2, scale=2.0)
+    other = apply(nn.Sequential(nn.Linear(4, 3)), LieParam, target=r".*", rank=2, scale=2.0)
     before = Snapshot(other)
     with pytest.raises(ValueError, match=r"config \{'rank': 2, 'scale': 1.0, 'order': None\} in the file"):
         load_adapter(other, path)
@@ -199,12 +199,12 @@ def test_configs_are_compared_as_the_class_reads_them(tmp_path):
 def test_a_model_on_the_meta_device_is_refused_unchanged(tmp_path, route):
     # Seen: "Tensor.item() cannot be called on meta tensors" from inside an adapter's build.
     path = tmp_path / "adapter.safetensors"
-    save_adapter(apply(nn.Sequential(nn.Linear(4, 3)), LieParam), path)
+    save_adapter(apply(nn.Sequential(nn.Linear(4, 3)), LieParam, target=r".*"), path)
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(4, 3))
     weight = model[0].weight
     with pytest.raises(ValueError, match=r"layer '0' has its weight on the meta device.*to_empty"):
-        apply(model, LieParam) if route == "apply" else load_adapter(model, path)
+        apply(model, LieParam, target=r".*") if route == "apply" else load_adapter(model, path)
     assert parametrized_layers(model) == {} and model[0].weight is weight and weight.requires_grad
 
 
