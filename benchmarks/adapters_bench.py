@@ -49,9 +49,9 @@ gradients, optimizer state and activations. The process RSS is not used: its hig
 cannot be reset between methods.
 
 Then a paper-style table: trainable parameters of every adapter (its closed-form
-``trainable_count`` summed over the layers ``apply`` targets by default) and of peft LoRA r=8 on
-ResNet-50, ConvNeXt-T and ViT-B/16 built from transformers' default configs on the meta device
-(no weights allocated, nothing downloaded).
+``trainable_count`` summed over every conv and linear layer, the head included) and of peft LoRA
+r=8 on ResNet-50, ConvNeXt-T and ViT-B/16 built from transformers' default configs on the meta
+device (no weights allocated, nothing downloaded).
 
 Targets (issue 4): AtomParam within 1 point of full fine-tuning with under 1% of its trainable
 parameters; every adapter's step time <= 1.3x and peak memory <= 1.1x peft LoRA r=8's. Step-time
@@ -658,7 +658,7 @@ def build_on_meta(builder: Callable[[], nn.Module]) -> nn.Module:
 
 
 def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The layers ``apply`` targets by default: every conv and linear layer."""
+    """Every conv and linear layer, the head included (``apply(model, cls, target=r".*")``)."""
     return [
         (name, module)
         for name, module in model.named_modules()

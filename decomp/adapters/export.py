@@ -48,7 +48,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Example:
         >>> from decomp.adapters import LieParam, apply, merged_state_dict
-        >>> model = apply(torch.nn.Sequential(torch.nn.Linear(4, 3)), LieParam)
+        >>> model = apply(torch.nn.Sequential(torch.nn.Linear(4, 3)), LieParam, ["0"])
         >>> sorted(merged_state_dict(model))
         ['0.bias', '0.weight']
         >>> plain = torch.nn.Sequential(torch.nn.Linear(4, 3))

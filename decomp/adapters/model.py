@@ -33,7 +33,9 @@ removing a parametrization from a copy would otherwise delete ``.weight`` from t
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -58,8 +60,18 @@ _ENTRY_FIELDS = ("name", "index", "adapter", "config", "weight_shape")
 # Attribute names under which torch.compile and (Distributed)DataParallel hold the wrapped model.
 _WRAPPER_PREFIXES = ("_orig_mod", "module")
 
+ALL_LINEAR = "all-linear"
+# The auto progress bar shows (on a terminal) from this many layers, and only once building
+# has taken _PROGRESS_DELAY_S seconds, so a quick apply never flashes one.
+_PROGRESS_MIN_LAYERS = 16
+_PROGRESS_DELAY_S = 2.0
+
 AdapterFactory = Callable[[str, nn.Module], AdapterParam]
-ModuleSelector = Union[str, Callable[[str, nn.Module], bool]]
+ModuleSelector = Union[
+    str, list[str], tuple[str, ...], set[str], frozenset[str], Callable[[str, nn.Module], bool]
+]
+
+logger = logging.getLogger(__name__)
 
 
 class AdaptedLayer(NamedTuple):
@@ -113,7 +125,8 @@ def adapted_layers(model: nn.Module) -> list[AdaptedLayer]:
     Example:
         >>> from decomp.adapters import AtomParam, apply
         >>> from decomp.adapters.model import adapted_layers
-        >>> model = apply(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()), AtomParam)
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+        >>> model = apply(model, AtomParam, ["0"])
         >>> [(layer.name, layer.index) for layer in adapted_layers(model)]
         [('0', 0)]
     """
@@ -126,17 +139,72 @@ def adapted_layers(model: nn.Module) -> list[AdaptedLayer]:
     return found
 
 
+def _output_layer(root: nn.Module) -> nn.Module | None:
+    """The layer that computes the model's output, which the default targets leave out.
+
+    A model with ``get_output_embeddings()`` returning a module (a transformers language model:
+    its LM head) has that module; any other model has its last ``nn.Linear``/``nn.Conv1d/2d/3d``
+    in ``named_modules()`` order (the order the layers were assigned in ``__init__``: a
+    classifier such as torchvision's ``fc`` or ``heads.head``, transformers' ``classifier``, the
+    last layer of an ``nn.Sequential``). None: the model has no such layer.
+    """
+    get_output_embeddings = getattr(root, "get_output_embeddings", None)
+    if callable(get_output_embeddings):
+        found = get_output_embeddings()
+        if isinstance(found, nn.Module):
+            return found
+    layers = [module for module in root.modules() if isinstance(module, SUPPORTED_LAYERS)]
+    return layers[-1] if layers else None
+
+
+def _name_matches(module_name: str, names: Iterable[str]) -> bool:
+    """peft's ``target_modules`` list rule: the qualified name is a name or ends with ``.name``."""
+    return any(module_name == name or module_name.endswith("." + name) for name in names)
+
+
 def _selector(
-    selector: ModuleSelector | None, name: str
+    selector: ModuleSelector | None, argument: str, root: nn.Module, modules: list[_Module]
 ) -> Callable[[str, nn.Module], bool] | None:
+    """``target``/``train_heads`` as a predicate ``(name, module) -> bool`` (None stays None)."""
     if selector is None or callable(selector):
         return selector
     if isinstance(selector, str):
-        pattern = re.compile(selector)
+        if selector.lower() == ALL_LINEAR:
+            head = _output_layer(root)
+            return lambda module_name, module: isinstance(module, nn.Linear) and module is not head
+        try:
+            pattern = re.compile(selector)
+        except re.error as error:
+            raise ValueError(f"{argument}={selector!r} is not a valid regex ({error})") from error
         return lambda module_name, module: pattern.fullmatch(module_name) is not None
+    if isinstance(selector, (list, tuple, set, frozenset)):
+        names = list(selector)
+        wrong = [name for name in names if not isinstance(name, str)]
+        if wrong:
+            raise TypeError(
+                f"{argument} as a collection must hold module names (str), got {wrong!r}"
+            )
+        if not names:
+            raise ValueError(
+                f"{argument} is an empty {type(selector).__name__}: name the modules to match, "
+                f"or leave {argument} out"
+            )
+        unmatched = [
+            name
+            for name in names
+            if not any(_name_matches(alias, [name]) for entry in modules for alias in entry.aliases)
+        ]
+        if unmatched:
+            raise ValueError(
+                f"{argument} names {unmatched} match no module of the model (a name matches a "
+                "module whose qualified name is the name or ends with '.' + name, as peft's "
+                "target_modules; write a regex string for patterns)"
+            )
+        frozen = frozenset(names)
+        return lambda module_name, module: _name_matches(module_name, frozen)
     raise TypeError(
-        f"{name} must be a regex string, a callable (name, module) -> bool, or None, "
-        f"got {type(selector).__name__}"
+        f"{argument} must be a regex string, 'all-linear', a list of module names, "
+        f"a callable (name, module) -> bool, or None, got {type(selector).__name__}"
     )
 
 
@@ -264,6 +332,7 @@ def apply(
     target: ModuleSelector | None = None,
     *,
     train_heads: ModuleSelector | None = None,
+    progress: bool | None = None,
     **config: Any,
 ) -> nn.Module:
     r"""Register an adapter on the targeted layers of ``model`` and freeze everything else.
@@ -275,16 +344,34 @@ def apply(
     adapter's ``trainable_count`` plus the heads'. The model is identical to the pretrained one at
     init for adapters with a zero initial update.
 
-    Matching: a string ``target``/``train_heads`` is a regex that must match a module's whole
-    qualified name (``re.fullmatch``, as peft does for a string: ``"fc"`` does not match
-    ``"fc2"``; write ``".*fc.*"`` to search); a callable is called as ``(name, module)``. A module
-    reachable under several names (one layer used twice) matches if any of its names does and is
-    adapted once. ``target=None`` selects every ``nn.Linear`` and ``nn.Conv1d/2d/3d``. A matched
-    module without a weight of its own (an activation, a container) is skipped, so
-    ``r"features\.\d+"`` is fine; a matched module with a weight of an unsupported type
-    (``nn.Embedding``, ``nn.ConvTranspose2d``, ``nn.LayerNorm``) raises. A module matched by
-    ``train_heads`` is a head with all its submodules: none of them is adapted and all their
-    parameters become trainable (``requires_grad=True``, also where it was ``False``).
+    Matching, as peft's ``target_modules`` (``target`` and ``train_heads`` alike):
+
+    * a list, tuple or set of names: a module matches if its qualified name is one of them or
+      ends with ``"." + name`` (``["q_proj", "v_proj"]`` matches ``layers.0.self_attn.q_proj``;
+      ``"fc"`` does not match ``fc2``); every name must match some module of the model;
+    * a string: a regex that must match the whole qualified name (``re.fullmatch``: write
+      ``".*fc.*"`` to search);
+    * ``"all-linear"``: every ``nn.Linear`` except the output layer (below);
+    * a callable ``(name, module) -> bool``;
+    * ``None`` (``target``'s default): every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` except the
+      output layer.
+
+    The output layer is ``model.get_output_embeddings()`` where the model has that method and
+    it returns a module (a transformers language model's LM head), otherwise the model's last
+    ``nn.Linear``/``nn.Conv1d/2d/3d`` in ``named_modules()`` order (a classifier such as
+    torchvision's ``fc``, transformers' ``classifier``, the last layer of an ``nn.Sequential``).
+    So the defaults never adapt the classifier head; name it (``target=[..., "fc"]``,
+    ``target=r".*"``) to adapt it, or pass it to ``train_heads`` to train it in full. (peft
+    leaves the output layer out of ``"all-linear"`` on transformers models only; here it is left
+    out on every model. transformers' GPT-2 style ``Conv1D`` is not an ``nn.Linear`` and is not
+    supported.)
+
+    A module reachable under several names (one layer used twice) matches if any of its names
+    does and is adapted once. A matched module without a weight of its own (an activation, a
+    container) is skipped, so ``r"features\.\d+"`` is fine; a matched module with a weight of an
+    unsupported type (``nn.Embedding``, ``nn.ConvTranspose2d``, ``nn.LayerNorm``) raises. A module
+    matched by ``train_heads`` is a head with all its submodules: none of them is adapted and
+    all their parameters become trainable (``requires_grad=True``, also where it was ``False``).
 
     Repeated calls compose: when ``model`` already carries adapters (from an earlier call, or
     registered by hand), this call adapts its own targets (freezing their pretrained weights and
@@ -301,12 +388,21 @@ def apply(
     error leaves the model as it was.
     Every adapted layer's class is made copy-safe (``copy.deepcopy`` gives an independent model).
 
+    Reporting: the logger ``decomp.adapters.model`` writes one INFO line per call (layers
+    adapted, trainable and total parameters) and one DEBUG line per layer; nothing is printed.
+    Building adapters can take a while (SVD-initialised adapters on a ViT-B-sized model: about
+    20 s on one core): ``progress=True`` shows a ``tqdm`` bar over the layers (tqdm must be
+    installed), ``False`` never does, and ``None`` shows one only where ``tqdm`` is installed,
+    stderr is a terminal, there are at least 16 layers and building has taken 2 s.
+
     Args:
         model: the network, modified in place (or its ``torch.compile``/``DataParallel`` wrapper).
         adapter: an :class:`AdapterParam` subclass (``config`` are its keyword arguments) or a
             factory ``(name, module) -> AdapterParam`` returning a new adapter per layer.
-        target: which modules to adapt (regex or callable); default every supported layer.
-        train_heads: modules whose own parameters stay trainable (regex or callable), e.g. ``"fc"``.
+        target: which modules to adapt (names, regex, ``"all-linear"`` or callable); default
+            every supported layer except the output layer.
+        train_heads: modules whose own parameters stay trainable (same forms), e.g. ``["fc"]``.
+        progress: show a progress bar while the adapters are built (None: automatic).
         **config: keyword arguments of ``adapter`` when it is a class.
 
     Returns:
@@ -316,32 +412,41 @@ def apply(
         TypeError: ``adapter`` is neither a subclass nor a callable (or is an instance); ``config``
             given with a factory; a factory returned something other than an ``AdapterParam``; a
             targeted module is not ``nn.Linear``/``nn.Conv1d/2d/3d`` (e.g. ``nn.Embedding``,
-            ``nn.ConvTranspose2d``); ``target``/``train_heads`` of a wrong type; ``model`` is
-            wrapped in ``DistributedDataParallel`` (apply before wrapping); an unknown keyword in
-            ``config`` (the message names the nearest option).
-        ValueError: ``target`` matched no module (or only heads); a targeted layer already
-            carries an adapter or another parametrization or a weight-norm hook; a targeted
-            layer's weight is shared with another module (the message names both) or is on the
-            ``meta`` device; a ``train_heads`` module holds an adapted layer; a factory returned
-            an adapter that is already built, or one adapter for two layers; the adapter rejects
-            a layer (e.g. an explicit ``num_atoms`` above the kernel size).
+            ``nn.ConvTranspose2d``); ``target``/``train_heads`` of a wrong type (or a collection
+            holding a non-string); ``model`` is wrapped in ``DistributedDataParallel`` (apply
+            before wrapping); an unknown keyword in ``config`` (the message names the nearest
+            option); ``progress`` not a bool or None.
+        ValueError: ``target`` matched no module (or only heads, or only the output layer); a
+            ``target``/``train_heads`` collection is empty or holds a name that matches no
+            module; a string that is not a valid regex; a targeted layer already carries an
+            adapter or another parametrization or a weight-norm hook; a targeted layer's weight
+            is shared with another module (the message names both) or is on the ``meta``
+            device; a ``train_heads`` module holds an adapted layer; a factory returned an
+            adapter that is already built, or one adapter for two layers; the adapter rejects a
+            layer (e.g. an explicit ``num_atoms`` above the kernel size).
+        ImportError: ``progress=True`` without ``tqdm`` installed.
 
     Example:
         >>> from decomp.adapters import AtomParam, apply, trainable_parameters
         >>> conv, head = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(128, 2)
         >>> model = torch.nn.Sequential(conv, torch.nn.Flatten(), head)
-        >>> model = apply(model, AtomParam, train_heads=r"2", num_atoms=4)
+        >>> model = apply(model, AtomParam, train_heads=["2"], num_atoms=4)
         >>> sum(p.numel() for p in trainable_parameters(model))  # 4*9 atom entries + 258 (head)
         294
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> [layer.name for layer in adapted_layers(apply(mlp, AtomParam))]  # not the output layer
+        ['0']
     """
     make_adapter = _factory(adapter, config)
-    is_target = _selector(target, "target")
-    is_head = _selector(train_heads, "train_heads")
+    _check_progress(progress)
     root = _unwrap(model, "apply", changes_parameters=True)
     modules = _modules(root)
+    is_target = _selector(target, "target", root, modules)
+    is_head = _selector(train_heads, "train_heads", root, modules)
 
     heads = _heads(modules, is_head)
     head_ids = {id(module) for head in heads for module in head.modules()}
+    output_layer = _output_layer(root) if is_target is None else None
     targets: list[tuple[str, nn.Module]] = []
     matched_heads: list[str] = []
     for entry in modules:
@@ -350,7 +455,7 @@ def apply(
                 matched_heads.append(entry.name)
             continue
         if is_target is None:
-            if isinstance(entry.module, SUPPORTED_LAYERS):
+            if isinstance(entry.module, SUPPORTED_LAYERS) and entry.module is not output_layer:
                 targets.append((entry.name, entry.module))
         elif _matches(is_target, entry):
             if not isinstance(entry.module, SUPPORTED_LAYERS):
@@ -367,6 +472,13 @@ def apply(
             raise ValueError(
                 f"target={target!r} matched only train_heads modules or their submodules "
                 f"{matched_heads}, which are never adapted"
+            )
+        if output_layer is not None and id(output_layer) not in head_ids:
+            name = next(entry.name for entry in modules if entry.module is output_layer)
+            raise ValueError(
+                f"the default target (every nn.Linear and nn.Conv1d/2d/3d except the output "
+                f"layer) leaves nothing to adapt: the model's only such layer is its output layer "
+                f"{name!r}; name it to adapt it (target=[{name!r}])"
             )
         raise ValueError(f"target={target!r} matched no nn.Linear or nn.Conv1d/2d/3d in the model")
 
@@ -399,9 +511,56 @@ def apply(
         planned.append((name, module, new_adapter))
 
     first_call = not adapted_layers(root)
-    registered = _register(planned)
+    registered = _register(planned, progress)
     _commit(root, registered, heads, first_call)
+    _log_summary("apply", root, planned, len(heads))
     return model
+
+
+def _check_progress(progress: object) -> None:
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None, got {type(progress).__name__}")
+    if progress and importlib.util.find_spec("tqdm") is None:
+        raise ImportError("progress=True needs tqdm: pip install tqdm (or pass progress=None)")
+
+
+def _progress_bar(planned: list[Any], progress: bool | None, what: str) -> Iterable[Any]:
+    """``planned`` itself, or wrapped in a tqdm bar on stderr when ``progress`` asks for one."""
+    if progress is False:
+        return planned
+    if progress is None:
+        interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+        if not interactive or len(planned) < _PROGRESS_MIN_LAYERS:
+            return planned
+        if importlib.util.find_spec("tqdm") is None:
+            return planned
+    from tqdm.auto import tqdm
+
+    delay = 0.0 if progress else _PROGRESS_DELAY_S
+    return tqdm(planned, desc=what, unit="layer", delay=delay, leave=False)
+
+
+def _log_summary(
+    caller: str, root: nn.Module, planned: list[tuple[str, nn.Module, AdapterParam]], heads: int
+) -> None:
+    """One INFO line for the call, one DEBUG line per layer it adapted."""
+    if logger.isEnabledFor(logging.DEBUG):
+        for name, module, new_adapter in planned:
+            layer_type = parametrize.type_before_parametrizations(module).__name__
+            shape = "x".join(map(str, module.weight.shape))
+            count = sum(parameter.numel() for parameter in new_adapter.parameters())
+            logger.debug(
+                "%s: %r (%s %s) <- %s, %d trainable",
+                caller, name, layer_type, shape, type(new_adapter).__name__, count,
+            )
+    if logger.isEnabledFor(logging.INFO):
+        adapters = sorted({type(new_adapter).__name__ for _, _, new_adapter in planned})
+        trainable = sum(p.numel() for p in root.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in root.parameters())
+        logger.info(
+            "%s: %d layers adapted with %s, %d heads trained; %d of %d parameters trainable",
+            caller, len(planned), ", ".join(adapters), heads, trainable, total,
+        )
 
 
 def _matches(selector: Callable[[str, nn.Module], bool] | None, entry: _Module) -> bool:
@@ -428,11 +587,13 @@ def _heads(
     return [entry.module for entry in heads]
 
 
-def _register(planned: list[tuple[str, nn.Module, AdapterParam]]) -> list[nn.Module]:
+def _register(
+    planned: list[tuple[str, nn.Module, AdapterParam]], progress: bool | None = None
+) -> list[nn.Module]:
     """Register every planned adapter, or none: a failure restores the layers registered so far."""
     registered: list[nn.Module] = []
     try:
-        for name, module, new_adapter in planned:
+        for name, module, new_adapter in _progress_bar(planned, progress, "building adapters"):
             try:
                 parametrize.register_parametrization(module, "weight", new_adapter)
             except Exception as error:
@@ -521,7 +682,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
     Example:
         >>> from decomp.adapters import AtomParam, apply, trainable_parameters
-        >>> model = apply(torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3)), AtomParam)
+        >>> model = apply(torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3)), AtomParam, ["0"])
         >>> tuple(tuple(p.shape) for p in trainable_parameters(model))
         ((3, 3),)
     """
@@ -584,7 +745,8 @@ def report(model: nn.Module) -> Report:
 
     Example:
         >>> from decomp.adapters import AtomParam, apply, report
-        >>> model = apply(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), AtomParam, num_atoms=4)
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
+        >>> model = apply(model, AtomParam, ["0"], num_atoms=4)
         >>> rows = report(model)
         >>> rows[0].layer_type, rows[0].trainable, rows[0].frozen
         ('Conv2d', 36, 224)
@@ -625,7 +787,7 @@ def merge(model: nn.Module) -> nn.Module:
 
     Example:
         >>> from decomp.adapters import AtomParam, apply, merge
-        >>> model = apply(torch.nn.Sequential(torch.nn.Linear(8, 8)), AtomParam)
+        >>> model = apply(torch.nn.Sequential(torch.nn.Linear(8, 8)), AtomParam, ["0"])
         >>> merged = merge(model)
         >>> type(merged[0]).__name__, merged[0].weight.shape
         ('Linear', torch.Size([8, 8]))
@@ -663,7 +825,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Example:
         >>> from decomp.adapters import AtomParam, adapter_state_dict, apply
-        >>> model = apply(torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3)), AtomParam, num_atoms=3)
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3))
+        >>> model = apply(model, AtomParam, ["0"], num_atoms=3)
         >>> sorted(adapter_state_dict(model))
         ['0.parametrizations.weight.0.atom_delta', '0.parametrizations.weight.0.coeffs']
     """
@@ -704,7 +867,7 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     Example:
         >>> import tempfile, pathlib
         >>> from decomp.adapters import AtomParam, apply, load_adapter, save_adapter
-        >>> model = apply(torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3)), AtomParam)
+        >>> model = apply(torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3)), AtomParam, ["0"])
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "adapter.safetensors"
         >>> save_adapter(model, path)
         >>> _ = load_adapter(model, path)
@@ -732,7 +895,9 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+def load_adapter(
+    model: nn.Module, path: str | Path, *, progress: bool | None = None
+) -> nn.Module:
     """Load an adapter file written by :func:`save_adapter` into ``model`` (in place).
 
     ``model`` either carries the same adapters as the saved one (the same :func:`apply` call on a
@@ -759,6 +924,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     Adapter classes are looked up in :mod:`decomp.adapters` and among the model's own adapters,
     so a class of your own loads into a model that already carries it.
 
+    ``progress`` and logging as in :func:`apply` (the bar shows while adapters are built for an
+    unadapted model; one INFO line per call).
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: ``path`` is not a safetensors file, not an adapter file written by
@@ -769,20 +937,22 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             file names a layer the model lacks, of another weight shape or type, or one that
             cannot take an adapter (see :func:`apply`).
         TypeError: ``model`` is wrapped in ``DistributedDataParallel`` and has no adapters yet
-            (load into the model before wrapping it).
+            (load into the model before wrapping it); ``progress`` not a bool or None.
+        ImportError: ``progress=True`` without ``tqdm`` installed.
 
     Example:
         >>> import tempfile, pathlib
         >>> from decomp.adapters import AtomParam, apply, load_adapter, save_adapter
-        >>> model = apply(torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3)), AtomParam)
+        >>> model = apply(torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3)), AtomParam, ["0"])
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "adapter.safetensors"
         >>> save_adapter(model, path)
-        >>> other = apply(torch.nn.Sequential(torch.nn.Conv2d(2, 5, 3)), AtomParam)
+        >>> other = apply(torch.nn.Sequential(torch.nn.Conv2d(2, 5, 3)), AtomParam, ["0"])
         >>> load_adapter(other, path)
         Traceback (most recent call last):
         ...
         ValueError: adapter file ... does not match the model: layer '0': weight shape ...
     """
+    _check_progress(progress)
     root = _unwrap(model, "load_adapter")
     entries, saved = _read_adapter_file(path)
     entries, saved = _without_wrapper_prefixes(entries, saved, root)
@@ -796,10 +966,12 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     if adapted_layers(root):
         _check_match(root, entries, saved, path)
         _copy_tensors(root, saved)
+        logger.info("load_adapter: %d adapters from %s into the model's own", len(entries), path)
         return model
 
     _unwrap(model, "load_adapter (into a model without adapters)", changes_parameters=True)
-    registered = _register(_plan_described(root, entries, described, path))
+    planned = _plan_described(root, entries, described, path)
+    registered = _register(planned, progress)
     try:
         # Tensor shapes are only known once the adapters are built.
         _check_match(root, entries, saved, path)
@@ -808,6 +980,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         raise
     _commit(root, registered, [], first_call=True)
     _copy_tensors(root, saved)
+    _log_summary(f"load_adapter from {path}", root, planned, 0)
     return model
 
 

@@ -75,11 +75,13 @@ def train(model: nn.Module, steps: int = 2, seed: int = 0) -> None:
 # apply
 
 
-def test_default_target_adapts_every_supported_layer_and_freezes_the_rest():
+def test_default_target_adapts_every_supported_layer_but_the_output_one_and_freezes_the_rest():
     model = apply(pretrained(), AtomParam)
-    assert adapted_names(model) == ["features.0", "features.2", "features.4", "fc", "fc2"]
+    assert adapted_names(model) == ["features.0", "features.2", "features.4", "fc"]
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{name}.parametrizations.weight.0.atom_delta" for name in adapted_names(model)}
+    every = apply(pretrained(), AtomParam, target=r".*")
+    assert adapted_names(every) == ["features.0", "features.2", "features.4", "fc", "fc2"]
 
 
 def test_string_target_is_a_full_match():
@@ -247,13 +249,13 @@ def test_save_load_round_trip_restores_buffers_too(tmp_path):
     ("other", "message"),
     [
         (lambda: apply(pretrained(), AtomParam, target="fc"), "layer 'fc2' is adapted in the file but not in the model"),
-        (lambda: apply(pretrained(), AtomParam, num_atoms=1), r"config \{.*'num_atoms': None.*\} in the file"),
-        (lambda: apply(SmallNet(classes=5), AtomParam), r"layer 'fc2': weight shape \[3, 8\] in the file, \[5, 8\]"),
+        (lambda: apply(pretrained(), AtomParam, r".*", num_atoms=1), r"config \{.*'num_atoms': None.*\} in the file"),
+        (lambda: apply(SmallNet(classes=5), AtomParam, r".*"), r"layer 'fc2': weight shape \[3, 8\] in the file, \[5, 8\]"),
     ],
 )
 def test_loading_a_file_for_another_model_lists_the_mismatch(tmp_path, other, message):
     path = tmp_path / "adapter.safetensors"
-    save_adapter(apply(pretrained(), AtomParam), path)
+    save_adapter(apply(pretrained(), AtomParam, r".*"), path)
     model = other()
     before = {key: value.clone() for key, value in adapter_state_dict(model).items()}
     with pytest.raises(ValueError, match=message):
@@ -287,7 +289,7 @@ def test_deepcopy_then_merge_or_remove_on_the_copy_leaves_the_original_working()
     torch.testing.assert_close(replica(x), expected, rtol=1e-5, atol=1e-6)
     nested = copy.deepcopy(copy.deepcopy(model))
     merge(nested)
-    assert adapted_names(model) == ["features.0", "features.2", "features.4", "fc", "fc2"]
+    assert adapted_names(model) == ["features.0", "features.2", "features.4", "fc"]
 
 
 def test_merge_protects_the_original_of_a_hand_registered_copy():

@@ -61,7 +61,7 @@ class LayerBank(nn.Module):
 
 
 def adapt(model: nn.Module, case: AdapterCase) -> nn.Module:
-    return apply(model, lambda name, module: case.factory())
+    return apply(model, lambda name, module: case.factory(), target=r".*")
 
 
 def train_step(model: nn.Module, seed: int = 0) -> None:

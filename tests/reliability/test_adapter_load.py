@@ -173,7 +173,7 @@ FAULT_NAMES = [fault.name for fault in FILE_FAULTS] + [name for name, *_ in BYTE
 
 
 def saved_adapter(case, kinds, directory: Path) -> tuple[nn.Module, Path]:
-    model = apply(Bank(kinds), factory(case))
+    model = apply(Bank(kinds), factory(case), target=r".*")
     train_step(model)
     path = directory / "adapter.safetensors"
     save_adapter(model, path)
@@ -181,7 +181,7 @@ def saved_adapter(case, kinds, directory: Path) -> tuple[nn.Module, Path]:
 
 
 def target_model(case, kinds, adapted: bool) -> nn.Module:
-    return apply(Bank(kinds), factory(case)) if adapted else Bank(kinds)
+    return apply(Bank(kinds), factory(case), target=r".*") if adapted else Bank(kinds)
 
 
 @pytest.mark.parametrize("adapted", [False, True], ids=["into-unadapted", "into-adapted"])
@@ -216,7 +216,7 @@ def test_a_faulty_file_raises_and_changes_nothing(fault_name, adapted, data):
 
 def test_regression_missing_tensor_leaves_a_plain_model_plain(tmp_path):
     # Seen: the model came back adapted with fresh adapters and every base parameter frozen.
-    model = apply(Bank({"conv2d", "linear"}), AtomParam, levels=2)
+    model = apply(Bank({"conv2d", "linear"}), AtomParam, target=r".*", levels=2)
     path = tmp_path / "adapter.safetensors"
     save_adapter(model, path)
     tensors, metadata = read_file(path)
@@ -231,7 +231,7 @@ def test_regression_missing_tensor_leaves_a_plain_model_plain(tmp_path):
 
 
 def test_every_mismatch_is_listed_at_once(tmp_path):
-    model = apply(Bank({"conv1d", "linear"}), AtomParam)
+    model = apply(Bank({"conv1d", "linear"}), AtomParam, target=r".*")
     path = tmp_path / "adapter.safetensors"
     save_adapter(model, path)
     tensors, metadata = read_file(path)
@@ -247,7 +247,7 @@ def test_a_layer_the_file_cannot_adapt_is_refused_before_building(tmp_path):
     # The file matches by name and shape, but the model's layer is an Embedding: ValueError, nothing built.
     source = nn.Sequential(nn.Linear(4, 6))
     path = tmp_path / "adapter.safetensors"
-    save_adapter(apply(source, AtomParam), path)
+    save_adapter(apply(source, AtomParam, target=r".*"), path)
     impostor = nn.Sequential(nn.Embedding(6, 4))
     before = Snapshot(impostor)
     with pytest.raises(ValueError, match=r"adapts '0' \(Embedding\); adapters support nn.Linear"):
@@ -260,7 +260,7 @@ def test_a_layer_that_rejects_its_adapter_while_building_rolls_back(tmp_path):
     # adapter fails while building, after the first layer was registered.
     source = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 3))
     path = tmp_path / "adapter.safetensors"
-    save_adapter(apply(source, AtomParam, num_atoms=9), path)
+    save_adapter(apply(source, AtomParam, target=r".*", num_atoms=9), path)
     tensors, metadata = read_file(path)
     metadata = edit_entries(metadata, lambda entries: entries[1].update(weight_shape=[4, 4, 1, 1]))
     save_file(tensors, str(path), metadata=metadata)
@@ -274,7 +274,7 @@ def test_a_layer_that_rejects_its_adapter_while_building_rolls_back(tmp_path):
 
 def test_a_file_stacking_adapters_is_refused_for_an_unadapted_model(tmp_path):
     conv = nn.Conv2d(2, 4, 3)
-    model = apply(nn.Sequential(conv), AtomParam)
+    model = apply(nn.Sequential(conv), AtomParam, target=r".*")
     path = tmp_path / "adapter.safetensors"
     save_adapter(model, path)
     tensors, metadata = read_file(path)

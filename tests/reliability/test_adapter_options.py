@@ -263,7 +263,7 @@ def test_a_misspelt_option_suggests_the_nearest_one(cls, name):
     calls = (
         lambda: cls(**{typo: 1}),
         lambda: cls.trainable_count(COUNT_SHAPE, **{typo: 1}),
-        lambda: apply(model, cls, **{typo: 1}),
+        lambda: apply(model, cls, target=r".*", **{typo: 1}),
     )
     for call in calls:
         with pytest.raises(TypeError, match=message):
@@ -425,7 +425,7 @@ def test_numpy_options_survive_save_and_load_into_a_plain_model(cls, kwargs, tmp
     # the saved metadata is JSON: a numpy option used to be written as its repr and not reload
     torch.manual_seed(0)
     plain_model = nn.Sequential(nn.Linear(8, 6))
-    model = apply(copy.deepcopy(plain_model), cls, **kwargs)
+    model = apply(copy.deepcopy(plain_model), cls, target=r".*", **kwargs)
     path = tmp_path / "adapter.safetensors"
     save_adapter(model, path)
     loaded = load_adapter(plain_model, path)

@@ -45,7 +45,7 @@ def test_an_adapter_crosses_wrappers(saved_from, loaded_into, data):
     start = 4 * sorted(WRAPPERS).index(saved_from) + sorted(WRAPPERS).index(loaded_into)
     case, kinds = data.draw(cases_and_banks(start), label="adapter and layers")
     adapted = data.draw(st.booleans(), label="into an adapted model")
-    source = apply(Bank(kinds), factory(case))
+    source = apply(Bank(kinds), factory(case), target=r".*")
     train_step(source)
     wrapped_source = WRAPPERS[saved_from](source)
     names = [layer.name for layer in adapted_layers(source)]
@@ -54,7 +54,7 @@ def test_an_adapter_crosses_wrappers(saved_from, loaded_into, data):
     assert adapter_state_dict(wrapped_source).keys() == adapter_state_dict(source).keys()
     target = Bank(kinds)
     if adapted:
-        apply(WRAPPERS[loaded_into](target), factory(case))
+        apply(WRAPPERS[loaded_into](target), factory(case), target=r".*")
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "adapter.safetensors"
         save_adapter(wrapped_source, path)
@@ -85,14 +85,14 @@ def test_compiled_model_apply_save_load_merge():
 @pytest.mark.parametrize("prefix", ["_orig_mod", "module", "_orig_mod.module"])
 def test_a_file_with_a_wrapper_prefix_loads_into_the_plain_model(tmp_path, prefix):
     # What save_adapter wrote for a wrapped model before it looked through wrappers.
-    source = apply(Bank({"conv1d", "linear"}), AtomParam)
+    source = apply(Bank({"conv1d", "linear"}), AtomParam, target=r".*")
     train_step(source)
     path = tmp_path / "adapter.safetensors"
     save_adapter(source, path)
     tensors, metadata = read_file(path)
     metadata = edit_entries(metadata, lambda entries: [dict(entry, name=f"{prefix}.{entry['name']}") for entry in entries])
     save_file({f"{prefix}.{key}": value for key, value in tensors.items()}, str(path), metadata=metadata)
-    for target in (Bank({"conv1d", "linear"}), apply(Bank({"conv1d", "linear"}), AtomParam)):
+    for target in (Bank({"conv1d", "linear"}), apply(Bank({"conv1d", "linear"}), AtomParam, target=r".*")):
         load_adapter(target, path)
         torch.testing.assert_close(target(), source(), rtol=0, atol=0)
 
@@ -102,7 +102,7 @@ def test_a_prefix_that_names_a_real_submodule_is_kept(tmp_path):
     source = nn.Sequential()
     source.add_module("module", nn.Linear(4, 4))
     path = tmp_path / "adapter.safetensors"
-    save_adapter(apply(source, AtomParam), path)
+    save_adapter(apply(source, AtomParam, target=r".*"), path)
     assert json.loads(read_file(path)[1]["decomp.adapters"])[0]["name"] == "module"
     other = nn.Sequential()
     other.add_module("module", nn.Sequential(nn.Linear(4, 4)))
@@ -122,7 +122,7 @@ def process_group(tmp_path):
 
 
 def test_ddp_refuses_new_parameters_and_looks_through_otherwise(process_group, tmp_path):
-    source = apply(Bank({"conv1d", "linear"}), AtomParam)
+    source = apply(Bank({"conv1d", "linear"}), AtomParam, target=r".*")
     train_step(source)
     path = tmp_path / "adapter.safetensors"
     save_adapter(nn.parallel.DistributedDataParallel(source), path)
@@ -131,12 +131,13 @@ def test_ddp_refuses_new_parameters_and_looks_through_otherwise(process_group, t
     plain = nn.parallel.DistributedDataParallel(Bank({"conv1d", "linear"}))
     before = Snapshot(plain)
     with pytest.raises(TypeError, match="apply adds parameters .* before wrapping it in DistributedDataParallel"):
-        apply(plain, AtomParam)
+        apply(plain, AtomParam, target=r".*")
     with pytest.raises(TypeError, match=r"load_adapter \(into a model without adapters\) adds parameters"):
         load_adapter(plain, path)
     before.assert_unchanged(plain)
 
-    adapted = nn.parallel.DistributedDataParallel(apply(Bank({"conv1d", "linear"}), AtomParam))
+    bank = apply(Bank({"conv1d", "linear"}), AtomParam, target=r".*")
+    adapted = nn.parallel.DistributedDataParallel(bank)
     load_adapter(adapted, path)
     torch.testing.assert_close(adapted.module(), source(), rtol=0, atol=0)
     assert [row.name for row in report(adapted)] == ["layers.conv1d", "layers.linear"]

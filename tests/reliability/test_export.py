@@ -106,7 +106,7 @@ def test_merged_state_dict_on_a_model_without_adapters_is_its_state_dict():
 
 def test_merged_state_dict_names_a_module_reused_under_two_names_at_both():
     layer = nn.Linear(4, 4)
-    model = apply(nn.Sequential(layer, nn.Tanh(), layer), LieParam)
+    model = apply(nn.Sequential(layer, nn.Tanh(), layer), LieParam, target=r".*")
     with torch.no_grad():
         trainable_parameters(model)[0].add_(0.1)
     state = merged_state_dict(model)
