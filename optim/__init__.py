@@ -4,6 +4,8 @@
   (:class:`ProjectedAdam`) with the DCT, SVD or random projector (:mod:`optim.projectors`).
 - :class:`ARO` (adaptively rotated optimization) and :class:`RotatedAdam` (Adam in a DCT or
   SOAP-style eigenbasis), in :mod:`optim.rotated`.
+- :func:`param_groups`: project the weights of the layers a ``target`` names, AdamW for the rest
+  (transformers' ``optim_target_modules``).
 - ``optimizer.consolidate()`` with ``protect=True``: continual learning in orthogonal subspaces
   (:mod:`optim.continual`).
 """
@@ -11,6 +13,7 @@
 # One version for the distribution, which ships optim and decomp together.
 from decomp._version import __version__
 
+from .groups import param_groups
 from .projected import DCTProjectedAdam, ProjectedAdam, SVDProjectedAdam
 from .projectors import (
     DCTProjector,
@@ -32,4 +35,5 @@ __all__ = [
     "SVDProjectedAdam",
     "SVDProjector",
     "dct_columns",
+    "param_groups",
 ]

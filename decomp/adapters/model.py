@@ -36,15 +36,24 @@ import copy
 import importlib.util
 import json
 import logging
-import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Union
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._select import (
+    ALL_LINEAR,
+    SUPPORTED_LAYERS,
+    ModuleSelector,
+)
+from .._select import Module as _Module
+from .._select import matches as _matches
+from .._select import modules as _modules
+from .._select import output_layer as _output_layer
+from .._select import selector as _selector
 from .base import (
     AdapterParam,
     copy_whole_into,
@@ -54,22 +63,17 @@ from .base import (
     whole_tensor,
 )
 
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _FORMAT = "decomp.adapters/1"
 _ENTRY_FIELDS = ("name", "index", "adapter", "config", "weight_shape")
 # Attribute names under which torch.compile and (Distributed)DataParallel hold the wrapped model.
 _WRAPPER_PREFIXES = ("_orig_mod", "module")
 
-ALL_LINEAR = "all-linear"
 # The auto progress bar shows (on a terminal) from this many layers, and only once building
 # has taken _PROGRESS_DELAY_S seconds, so a quick apply never flashes one.
 _PROGRESS_MIN_LAYERS = 16
 _PROGRESS_DELAY_S = 2.0
 
 AdapterFactory = Callable[[str, nn.Module], AdapterParam]
-ModuleSelector = Union[
-    str, list[str], tuple[str, ...], set[str], frozenset[str], Callable[[str, nn.Module], bool]
-]
 
 logger = logging.getLogger(__name__)
 
@@ -139,75 +143,6 @@ def adapted_layers(model: nn.Module) -> list[AdaptedLayer]:
     return found
 
 
-def _output_layer(root: nn.Module) -> nn.Module | None:
-    """The layer that computes the model's output, which the default targets leave out.
-
-    A model with ``get_output_embeddings()`` returning a module (a transformers language model:
-    its LM head) has that module; any other model has its last ``nn.Linear``/``nn.Conv1d/2d/3d``
-    in ``named_modules()`` order (the order the layers were assigned in ``__init__``: a
-    classifier such as torchvision's ``fc`` or ``heads.head``, transformers' ``classifier``, the
-    last layer of an ``nn.Sequential``). None: the model has no such layer.
-    """
-    get_output_embeddings = getattr(root, "get_output_embeddings", None)
-    if callable(get_output_embeddings):
-        found = get_output_embeddings()
-        if isinstance(found, nn.Module):
-            return found
-    layers = [module for module in root.modules() if isinstance(module, SUPPORTED_LAYERS)]
-    return layers[-1] if layers else None
-
-
-def _name_matches(module_name: str, names: Iterable[str]) -> bool:
-    """peft's ``target_modules`` list rule: the qualified name is a name or ends with ``.name``."""
-    return any(module_name == name or module_name.endswith("." + name) for name in names)
-
-
-def _selector(
-    selector: ModuleSelector | None, argument: str, root: nn.Module, modules: list[_Module]
-) -> Callable[[str, nn.Module], bool] | None:
-    """``target``/``train_heads`` as a predicate ``(name, module) -> bool`` (None stays None)."""
-    if selector is None or callable(selector):
-        return selector
-    if isinstance(selector, str):
-        if selector.lower() == ALL_LINEAR:
-            head = _output_layer(root)
-            return lambda module_name, module: isinstance(module, nn.Linear) and module is not head
-        try:
-            pattern = re.compile(selector)
-        except re.error as error:
-            raise ValueError(f"{argument}={selector!r} is not a valid regex ({error})") from error
-        return lambda module_name, module: pattern.fullmatch(module_name) is not None
-    if isinstance(selector, (list, tuple, set, frozenset)):
-        names = list(selector)
-        wrong = [name for name in names if not isinstance(name, str)]
-        if wrong:
-            raise TypeError(
-                f"{argument} as a collection must hold module names (str), got {wrong!r}"
-            )
-        if not names:
-            raise ValueError(
-                f"{argument} is an empty {type(selector).__name__}: name the modules to match, "
-                f"or leave {argument} out"
-            )
-        unmatched = [
-            name
-            for name in names
-            if not any(_name_matches(alias, [name]) for entry in modules for alias in entry.aliases)
-        ]
-        if unmatched:
-            raise ValueError(
-                f"{argument} names {unmatched} match no module of the model (a name matches a "
-                "module whose qualified name is the name or ends with '.' + name, as peft's "
-                "target_modules; write a regex string for patterns)"
-            )
-        frozen = frozenset(names)
-        return lambda module_name, module: _name_matches(module_name, frozen)
-    raise TypeError(
-        f"{argument} must be a regex string, 'all-linear', a list of module names, "
-        f"a callable (name, module) -> bool, or None, got {type(selector).__name__}"
-    )
-
-
 def _factory(
     adapter: type[AdapterParam] | AdapterFactory, config: dict[str, Any]
 ) -> AdapterFactory:
@@ -229,23 +164,6 @@ def _factory(
             f"keyword arguments {sorted(config)} are only accepted with an AdapterParam subclass"
         )
     return adapter
-
-
-class _Module(NamedTuple):
-    """A module of the model, its first qualified name and every name it is reachable under."""
-
-    name: str
-    module: nn.Module
-    aliases: tuple[str, ...]
-
-
-def _modules(root: nn.Module) -> list[_Module]:
-    names: dict[int, list[str]] = {}
-    modules: dict[int, nn.Module] = {}
-    for name, module in root.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-        modules[id(module)] = module
-    return [_Module(found[0], modules[key], tuple(found)) for key, found in names.items()]
 
 
 def _holders(root: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
@@ -561,11 +479,6 @@ def _log_summary(
             "%s: %d layers adapted with %s, %d heads trained; %d of %d parameters trainable",
             caller, len(planned), ", ".join(adapters), heads, trainable, total,
         )
-
-
-def _matches(selector: Callable[[str, nn.Module], bool] | None, entry: _Module) -> bool:
-    """Whether ``selector`` matches the module under any of its names (None matches nothing)."""
-    return selector is not None and any(selector(alias, entry.module) for alias in entry.aliases)
 
 
 def _heads(

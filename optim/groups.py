@@ -1,0 +1,121 @@
+r"""Param groups for a projected optimizer from module names, as transformers' ``optim_target_modules``.
+
+:func:`param_groups` splits ``model.parameters()`` into the weights of the targeted
+``nn.Linear``/``nn.Conv1d/2d/3d`` layers, which get ``rank`` and the given options, and the rest
+(biases, norms, embeddings, untargeted layers), which gets ``rank=None``: plain AdamW in
+:class:`~optim.ProjectedAdam`, :class:`~optim.DCTProjectedAdam` and :class:`~optim.SVDProjectedAdam`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from decomp._select import SUPPORTED_LAYERS, ModuleSelector, matches, modules, selector
+
+__all__ = ["param_groups"]
+
+
+def param_groups(
+    model: nn.Module, target: ModuleSelector, *, rank: int | float, **options: Any
+) -> list[dict[str, Any]]:
+    r"""Param groups that project the targeted layers' weights and step everything else as AdamW.
+
+    The weight :math:`W` (shape ``(out, in)`` or ``(out, in/groups, *kernel)``) of every
+    ``nn.Linear``/``nn.Conv1d/2d/3d`` that ``target`` matches goes into the first group, with
+    ``rank`` and ``options``; every other parameter of ``model`` -- the targeted layers' biases,
+    norms, embeddings, untargeted layers -- goes into a second group with ``rank=None`` and the
+    optimizer's defaults. Each parameter is in exactly one group, once, in ``model.parameters()``
+    order (a weight tied to another module's, such as an LM head tied to its embedding, goes
+    with the group of its targeted holder). The second group is left out when it would be empty.
+
+    ``target`` takes the forms of :func:`decomp.adapters.apply` and peft's ``target_modules``,
+    matched against the qualified names of ``model.named_modules()``: a list of names (a module
+    matches if its name is one of them or ends with ``"." + name``; every name must match), a
+    regex string (``re.fullmatch``), ``"all-linear"`` (every ``nn.Linear`` except the output
+    layer: ``model.get_output_embeddings()`` where that returns a module, else the last
+    ``nn.Linear``/``nn.Conv1d/2d/3d``), or a callable ``(name, module) -> bool``. A matched module
+    without a weight of its own (an activation, a container) is skipped. transformers'
+    ``optim_target_modules`` differs in two places: its list names also match as substrings
+    (``"proj"`` matches ``q_proj``) and its ``"all-linear"`` keeps the LM head.
+
+    The groups suit the optimizers with a ``rank`` option. :class:`~optim.ARO` and
+    :class:`~optim.RotatedAdam` rotate every matrix of every group (they have no per-group AdamW
+    switch) and refuse the ``rank`` key with ``ValueError``; give them ``model.parameters()``.
+
+    Args:
+        model: the network (names as its ``named_modules()`` gives them).
+        target: which modules' weights to project (names, regex, ``"all-linear"`` or callable).
+        rank: the targeted group's ``rank`` (an int, or a float in (0, 1]; checked by the
+            optimizer).
+        **options: further options of the targeted group (``update_gap``, ``scale``, ``lr``...),
+            checked by the optimizer.
+
+    Returns:
+        ``[{"params": targeted, "rank": rank, **options}, {"params": rest, "rank": None}]``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; ``target`` of a wrong type (or a collection
+            holding a non-string); a matched module with a weight is not
+            ``nn.Linear``/``nn.Conv1d/2d/3d`` (e.g. ``nn.Embedding``).
+        ValueError: ``target`` matches no layer weight; a ``target`` collection is empty or holds a
+            name that matches no module; a string that is not a valid regex; ``rank=None``
+            (nothing would be projected); ``options`` holds ``params``; a matched layer's weight
+            is parametrized (an adapted layer: hand the optimizer its adapter's parameters).
+
+    Example:
+        >>> from optim import DCTProjectedAdam, param_groups
+        >>> model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        >>> groups = param_groups(model, ["0"], rank=4, update_gap=50)
+        >>> [(len(group["params"]), group["rank"]) for group in groups]
+        [(1, 4), (3, None)]
+        >>> opt = DCTProjectedAdam(groups, lr=1e-3)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if target is None:
+        raise TypeError(
+            "target must be a regex string, 'all-linear', a list of module names or a callable "
+            "(name, module) -> bool, got None"
+        )
+    if rank is None:
+        raise ValueError(
+            "rank=None would step the targeted weights with AdamW too, so nothing is projected: "
+            "pass an int or a fraction, or use torch.optim.AdamW(model.parameters())"
+        )
+    if "params" in options:
+        raise ValueError("options must not hold 'params': param_groups chooses the parameters")
+    entries = modules(model)
+    is_target = selector(target, "target", model, entries)
+    targeted: dict[int, torch.Tensor] = {}
+    for entry in entries:
+        if not matches(is_target, entry):
+            continue
+        if parametrize.is_parametrized(entry.module, "weight"):
+            raise ValueError(
+                f"target matched {entry.name!r}, whose weight is parametrized (an adapted layer?): "
+                "its pretrained weight is not what trains; hand its adapter's parameters to the "
+                "optimizer instead, or leave it out of target"
+            )
+        weight = entry.module._parameters.get("weight")
+        if weight is None:
+            continue  # activations and containers carry no weight to project
+        if not isinstance(entry.module, SUPPORTED_LAYERS):
+            raise TypeError(
+                f"target matched {entry.name!r} of type {type(entry.module).__name__}; "
+                "param_groups projects nn.Linear and nn.Conv1d/2d/3d weights"
+            )
+        targeted[id(weight)] = weight
+    if not targeted:
+        raise ValueError(
+            f"target={target!r} matches no nn.Linear/nn.Conv1d/2d/3d weight of the model"
+        )
+    chosen = [param for param in model.parameters() if id(param) in targeted]
+    rest = [param for param in model.parameters() if id(param) not in targeted]
+    groups = [{"params": chosen, "rank": rank, **options}]
+    if rest:
+        groups.append({"params": rest, "rank": None})
+    return groups
