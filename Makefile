@@ -22,7 +22,15 @@ $(VENV)/.extra-%: pyproject.toml decomp/_version.py $(VENV)/.torch
 
 setup-test: $(VENV)/.extra-test
 setup-bench: $(VENV)/.extra-bench $(VENV)/.extra-test
-setup-docs: $(VENV)/.extra-docs
+# The docs are built from the sources (mkdocstrings reads them statically; nothing imports the
+# package), so the docs tools go in alone, without the package and without torch. DOCS_TOOLS is
+# pyproject's "docs" extra (tests/test_package.py keeps the two equal).
+DOCS_TOOLS := "mkdocs-material" "mkdocstrings[python]"
+$(VENV)/.docs-tools: pyproject.toml | $(PY)
+	$(PIP) install $(DOCS_TOOLS)
+	touch $@
+
+setup-docs: $(VENV)/.docs-tools
 
 demo: setup-bench
 	$(PY) examples/decompose.py

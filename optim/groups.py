@@ -70,8 +70,8 @@ def param_groups(
         >>> from optim import DCTProjectedAdam, param_groups
         >>> model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
         >>> groups = param_groups(model, ["0"], rank=4, update_gap=50)
-        >>> [(len(group["params"]), group["rank"]) for group in groups]
-        [(1, 4), (3, None)]
+        >>> tuple((len(group["params"]), group["rank"]) for group in groups)
+        ((1, 4), (3, None))
         >>> opt = DCTProjectedAdam(groups, lr=1e-3)
     """
     if not isinstance(model, nn.Module):

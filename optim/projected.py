@@ -229,8 +229,10 @@ class ProjectedAdam(TensorStateOptimizer):
             state changes (of any parameter) if its gradient has NaN/Inf; between refreshes
             non-finite gradients propagate as in ``torch.optim.Adam``. One host sync per refresh.
         maximize: maximise the objective (step along the gradient), as ``torch.optim.Adam``.
-        fused, capturable, differentiable: torch.optim's flags; only their defaults (``None`` /
-            ``False``) are accepted, anything else raises ``ValueError`` saying why.
+        fused: torch.optim's flag; only its default ``None`` (or ``False``) is accepted,
+            anything else raises ``ValueError`` saying why.
+        capturable: likewise; only ``False``.
+        differentiable: likewise; only ``False``.
 
     Raises:
         ValueError: an option out of range, an unknown option (with the nearest valid name), a

@@ -238,8 +238,10 @@ class ARO(_MatrixOrAdamW):
             NaN/Inf (the rotation's QR runs every step, and a NaN rotation never recovers); one
             host sync per step for all parameters (default True).
         maximize: step along the gradient, as ``torch.optim.Adam`` (default False).
-        fused, capturable, differentiable: torch.optim's flags; only their defaults (``None`` /
-            ``False``) are accepted, anything else raises ``ValueError`` saying why.
+        fused: torch.optim's flag; only its default ``None`` (or ``False``) is accepted,
+            anything else raises ``ValueError`` saying why.
+        capturable: likewise; only ``False``.
+        differentiable: likewise; only ``False``.
 
     ``lr`` may be a 1-element tensor (read as a number once per step, as LR schedulers that
     ``fill_`` it expect).
@@ -434,8 +436,10 @@ class RotatedAdam(_MatrixOrAdamW):
             one host sync per such step (default True). Between refreshes, and with ``"dct"``,
             non-finite gradients propagate as in ``torch.optim.Adam``.
         maximize: step along the gradient, as ``torch.optim.Adam`` (default False).
-        fused, capturable, differentiable: torch.optim's flags; only their defaults (``None`` /
-            ``False``) are accepted, anything else raises ``ValueError`` saying why.
+        fused: torch.optim's flag; only its default ``None`` (or ``False``) is accepted,
+            anything else raises ``ValueError`` saying why.
+        capturable: likewise; only ``False``.
+        differentiable: likewise; only ``False``.
 
     ``lr`` may be a 1-element tensor (read as a number once per step). The first eigen step of
     every parameter computes all its eigenbases before any parameter is written, so a failing

@@ -309,3 +309,12 @@ def test_tests_benchmarks_and_examples_get_their_packages_from_the_extras(what: 
     ]
     extras_named = " and ".join(extras)
     assert undeclared == [], f"{what} import packages that the {extras_named} extras do not declare"
+
+
+def test_make_docs_installs_exactly_the_docs_extra():
+    # make docs installs its tools without the package (so without torch): the list in the
+    # Makefile must be pyproject's docs extra.
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    line = re.search(r"^DOCS_TOOLS := (.*)$", makefile, re.MULTILINE)
+    assert line is not None, "Makefile lost its DOCS_TOOLS line"
+    assert re.findall(r'"([^"]+)"', line.group(1)) == PROJECT["optional-dependencies"]["docs"]
