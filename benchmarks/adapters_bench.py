@@ -53,7 +53,7 @@ Then a paper-style table: trainable parameters of every adapter (its closed-form
 r=8 on ResNet-50, ConvNeXt-T and ViT-B/16 built from transformers' default configs on the meta
 device (no weights allocated, nothing downloaded).
 
-Targets (issue 4): AtomParam within 1 point of full fine-tuning with under 1% of its trainable
+Targets: AtomParam within 1 point of full fine-tuning with under 1% of its trainable
 parameters; every adapter's step time <= 1.3x and peak memory <= 1.1x peft LoRA r=8's. Step-time
 and peak-memory ratios against peft LoKr and LoHa are reported as information (no target). Misses
 are reported as measured; the script exits 0 (it is a report, not a test).
@@ -790,7 +790,7 @@ class TargetCheck:
 
 
 def target_checks(results: dict[str, MethodResult]) -> list[TargetCheck]:
-    """The issue's targets, evaluated on what ran (``met`` None: its inputs did not run).
+    """The benchmark's targets, evaluated on what ran (``met`` None: its inputs did not run).
 
     AtomParam against full fine-tuning (accuracy and parameter share), and every adapter's step
     time and peak memory against peft LoRA r=8.
@@ -1278,7 +1278,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             selection_markdown,
         ]
-    body += ["", "### Targets (issue 4)", "", targets_table(checks)]
+    body += ["", "### Targets", "", targets_table(checks)]
     if lycoris_markdown:
         body += [
             "",

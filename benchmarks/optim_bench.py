@@ -26,7 +26,7 @@ Results go to a JSON file (``--out``); the docs section ``optim`` of ``docs/benc
 its plots (``docs/img/optim_micro.png``, ``docs/img/optim_lm_loss.png``) are rendered from it.
 A part that does not run keeps its earlier results from the JSON, and ``--merge FILE`` brings in
 parts run elsewhere, so the CPU micro-benchmark and a GPU LM run end up on one page. Targets
-(issue 5) are evaluated on what ran; misses are reported as measured and the script exits 0.
+are evaluated on what ran; misses are reported as measured and the script exits 0.
 A method that cannot run is reported, not skipped silently: galore-torch imports bitsandbytes
 (and transformers) when it is imported, and where either is missing its rows read "not
 available".
@@ -110,7 +110,7 @@ PARTS = ("micro", "lm", "cnn")
 MICRO_PLOT = "optim_micro.png"
 LM_PLOT = "optim_lm_loss.png"
 
-# Targets of issue 5, section 3.
+# The optimizers' targets.
 MIN_REFRESH_SPEEDUP = 50.0
 MAX_STEADY_RATIO = 1.0
 MAX_STATE_RATIO = 1.1
@@ -206,7 +206,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 @dataclass(frozen=True)
 class TargetCheck:
-    """One target of the issue that is not a time ratio (or is, restated): measured, met or not."""
+    """One target that is not a time ratio (or is, restated): measured, met or not."""
 
     description: str
     measured: str
@@ -1239,7 +1239,7 @@ def render(results: dict[str, Any], page: Path | None) -> str:
         lines += ["", "Notes:", "", *(f"- {note}" for note in cnn_notes(cnn))]
         blocks.append("\n".join(lines))
     checks = micro_checks(micro) + lm_checks(lm)
-    blocks.append("## Optimizers: targets (issue 5)\n\n" + targets_table(checks))
+    blocks.append("## Optimizers: targets\n\n" + targets_table(checks))
     return "\n\n".join(blocks)
 
 

@@ -312,7 +312,7 @@ def test_render_writes_every_part_plots_and_targets(micro, lm, cnn, tmp_path):
     body = bench.render({"micro": micro, "lm": lm, "cnn": cnn}, page)
     headings = [line for line in body.splitlines() if line.startswith("## ")]
     assert sum(heading.endswith("(quick smoke test)") for heading in headings) == 3
-    assert "### Optimizer state" in body and "## Optimizers: targets (issue 5)" in body
+    assert "### Optimizer state" in body and "## Optimizers: targets" in body
     assert "](img/optim_micro.png)" in body and "](img/optim_lm_loss.png)" in body
     assert (tmp_path / "docs" / "img" / "optim_micro.png").stat().st_size > 0
     assert (tmp_path / "docs" / "img" / "optim_lm_loss.png").stat().st_size > 0
