@@ -38,10 +38,11 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.utils import parametrize
 
 from .._select import (
@@ -65,6 +66,9 @@ from .base import (
 
 _FORMAT = "decomp.adapters/1"
 _ENTRY_FIELDS = ("name", "index", "adapter", "config", "weight_shape")
+# Metadata entry listing the tensors save_adapter(extra=...) stores besides the adapters.
+_EXTRA = "decomp.adapters.extra"
+_EXTRA_FIELDS = ("key", "shape", "trainable")
 # Attribute names under which torch.compile and (Distributed)DataParallel hold the wrapped model.
 _WRAPPER_PREFIXES = ("_orig_mod", "module")
 
@@ -764,8 +768,26 @@ def _layer_metadata(model: nn.Module) -> list[dict[str, Any]]:
     return json.loads(json.dumps(described, default=repr))
 
 
-def save_adapter(model: nn.Module, path: str | Path) -> None:
+def save_adapter(
+    model: nn.Module, path: str | Path, *, extra: bool | Sequence[str] = True
+) -> None:
     """Write :func:`adapter_state_dict` to a safetensors file; its metadata describes the layers.
+
+    ``extra`` adds what else the tuned model needs, under its plain ``state_dict`` keys, so that
+    :func:`load_adapter` into a fresh copy of the pretrained network gives the tuned outputs
+    exactly (peft's ``modules_to_save``):
+
+    * ``True`` (default): every trainable parameter that is not an adapter tensor (the heads
+      :func:`apply` made trainable with ``train_heads``, anything you unfroze) and every buffer
+      of a normalisation layer with running statistics (``BatchNorm``/``InstanceNorm``/
+      ``SyncBatchNorm``: ``running_mean``, ``running_var``, ``num_batches_tracked``), which
+      training in ``train()`` mode changes even where the layer is frozen;
+    * ``False``: the adapter tensors only (files as written before ``extra`` existed);
+    * a list of module names (each the qualified name or a dotted suffix of it, as peft's
+      ``modules_to_save``): every parameter and persistent buffer of exactly those modules.
+
+    The metadata entry ``"decomp.adapters.extra"`` (JSON) lists each extra tensor's key, shape
+    and whether it is a trainable parameter.
 
     The metadata (key ``"decomp.adapters"``, JSON) lists per adapted layer its name, slot, adapter
     class, config and weight shape; :func:`load_adapter` checks it against the target model.
@@ -773,9 +795,11 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     ``DataParallel`` model loads into the plain one and back.
 
     Raises:
-        ValueError: ``model`` has no adapters; or an adapter holds a value :func:`load_adapter`
-            would refuse (NaN/Inf from a diverged run, a kept count out of range): no file is
-            written that could not be loaded back.
+        ValueError: ``model`` has no adapters; or an adapter or extra tensor holds a value
+            :func:`load_adapter` would refuse (NaN/Inf from a diverged run, a kept count out of
+            range): no file is written that could not be loaded back; or a name in ``extra``
+            matches no module.
+        TypeError: ``extra`` is not a bool or a list of module names.
 
     Example:
         >>> import tempfile, pathlib
@@ -790,13 +814,15 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     root = _unwrap(model, "save_adapter")
     if not adapted_layers(root):
         raise ValueError("model has no adapters to save; call decomp.adapters.apply first")
-    state = adapter_state_dict(root)
-    # Adapter parameters sharded by FSDP2 (DTensors) are gathered: a collective, so every rank
-    # calls save_adapter, and rank 0 alone writes the file.
+    extras = _extra_tensors(root, extra)
+    state = {**adapter_state_dict(root), **{key: value for key, (value, _) in extras.items()}}
+    # Parameters sharded by FSDP2 (DTensors) are gathered: a collective, so every rank calls
+    # save_adapter, and rank 0 alone writes the file.
     gathered = {key: whole_tensor(value) for key, value in state.items()}
     sharded = any(gathered[key] is not value for key, value in state.items())
     tensors = {key: value.detach().contiguous().clone() for key, value in gathered.items()}
     problems = _value_problems(tensors, root)
+    problems += _nonfinite({key: tensors[key] for key in extras})
     if problems:
         raise ValueError(
             f"save_adapter: the model's adapters hold values load_adapter would refuse, so {path} "
@@ -805,7 +831,79 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     if sharded and torch.distributed.get_rank() != 0:
         return
     metadata = {"format": _FORMAT, "decomp.adapters": json.dumps(_layer_metadata(root))}
+    if extra is not False:
+        metadata[_EXTRA] = json.dumps(
+            [
+                {"key": key, "shape": list(tensors[key].shape), "trainable": trainable}
+                for key, (_, trainable) in extras.items()
+            ]
+        )
     save_file(tensors, str(path), metadata=metadata)
+
+
+def _extra_tensors(root: nn.Module, extra: object) -> dict[str, tuple[torch.Tensor, bool]]:
+    """What ``save_adapter(extra=extra)`` stores besides adapters: key -> (tensor, trainable)."""
+    if extra is False:
+        return {}
+    adapter_ids = {id(tensor) for _, tensor in _adapter_tensors(root)}
+    if extra is True:
+        chosen = [
+            (name, parameter, True)
+            for name, parameter in root.named_parameters()
+            if parameter.requires_grad and id(parameter) not in adapter_ids
+        ]
+        for name, module in root.named_modules():
+            if isinstance(module, _NormBase):
+                buffers = _persistent_buffers(module, name)
+                chosen += [(key, buffer, False) for key, buffer in buffers]
+        return {name: (tensor, trainable) for name, tensor, trainable in chosen}
+    if isinstance(extra, (str, bytes)) or not isinstance(extra, Sequence) or not all(
+        isinstance(name, str) for name in extra
+    ):
+        raise TypeError(f"extra must be True, False or a list of module names, got {extra!r}")
+    modules = list(root.named_modules())
+    chosen_modules: dict[str, nn.Module] = {}
+    unmatched = []
+    for wanted in extra:
+        found = [
+            (name, module)
+            for name, module in modules
+            if name == wanted or name.endswith("." + wanted)
+        ]
+        if not found:
+            unmatched.append(wanted)
+        chosen_modules.update(found)
+    if unmatched:
+        raise ValueError(
+            f"extra names modules the model does not have: {unmatched} (a name is a module's "
+            "qualified name or a dotted suffix of it)"
+        )
+    tensors: dict[str, tuple[torch.Tensor, bool]] = {}
+    for name, module in chosen_modules.items():
+        for key, parameter in module.named_parameters(prefix=name):
+            if id(parameter) not in adapter_ids:
+                tensors.setdefault(key, (parameter, parameter.requires_grad))
+        for key, buffer in _persistent_buffers(module, name):
+            if id(buffer) not in adapter_ids:
+                tensors.setdefault(key, (buffer, False))
+    return tensors
+
+
+def _persistent_buffers(module: nn.Module, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The buffers ``module.state_dict()`` holds, keyed as in the model, where it is ``name``."""
+    for owner_name, owner in module.named_modules(prefix=name):
+        for key, buffer in owner._buffers.items():
+            if buffer is not None and key not in owner._non_persistent_buffers_set:
+                yield (f"{owner_name}.{key}" if owner_name else key), buffer
+
+
+def _nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The floating tensors among ``tensors`` that hold NaN or Inf."""
+    return [
+        f"tensor {key!r} holds NaN or Inf"
+        for key, value in tensors.items()
+        if (value.is_floating_point() or value.is_complex()) and not bool(value.isfinite().all())
+    ]
 
 
 def load_adapter(
@@ -833,6 +931,13 @@ def load_adapter(
     default). Adapters for an unadapted model are built first and removed again if their tensors
     do not match. On any error the model is exactly as before: no adapters registered, the same
     ``requires_grad`` flags, the same values.
+
+    Extra tensors (``save_adapter(..., extra=...)``: trained heads, normalisation statistics) are
+    copied after the adapters, in the same check: each must be a parameter or buffer of the model
+    under the same key, of the same shape and kind of dtype, finite in the model's dtype, and a
+    trainable one a Parameter; the loaded parameters get the saved ``requires_grad`` (a head
+    trained with ``train_heads`` stays trainable). A file without extra tensors (written with
+    ``extra=False`` or before they existed) loads as before.
 
     Adapter classes are looked up in :mod:`decomp.adapters` and among the model's own adapters,
     so a class of your own loads into a model that already carries it.
@@ -867,7 +972,8 @@ def load_adapter(
     """
     _check_progress(progress)
     root = _unwrap(model, "load_adapter")
-    entries, saved = _read_adapter_file(path)
+    entries, extra_entries, saved = _read_adapter_file(path)
+    extra = {entry["key"]: saved.pop(entry["key"]) for entry in extra_entries}
     entries, saved = _without_wrapper_prefixes(entries, saved, root)
     described = _described_adapters(entries, path, root)
     # Compare configs as the classes see them: a key left at its default, 4 for 4.0, are equal.
@@ -877,9 +983,13 @@ def load_adapter(
     ]
 
     if adapted_layers(root):
-        _check_match(root, entries, saved, path)
+        _check_match(root, entries, saved, path, extra_entries, extra)
         _copy_tensors(root, saved)
-        logger.info("load_adapter: %d adapters from %s into the model's own", len(entries), path)
+        _copy_extra(root, extra_entries, extra)
+        logger.info(
+            "load_adapter: %d adapters and %d extra tensors from %s into the model's own",
+            len(entries), len(extra), path,
+        )
         return model
 
     _unwrap(model, "load_adapter (into a model without adapters)", changes_parameters=True)
@@ -887,40 +997,138 @@ def load_adapter(
     registered = _register(planned, progress)
     try:
         # Tensor shapes are only known once the adapters are built.
-        _check_match(root, entries, saved, path)
+        _check_match(root, entries, saved, path, extra_entries, extra)
     except ValueError:
         _unregister(registered)
         raise
     _commit(root, registered, [], first_call=True)
     _copy_tensors(root, saved)
+    _copy_extra(root, extra_entries, extra)
     _log_summary(f"load_adapter from {path}", root, planned, 0)
     return model
 
 
 def _check_match(
-    root: nn.Module, entries: list[dict[str, Any]], saved: dict[str, torch.Tensor], path: str | Path
+    root: nn.Module,
+    entries: list[dict[str, Any]],
+    saved: dict[str, torch.Tensor],
+    path: str | Path,
+    extra_entries: list[dict[str, Any]],
+    extra: dict[str, torch.Tensor],
 ) -> None:
-    """Raise listing every difference between the file and the adapters ``root`` carries."""
+    """Raise listing every difference between the file and the model (adapters, extra tensors)."""
     # A file from before adapters held their scalars with shape (1,) has them 0-d.
     saved.update(legacy_scalars_reshaped(saved, adapter_state_dict(root)))
     problems = _mismatches(entries, _layer_metadata(root))
     problems = problems or _tensor_problems(saved, adapter_state_dict(root))
     problems = problems or _value_problems(saved, root)
+    problems += _extra_problems(root, extra_entries, extra)
     if problems:
         raise ValueError(f"adapter file {path} does not match the model: " + "; ".join(problems))
 
 
-def _read_adapter_file(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """The validated layer entries and the tensors of an adapter file."""
+def _read_adapter_file(
+    path: str | Path,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """The validated layer entries, extra-tensor entries and the tensors of an adapter file."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            entries = _parse_metadata(handle.metadata() or {}, path)
+            metadata = handle.metadata() or {}
+            entries = _parse_metadata(metadata, path)
             saved = {key: handle.get_tensor(key) for key in handle.keys()}
     except SafetensorError as error:
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
-    return entries, saved
+    return entries, _parse_extra(metadata, saved, path), saved
+
+
+def _parse_extra(
+    metadata: dict[str, str], saved: dict[str, torch.Tensor], path: str | Path
+) -> list[dict[str, Any]]:
+    """The file's ``"decomp.adapters.extra"`` list, checked against its tensors (none: ``[]``)."""
+    if _EXTRA not in metadata:
+        return []  # written before save_adapter stored extra tensors, or with extra=False
+    try:
+        described = json.loads(metadata[_EXTRA])
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"adapter file {path}: metadata {_EXTRA!r} is not valid JSON ({error})"
+        ) from error
+    problems = []
+    if not isinstance(described, list):
+        problems.append(f"expected a list of tensor entries, got {type(described).__name__}")
+        described = []
+    seen: set[str] = set()
+    for position, entry in enumerate(described):
+        label = f"entry {position}"
+        if not isinstance(entry, dict) or sorted(entry) != sorted(_EXTRA_FIELDS):
+            problems.append(
+                f"{label} must be an object with exactly the keys {list(_EXTRA_FIELDS)}, "
+                f"got {entry!r}"
+            )
+            continue
+        key, shape, trainable = entry["key"], entry["shape"], entry["trainable"]
+        if not isinstance(key, str) or key not in saved:
+            problems.append(f"{label}: key {key!r} is not a tensor of the file")
+        elif key in seen:
+            problems.append(f"{label} repeats the key {key!r}")
+        elif not isinstance(shape, list) or list(saved[key].shape) != shape:
+            problems.append(
+                f"{label}: shape {shape!r} differs from the tensor's {list(saved[key].shape)}"
+            )
+        elif not isinstance(trainable, bool):
+            problems.append(f"{label}: trainable must be true or false, got {trainable!r}")
+        if isinstance(key, str):
+            seen.add(key)
+    if problems:
+        raise ValueError(
+            f"adapter file {path}: malformed metadata {_EXTRA!r}: " + "; ".join(problems)
+        )
+    return described
+
+
+def _extra_targets(root: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer of ``root`` under each of its ``state_dict`` keys."""
+    targets: dict[str, torch.Tensor] = dict(root.named_parameters(remove_duplicate=False))
+    targets.update(_persistent_buffers(root, ""))
+    return targets
+
+
+def _extra_problems(
+    root: nn.Module, entries: list[dict[str, Any]], extra: dict[str, torch.Tensor]
+) -> list[str]:
+    """Each extra tensor in the model, of its shape and dtype kind, finite in the model's dtype."""
+    targets = _extra_targets(root)
+    problems = []
+    for entry in entries:
+        key, value = entry["key"], extra[entry["key"]]
+        target = targets.get(key)
+        if target is None:
+            problems.append(f"extra tensor {key!r} is not a parameter or buffer of the model")
+        elif misfit := _misfit(f"extra tensor {key!r}", value, target):
+            problems.append(misfit)
+        elif entry["trainable"] and not isinstance(target, nn.Parameter):
+            problems.append(
+                f"extra tensor {key!r} is a trainable parameter in the file, a buffer in the model"
+            )
+        else:
+            cast = {key: value.to(target.dtype)}
+            problems += [f"extra {problem}" for problem in _nonfinite(cast)]
+    return problems
+
+
+def _copy_extra(
+    root: nn.Module, entries: list[dict[str, Any]], extra: dict[str, torch.Tensor]
+) -> None:
+    """Copy the checked extra tensors in; parameters get the saved model's ``requires_grad``."""
+    targets = _extra_targets(root)
+    with torch.no_grad():
+        for entry in entries:
+            target = targets[entry["key"]]
+            copy_whole_into(target, extra[entry["key"]])
+            if isinstance(target, nn.Parameter):
+                target.requires_grad_(entry["trainable"])
 
 
 def _parse_metadata(metadata: dict[str, str], path: str | Path) -> list[dict[str, Any]]:
@@ -1121,20 +1329,26 @@ def _tensor_problems(saved: dict[str, torch.Tensor], current: dict[str, torch.Te
         for key in sorted(set(saved) ^ set(current))
     ]
     for key in sorted(set(saved) & set(current)):
-        in_file, in_model = saved[key], current[key]
-        if in_file.shape != in_model.shape:
-            problems.append(
-                f"tensor {key!r}: shape {tuple(in_file.shape)} in the file, "
-                f"{tuple(in_model.shape)} in the model"
-            )
-        elif dtype_kind(in_file.dtype) != dtype_kind(in_model.dtype):
-            problems.append(
-                f"tensor {key!r}: dtype {in_file.dtype} in the file, {in_model.dtype} in the model "
-                f"({dtype_kind(in_file.dtype)} vs {dtype_kind(in_model.dtype)})"
-            )
-        elif in_model.is_meta:
-            problems.append(f"tensor {key!r} is on the meta device in the model (no values)")
+        if misfit := _misfit(f"tensor {key!r}", saved[key], current[key]):
+            problems.append(misfit)
     return problems
+
+
+def _misfit(label: str, in_file: torch.Tensor, in_model: torch.Tensor) -> str | None:
+    """Why the file's tensor cannot be copied into the model's: shape, dtype kind, meta (or None)."""
+    if in_file.shape != in_model.shape:
+        return (
+            f"{label}: shape {tuple(in_file.shape)} in the file, {tuple(in_model.shape)} in the "
+            "model"
+        )
+    if dtype_kind(in_file.dtype) != dtype_kind(in_model.dtype):
+        return (
+            f"{label}: dtype {in_file.dtype} in the file, {in_model.dtype} in the model "
+            f"({dtype_kind(in_file.dtype)} vs {dtype_kind(in_model.dtype)})"
+        )
+    if in_model.is_meta:
+        return f"{label} is on the meta device in the model (no values)"
+    return None
 
 
 def _value_problems(saved: dict[str, torch.Tensor], root: nn.Module) -> list[str]:
