@@ -49,7 +49,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
-from .._checks import check_int, check_tensor, compute_dtype
+from .._checks import _all_finite, check_int, check_tensor, compute_dtype
 
 
 def check_weight_shape(shape: Sequence[int]) -> None:
@@ -266,7 +266,7 @@ class AdapterParam(nn.Module):
         return {
             key: f"contains NaN or Inf (as {value.dtype})"
             for key, value in state.items()
-            if value.is_floating_point() and not bool(torch.isfinite(value).all())
+            if value.is_floating_point() and not _all_finite(value)
         }
 
     def compose(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

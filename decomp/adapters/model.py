@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.utils import parametrize
 
+from .._checks import _all_finite
 from .._select import (
     ALL_LINEAR,
     SUPPORTED_LAYERS,
@@ -902,7 +903,7 @@ def _nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [
         f"tensor {key!r} holds NaN or Inf"
         for key, value in tensors.items()
-        if (value.is_floating_point() or value.is_complex()) and not bool(value.isfinite().all())
+        if (value.is_floating_point() or value.is_complex()) and not _all_finite(value)
     ]
 
 
