@@ -25,7 +25,7 @@ run trains on all of its shots at that rate and is scored on the test set. ``--s
 repeats the choice on every seed's own shots instead (``--seeds`` times the validation runs).
 Every method, baselines included, goes through the same procedure.
 
-SNELLA's bi-level allocation: when the adapted model holds :class:`decomp.adapters.SNELLA`
+SNELLA's bi-level allocation: when the adapted model holds :class:`decomp.adapters.SNELLAParam`
 layers, the loop builds an :class:`decomp.adapters.Allocator` over them (target sparsity
 ``--snella-sparsity``, ``total_steps`` = ``--steps``, no warmups, the official scripts' settings)
 and calls ``allocator.step()`` after every ``backward()`` (the |p * grad| importance EMAs) and
@@ -131,12 +131,12 @@ ADAPTERS = (
     "TuckerParam",
     "KronParam",
     "LieParam",
-    "SNELLA",
+    "SNELLAParam",
 )
 # Extra rows: (adapter, constructor arguments). SNELLA's default starts away from the pretrained
 # weights (its kernel is non-zero at init), so its zero-start option gets a row of its own.
 ADAPTER_VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
-    "SNELLA-zero": ("SNELLA", {"zero_start": True})
+    "SNELLAParam-zero": ("SNELLAParam", {"zero_start": True})
 }
 LORA_RANKS = (4, 8)
 # peft's LyCORIS methods at peft's default rank 8: key -> (row name, config class name).
@@ -327,7 +327,7 @@ def snella_allocator(
     ``mask_interval = 1``, with every full-batch step an epoch. The budget decays from the layers'
     initial kept counts to ``target_sparsity`` zeroed entries at step ``steps``.
     """
-    kernel_adapters = tuple(filter(None, (adapter_class("SNELL"), adapter_class("SNELLA"))))
+    kernel_adapters = tuple(filter(None, (adapter_class("SNELLParam"), adapter_class("SNELLAParam"))))
     layers = [module for module in model.modules() if isinstance(module, kernel_adapters)]
     if not layers:
         return None
@@ -1142,7 +1142,7 @@ def run_notes(
             for name, config_name in LYCORIS_METHODS.values()
         )
     )
-    snella = adapter_class("SNELLA")
+    snella = adapter_class("SNELLAParam")
     snella_notes = []
     if snella is not None:
         snella_notes.append(

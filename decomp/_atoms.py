@@ -23,6 +23,7 @@ from ._checks import (
     unit_scaled,
 )
 from ._dct import _dct_rows
+from ._rsvd import row_signs
 
 # The K x K Gram of a reshaped kernel is tiny (K = 9 for 3x3), so forming it in float64 costs
 # nothing, and it avoids squaring the condition number in fp32: an fp32 Gram resolves only the
@@ -255,12 +256,15 @@ def _top_right_singular_rows(matrix: torch.Tensor, k: int) -> torch.Tensor:
     """Top-``k`` right singular vectors of ``matrix`` (..., n, K) as orthonormal rows (..., k, K).
 
     Computed as eigenvectors of the float64 Gram; ``eigh`` returns a complete orthonormal basis
-    even when ``n < K``, so ``k = K`` always spans the whole space.
+    even when ``n < K``, so ``k = K`` always spans the whole space. Each row's largest-magnitude
+    entry is positive (:func:`decomp._rsvd.row_signs`).
     """
     matrix64 = matrix.to(_GRAM_DTYPE)
     _, eigenvectors = torch.linalg.eigh(matrix64.mT @ matrix64)  # ascending eigenvalues
-    top = eigenvectors[..., -k:].flip(-1)
-    return top.mT.to(matrix.dtype)
+    top = eigenvectors[..., -k:].flip(-1).mT
+    # The sign LAPACK gives an eigenvector differs between libraries and devices; the
+    # coefficients (which adapters keep frozen) follow it, so fix it.
+    return (top * row_signs(top)[..., None]).to(matrix.dtype)
 
 
 def _dct_atoms(

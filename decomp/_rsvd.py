@@ -218,6 +218,22 @@ def rsvd(
     return SVD(U.to(A.dtype), S, Vh.to(A.dtype))
 
 
+def row_signs(rows: torch.Tensor) -> torch.Tensor:
+    """``+1``/``-1`` per row of ``rows`` (..., k, n): the sign of the row's largest-magnitude entry.
+
+    Multiplying each singular (or eigen-) vector by its sign makes a factorisation independent
+    of the sign LAPACK happened to choose, which differs between libraries and devices: an SVD
+    pair ``(u_j, v_j)`` takes ``row_signs(U.mT)[..., j]`` on both. The first of tied
+    largest entries decides; a zero row gets ``+1``. Shape (..., k), the dtype of ``rows``.
+
+    Example:
+        >>> row_signs(torch.tensor([[0.5, -2.0], [0.0, 0.0]]))
+        tensor([-1.,  1.])
+    """
+    largest = rows.gather(-1, rows.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    return torch.where(largest < 0, -1.0, 1.0).to(rows.dtype)
+
+
 def _orthonormal_basis(Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(Y, mode="reduced").Q
 

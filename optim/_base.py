@@ -11,7 +11,9 @@ Three guarantees hold for every optimizer built on :class:`TensorStateOptimizer`
 - **Options are values, checked once.** Every option of every param group (the constructor's, one
   added later, one loaded from a ``state_dict``) goes through the optimizer's table of checks,
   which names the option in its error and normalises numpy scalars to Python numbers; a key that
-  is no option raises ``ValueError`` and suggests the nearest one.
+  is no option raises ``ValueError`` and suggests the nearest one. A renamed option
+  (:attr:`TensorStateOptimizer.renamed_options`) is read under its old name for one release,
+  with a ``DeprecationWarning``, so a group saved before the rename still loads.
 - **State fits its parameter.** Each optimizer knows the layout of a parameter's state (key ->
   integer or floating, shape) from the parameter and its group's options; a load checks every
   entry against it, and so does every step before it touches anything.
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 from decomp._checks import _all_finite, check_int, check_real, compute_dtype
+from decomp._deprecation import renamed_keywords
 
 from ._adam import adamw_step
 
@@ -308,6 +311,10 @@ class TensorStateOptimizer(torch.optim.Optimizer):
     options: ClassVar[Mapping[str, OptionCheck]] = COMMON_OPTIONS
     fixed_options: ClassVar[Mapping[str, Any]] = {}
     """Options a subclass pins (``DCTProjectedAdam``'s projector): no group may set another value."""
+    renamed_options: ClassVar[Mapping[str, str]] = {}
+    """Old option name -> current name. A param group (given, added or loaded) may still use the
+    old name for one release: it is read as the current one with a ``DeprecationWarning``, and a
+    group holding both raises ``TypeError``."""
 
     def __init__(
         self,
@@ -326,8 +333,10 @@ class TensorStateOptimizer(torch.optim.Optimizer):
         allowed = set(cls.options) | set(known) | set(_GROUP_KEYS)
         for key in group:
             if key not in allowed:
-                close = difflib.get_close_matches(str(key), sorted(cls.options), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                # a misspelt old name still points to the current one
+                names = sorted(cls.options) + sorted(cls.renamed_options)
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"; did you mean {cls.renamed_options.get(close[0], close[0])!r}?" if close else ""
                 raise ValueError(
                     f"unknown option {key!r} for {cls.__name__}{hint} "
                     f"(options: {', '.join(sorted(cls.options))})"
@@ -344,8 +353,16 @@ class TensorStateOptimizer(torch.optim.Optimizer):
                 )
         return {**group, **checked}
 
+    @classmethod
+    def _current_names(cls, group: Mapping[str, Any], stacklevel: int = 5) -> dict[str, Any]:
+        """``group`` with every old name of :attr:`renamed_options` replaced by its current one."""
+        return renamed_keywords(group, cls.renamed_options, cls.__name__, stacklevel=stacklevel)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         count = len(self.param_groups)
+        if isinstance(param_group, Mapping):
+            # before torch fills in the defaults, which would put the current name next to the old
+            param_group = self._current_names(param_group)
         try:
             super().add_param_group(param_group)
             group = self.param_groups[-1]
@@ -570,7 +587,7 @@ class TensorStateOptimizer(torch.optim.Optimizer):
             _check_same_order(index, saved.get("param_names"), group.get("param_names"))
             # Options a saved group lacks (say, one added since it was saved) take the defaults;
             # keys that are no option (a scheduler's initial_lr) are kept, as torch.optim does.
-            merged = {**self.defaults, **saved}
+            merged = {**self.defaults, **self._current_names(saved)}
             checked = self._checked_options(merged, known=merged)
             groups.append(checked)
             for param_id, param in zip(saved["params"], group["params"]):

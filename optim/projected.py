@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from decomp._checks import check_int, check_real
+from decomp._deprecation import renamed_arguments, renamed_value
 
 from . import continual
 from ._adam import adam_directions, apply_update
@@ -89,6 +90,18 @@ def _rank_option(value: Any, name: str) -> int | float | None:
     return check_real(value, name, low=0.0, high=1.0, high_inclusive=True)
 
 
+_SVD_CHOICES = ("randomized", "exact")
+# the option's words are the library's ("randomized"/"exact", as SVDParam and decomp.tucker);
+# the projector keeps its own
+_SVD_PROJECTOR_METHODS = {"randomized": "rsvd", "exact": "exact"}
+_RENAMED_OPTIONS = {"svd_method": "svd"}
+
+
+def _svd_choice(value: Any, name: str) -> str:
+    """``"randomized"`` or ``"exact"``; the deprecated ``"rsvd"`` is read as ``"randomized"``."""
+    return choice(*_SVD_CHOICES)(renamed_value(value, {"rsvd": "randomized"}, name, "optim"), name)
+
+
 _OPTIONS: dict[str, OptionCheck] = {
     **COMMON_OPTIONS,
     "rank": _rank_option,
@@ -102,7 +115,7 @@ _OPTIONS: dict[str, OptionCheck] = {
     "protect": flag,
     "protect_energy": real(0.0, 1.0, high_inclusive=True),
     "seed": whole(0, 2**62),
-    "svd_method": choice("rsvd", "exact"),
+    "svd": _svd_choice,
     "dct_method": choice("fft", "matmul"),
     "check_finite": flag,
 }
@@ -119,7 +132,7 @@ def _projector(group: dict[str, Any]) -> Projector:
     if group["projector"] == "dct":
         return DCTProjector(group["score_norm"], group["dct_method"])
     if group["projector"] == "svd":
-        return SVDProjector(group["svd_method"])
+        return SVDProjector(_SVD_PROJECTOR_METHODS[group["svd"]])
     return RandomProjector()
 
 
@@ -193,6 +206,7 @@ class _Plan(NamedTuple):
     reset: bool  # moments="reset" at a refresh
 
 
+@renamed_arguments(**_RENAMED_OPTIONS)
 class ProjectedAdam(TensorStateOptimizer):
     r"""Adam on gradients projected to an :math:`r`-dimensional subspace, one engine for every projector.
 
@@ -223,7 +237,11 @@ class ProjectedAdam(TensorStateOptimizer):
         protect_energy: the energy fraction of the sketch that :meth:`consolidate` protects.
         seed: base seed ``>= 0`` of the random projector and the randomized SVD (parameter ``i``
             of the optimizer uses ``seed + i``).
-        svd_method: ``"rsvd"`` or ``"exact"`` for the SVD projector.
+        svd: ``"randomized"`` (:func:`decomp.rsvd`) or ``"exact"`` (``torch.linalg.svd``) for the
+            SVD projector, the word :class:`decomp.adapters.SVDParam` and :func:`decomp.tucker`
+            use. ``svd_method=`` and the value ``"rsvd"`` are its deprecated spellings (same
+            meaning, ``DeprecationWarning``), accepted in the constructor, in param groups and in
+            loaded state dicts.
         dct_method: ``"fft"`` or ``"matmul"`` for the DCT projector's scores.
         check_finite: when a parameter is due for a refresh, raise ``ValueError`` before any
             state changes (of any parameter) if its gradient has NaN/Inf; between refreshes
@@ -251,6 +269,7 @@ class ProjectedAdam(TensorStateOptimizer):
     """
 
     options = _OPTIONS
+    renamed_options = _RENAMED_OPTIONS
 
     def __init__(
         self,
@@ -271,7 +290,7 @@ class ProjectedAdam(TensorStateOptimizer):
         protect: bool = False,
         protect_energy: float = 0.98,
         seed: int = 0,
-        svd_method: str = "rsvd",
+        svd: str = "randomized",
         dct_method: str = "fft",
         check_finite: bool = True,
         maximize: bool = False,
@@ -295,7 +314,7 @@ class ProjectedAdam(TensorStateOptimizer):
             protect=protect,
             protect_energy=protect_energy,
             seed=seed,
-            svd_method=svd_method,
+            svd=svd,
             dct_method=dct_method,
             check_finite=check_finite,
             maximize=maximize,
@@ -567,11 +586,13 @@ def _check_keywords(cls: type, options: dict[str, Any]) -> None:
                 f"{cls.__name__} fixes its projector; use ProjectedAdam(projector=...) for another"
             )
         if key not in _OPTIONS:
-            close = difflib.get_close_matches(key, sorted(_OPTIONS), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            # a misspelt old name still points to the current one
+            close = difflib.get_close_matches(key, sorted(_OPTIONS) + sorted(_RENAMED_OPTIONS), n=1)
+            hint = f"; did you mean {_RENAMED_OPTIONS.get(close[0], close[0])!r}?" if close else ""
             raise TypeError(f"{cls.__name__} got an unexpected option {key!r}{hint}")
 
 
+@renamed_arguments(**_RENAMED_OPTIONS)
 class DCTProjectedAdam(ProjectedAdam):
     r"""DCT-AdamW: projected Adam on the top-:math:`r` DCT columns (SVD-free; arXiv 2505.17967).
 
@@ -606,11 +627,12 @@ class DCTProjectedAdam(ProjectedAdam):
         super().__init__(params, lr, rank, projector="dct", moments=moments, **options)
 
 
+@renamed_arguments(**_RENAMED_OPTIONS)
 class SVDProjectedAdam(ProjectedAdam):
     r"""GaLore: projected Adam on the top-:math:`r` singular vectors of the gradient.
 
     :class:`ProjectedAdam` with ``projector="svd"`` and GaLore's ``moments="keep"``.
-    ``svd_method="exact"`` with ``rank``, ``update_gap`` and ``scale`` as in galore-torch follows
+    ``svd="exact"`` with ``rank``, ``update_gap`` and ``scale`` as in galore-torch follows
     ``GaLoreAdamW``'s trajectory; the default randomized SVD (:func:`decomp.rsvd`) avoids the full
     SVD per refresh. Differences from galore-torch: weight decay is applied before the update
     (torch's AdamW order; galore-torch applies it after), ``eps`` sits outside the bias-corrected

@@ -356,7 +356,7 @@ def test_loop_calls_the_allocator_after_every_backward_and_step(
     shots = few_shot(tiny_split.finetune_pool, 2, seed=0)
     try:
         run = bench.fine_tune(
-            methods["SNELLA"],
+            methods["SNELLAParam"],
             tiny_pretrained,
             TINY_WIDTH,
             shots,
@@ -493,7 +493,7 @@ def test_lycoris_ratio_table_is_information_against_lokr_and_loha():
         "lokr8": _result("peft LoKr r=8", False, 85.0, 300, 2.0, 200),
         "loha8": _result("peft LoHa r=8", False, 85.0, 3_000, 4.0, 400),
         "AtomParam": _result("AtomParam", True, 88.5, 50, 1.0, 100),
-        "SNELLA": bench.MethodResult(bench.Method("SNELLA", None, ours=True), "failed: boom"),
+        "SNELLAParam": bench.MethodResult(bench.Method("SNELLAParam", None, ours=True), "failed: boom"),
     }
     table = bench.lycoris_ratio_table(results)
     lines = table.splitlines()
@@ -540,7 +540,7 @@ def test_command_line_defaults_and_options():
     assert defaults.lr_grid == (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     assert defaults.folds == 2 and not defaults.select_per_seed
     assert defaults.snella_sparsity == 0.5
-    assert {"full", "head", "lora4", "lora8", "lokr8", "loha8", "SNELLA"} <= set(defaults.methods)
+    assert {"full", "head", "lora4", "lora8", "lokr8", "loha8", "SNELLAParam"} <= set(defaults.methods)
     chosen = bench.parse_arguments(
         ["--select-per-seed", "--lr-grid", "1e-3, 3e-2", "--folds", "5", "--snella-sparsity", "0"]
     )

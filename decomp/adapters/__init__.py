@@ -6,6 +6,7 @@ Each adapter is an ``nn.Module`` used as
 layer's own forward is untouched). :mod:`decomp.adapters.model` adds the model-level helpers.
 """
 
+from .._deprecation import deprecated_attributes
 from .atom import AtomParam
 from .base import AdapterParam
 from .dct import DCTParam
@@ -14,15 +15,15 @@ from .kron import KronParam
 from .ldu import LDUParam
 from .lie import LieParam
 from .model import adapter_state_dict, apply, load_adapter, merge, report, save_adapter, trainable_parameters
-from .snella import SNELL, SNELLA, Allocator
+from .snella import _DEPRECATED_NAMES, Allocator, SNELLAParam, SNELLParam
 from .svd import SVDParam
 from .tucker import TuckerParam
 
 __all__ = [
     "AdapterParam",
     "AtomParam",
-    "SNELL",
-    "SNELLA",
+    "SNELLParam",
+    "SNELLAParam",
     "Allocator",
     "LieParam",
     "TuckerParam",
@@ -39,3 +40,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
 ]
+
+# Old class names, one release (module __getattr__: absent from vars() and __all__). Code that
+# resolves saved class names (load_adapter) maps them through _DEPRECATED_NAMES first.
+__getattr__ = deprecated_attributes(__name__, _DEPRECATED_NAMES, globals())

@@ -9,13 +9,14 @@ its pretrained weight and the update lives in a tiny space (``m * K`` numbers pe
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
 from .. import atoms
 from .._checks import check_int, check_optional_int
+from ._budget import default_budget
 from .base import AdapterParam
 
 _DEFAULT_NUM_ATOMS = 9
@@ -73,7 +74,13 @@ class AtomParam(AdapterParam):
     be applied to a whole network.
 
     Defaults: ``num_atoms=None`` is ``min(9, K)`` and ``sub_atoms=None`` is ``min(3, K)``, clamped
-    so that ``AtomParam()`` works on any layer; an explicit value above ``K`` raises.
+    so that ``AtomParam()`` works on any layer, and lowered further (``m`` first, then a defaulted
+    ``m1``) until the trainable count is at most the weight's size (a 4x4 linear, one 4x4 tile:
+    ``m = 1``, 16 numbers, not 144); ``ValueError`` where even ``m = m1 = 1`` trains more. An
+    explicit value is kept, and one above ``K`` raises. On a 1x1 conv :math:`K = 1`: the atoms
+    are scalars and the update is one trainable number times the frozen coefficients (a
+    1-parameter update, within the rule but rarely useful: adapt such layers with another
+    method or leave them out of the target).
 
     Differences from the official code (weichennone/convnet_finetune): the coefficients come from
     the SVD atom subspace (deterministic, least-squares optimal) instead of sparse dictionary
@@ -84,7 +91,7 @@ class AtomParam(AdapterParam):
     non-existent ``F.Linear``). A zero weight gives zero coefficients and hence a frozen update.
 
     Args:
-        num_atoms: ``m`` in ``[1, K]``; default ``min(9, K)``.
+        num_atoms: ``m`` in ``[1, K]``; default ``min(9, K)``, lowered to fit the weight (above).
         levels: 1 (shared atoms) or 2 (per-channel atoms from sub-atoms).
         sub_atoms: ``m1`` in ``[1, K]``, only with ``levels=2``; default ``min(3, K)``.
         block: the tile size ``b >= 1`` of the linear block view; must divide ``d_out`` and
@@ -110,6 +117,11 @@ class AtomParam(AdapterParam):
         >>> AtomParam.trainable_count((16, 8, 3, 3), num_atoms=4, levels=2, sub_atoms=3)
         204
     """
+
+    budget_option: ClassVar[str] = "num_atoms"
+    """The constructor argument that sets the trainable budget (first positional)."""
+    # The coefficients on the weight's top right singular directions (signs fixed by decomp.atoms).
+    rebuilt_buffers: ClassVar[tuple[str, ...]] = ("coeffs",)
 
     def __init__(
         self,
@@ -158,11 +170,45 @@ class AtomParam(AdapterParam):
             c_out, c_in_g, kernel = d_out // block, d_in // block, (block, block)
         else:
             c_out, c_in_g, kernel, block = shape[0], shape[1], tuple(shape[2:]), None
-        resolved_atoms = _atom_count(num_atoms, "num_atoms", _DEFAULT_NUM_ATOMS, kernel)
-        resolved_sub = None
-        if levels == 2:
-            resolved_sub = _atom_count(sub_atoms, "sub_atoms", _DEFAULT_SUB_ATOMS, kernel)
+        if num_atoms is not None:
+            resolved_atoms = _atom_count(num_atoms, "num_atoms", _DEFAULT_NUM_ATOMS, kernel)
+            resolved_sub = None
+            if levels == 2:
+                resolved_sub = _atom_count(sub_atoms, "sub_atoms", _DEFAULT_SUB_ATOMS, kernel)
+        else:
+            resolved_atoms, resolved_sub = cls._default_atoms(shape, kernel, c_in_g, levels, sub_atoms)
         return _FilterLayout(c_out, c_in_g, kernel, block, resolved_atoms, resolved_sub)
+
+    @classmethod
+    def _default_atoms(
+        cls,
+        shape: tuple[int, ...],
+        kernel: tuple[int, ...],
+        c_in_g: int,
+        levels: int,
+        sub_atoms: int | None,
+    ) -> tuple[int, int | None]:
+        """``(m, m1)`` for ``num_atoms=None``: the largest ``m`` (then ``m1``, if it is defaulted
+        too) whose count fits the weight's size."""
+        kernel_size = math.prod(kernel)
+        atom_counts = range(min(_DEFAULT_NUM_ATOMS, kernel_size), 0, -1)
+        if levels == 1:
+            return default_budget(
+                cls.__name__, "num_atoms", shape, atom_counts, lambda m: m * kernel_size
+            ), None
+        if sub_atoms is not None:
+            sub_counts: range | list[int] = [_atom_count(sub_atoms, "sub_atoms", _DEFAULT_SUB_ATOMS, kernel)]
+        else:
+            sub_counts = range(min(_DEFAULT_SUB_ATOMS, kernel_size), 0, -1)
+        pairs = [(m, m1) for m in atom_counts for m1 in sub_counts]
+        return default_budget(
+            cls.__name__,
+            "num_atoms",
+            shape,
+            pairs,
+            lambda pair: pair[0] * pair[1] * (kernel_size + c_in_g),
+            describe=lambda pair: f"num_atoms={pair[0]} with sub_atoms={pair[1]}",
+        )
 
     @classmethod
     def _count(cls, shape: tuple[int, ...], **config: Any) -> int:
@@ -171,7 +217,9 @@ class AtomParam(AdapterParam):
         Example:
             >>> from decomp.adapters import AtomParam
             >>> AtomParam.trainable_count((64, 32, 3, 3)), AtomParam.trainable_count((12, 8))
-            (81, 144)
+            (81, 96)
+            >>> AtomParam.trainable_count((12, 8), num_atoms=9)  # 9 atoms of 4x4: more than 12 * 8
+            144
         """
         if not 2 <= len(shape) <= 5:
             raise ValueError(f"shape must have 2 (linear) to 5 (conv3d) dims, got {tuple(shape)}")

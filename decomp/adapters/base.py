@@ -16,7 +16,9 @@ which builds the adapter's frozen buffers and trainable ``Parameter``\ s from it
 * ``trainable_count(shape, **config)`` -- the closed-form number of trainable parameters.
 
 and may override ``compose``/``decompose`` for a non-additive update (Lie: :math:`W \odot
-\exp(\Delta W)`). The base class owns validation, dtype handling (the update is computed in fp32
+\exp(\Delta W)`), and declare in ``rebuilt_buffers`` the frozen buffers that ``_build`` computes
+from the weight and config alone (reproducibly), which adapter files then leave out and rebuild
+at load, checked against a fingerprint (:func:`buffer_fingerprint`, :func:`rebuild_tolerance`). The base class owns validation, dtype handling (the update is computed in fp32
 for fp16/bf16 weights and returned in the weight's dtype), the shape check, ``from_weight`` and
 ``extra_repr``.
 
@@ -211,6 +213,117 @@ def same_kind_and_shape(value: torch.Tensor, current: torch.Tensor) -> bool:
     return value.shape == current.shape and dtype_kind(value.dtype) == dtype_kind(current.dtype)
 
 
+# A fingerprint holds the norm and this many fixed pseudo-random projections of a tensor.
+FINGERPRINT_PROJECTIONS = 8
+# How far a rebuilt floating buffer may be from the saved one, relative to its norm (see
+# rebuild_tolerance for why).
+REBUILD_RTOL = 1e-3
+# Integer buffers (chosen locations) must be rebuilt exactly; this only absorbs the rounding of
+# the float64 sums that form their fingerprint.
+_INTEGER_RTOL = 1e-12
+_HASH_MULTIPLIER = 0x45D9F3B
+_FINGERPRINT_BLOCK = 1024
+_LOW_32_BITS = 0xFFFFFFFF
+
+
+def _hashed_weights(rows: int, salt: int) -> torch.Tensor:
+    """``(rows, FINGERPRINT_PROJECTIONS)`` float64 weights in ``[-1, 1)``, hashed from their position.
+
+    Computed with int64 arithmetic that never overflows (32-bit values times a 27-bit
+    multiplier), so they are the same on every machine and torch version, unlike a seeded
+    sampler's. ``salt`` (0 or 1) gives a second, unrelated table.
+    """
+    index = torch.arange(rows * FINGERPRINT_PROJECTIONS, dtype=torch.int64)
+    hashed = (index * 2 + salt) & _LOW_32_BITS
+    for _ in range(2):
+        hashed = (((hashed >> 16) ^ hashed) * _HASH_MULTIPLIER) & _LOW_32_BITS
+    hashed = (hashed >> 16) ^ hashed
+    return (hashed.to(torch.float64) / 2.0**31 - 1.0).reshape(rows, FINGERPRINT_PROJECTIONS)
+
+
+def buffer_fingerprint(tensor: torch.Tensor) -> list[float]:
+    r"""A small summary of ``tensor`` that tells a rebuilt copy of it from a different one.
+
+    :math:`[\lVert x \rVert_2, \; w_1^T x, \dots, w_k^T x]` for the flattened ``x`` in float64
+    and ``k = FINGERPRINT_PROJECTIONS`` fixed weight vectors, identical on every machine: entry
+    :math:`i = qB + p` of :math:`w_j` is :math:`a_{pj} b_{qj}` for hashed tables :math:`a`
+    (``B = _FINGERPRINT_BLOCK`` rows) and :math:`b` (one row per block) with entries in
+    :math:`[-1, 1)`, so the projections are one ``(n/B, B) @ (B, k)`` product, not ``k`` passes
+    over ``x``. For a difference :math:`d` between two tensors each :math:`w_j^T d` has mean 0
+    and variance :math:`\lVert d \rVert^2 / 9`, so :func:`fingerprint_difference` estimates
+    :math:`\lVert d \rVert / \lVert x \rVert` from ``k + 1`` numbers instead of the tensor.
+    Computed on the CPU (a device-to-host copy: for save and load, not for a training step); a
+    sharded (FSDP2) tensor is gathered first.
+
+    Example:
+        >>> buffer_fingerprint(torch.zeros(3))
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    """
+    values = whole_tensor(tensor).detach().to(device="cpu", dtype=torch.float64).flatten()
+    blocks = -(-values.numel() // _FINGERPRINT_BLOCK)
+    padded = torch.nn.functional.pad(values, (0, blocks * _FINGERPRINT_BLOCK - values.numel()))
+    per_block = padded.reshape(blocks, _FINGERPRINT_BLOCK) @ _hashed_weights(_FINGERPRINT_BLOCK, 0)
+    sums = (per_block * _hashed_weights(blocks, 1)).sum(0)
+    return [float(torch.linalg.vector_norm(values)), *sums.tolist()]
+
+
+def fingerprint_difference(saved: Sequence[float], rebuilt: Sequence[float]) -> float:
+    r"""The relative distance of two tensors, estimated from their fingerprints.
+
+    Estimates :math:`\lVert x_{rebuilt} - x_{saved} \rVert / \max(\lVert x_{saved} \rVert,
+    \lVert x_{rebuilt} \rVert)`: the larger of the norms' gap and the projections' gap scaled by
+    :math:`3/\sqrt{k}` (see :func:`buffer_fingerprint`), over the larger norm; 0 for two zero
+    tensors.
+
+    Example:
+        >>> x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+        >>> fingerprint_difference(buffer_fingerprint(x), buffer_fingerprint(x))
+        0.0
+        >>> # ||x - (-x)|| / ||x|| = 2, estimated from 9 numbers each:
+        >>> round(fingerprint_difference(buffer_fingerprint(x), buffer_fingerprint(-x)), 2)
+        2.72
+    """
+    if len(saved) != len(rebuilt):
+        raise ValueError(f"fingerprints of different lengths: {len(saved)} and {len(rebuilt)}")
+    norm = max(abs(saved[0]), abs(rebuilt[0]))
+    projections = torch.tensor(saved[1:], dtype=torch.float64) - torch.tensor(
+        rebuilt[1:], dtype=torch.float64
+    )
+    gap = max(abs(saved[0] - rebuilt[0]), float(projections.norm()) * (9 / (len(saved) - 1)) ** 0.5)
+    return gap / norm if gap > 0 else 0.0
+
+
+def rebuild_tolerance(*dtypes: torch.dtype) -> float:
+    r"""The largest :func:`fingerprint_difference` accepted between a saved and a rebuilt buffer.
+
+    Integer buffers (locations) must be equal: :math:`10^{-12}`, the float64 rounding of the
+    fingerprint's sums. Floating buffers: :math:`\max(10^{-3}, 2\varepsilon)` over the dtypes
+    given (the saved one and the model's; :math:`\varepsilon` = the dtype's machine epsilon).
+    Why: the frozen factors enter the adapted weight linearly (:math:`L\,\mathrm{diag}(\cdot)\,U`,
+    :math:`C\,\Delta A`, the Kronecker or PiSSA start subtracted from the trained one), so a
+    relative change :math:`\rho` in a factor moves the adapted weight by about
+    :math:`\rho\lVert W\rVert` at most. A rebuild of the same weight by another LAPACK, thread
+    count or device differs by rounding, amplified for singular vectors by small gaps in the
+    spectrum (``benchmarks/adapter_files_bench.py`` measures 1 against 2 threads on ViT-B; see
+    the "Adapter files" section of the benchmarks page), and by one ulp (:math:`\le
+    \varepsilon`) after a cast to a 16-bit dtype. A different pretrained weight (another
+    checkpoint, a fine-tuned one) or an SVD/eigenvector sign flip differs by far more: one
+    flipped factor of rank :math:`r \le 4096` alone is :math:`2/\sqrt{r} \ge 3\%`.
+    :math:`10^{-3}` sits between the two; a weight within about :math:`10^{-3}` (relative) of
+    the original may pass, and then moves :math:`W'` by no more than that.
+
+    Example:
+        >>> rebuild_tolerance(torch.float32), rebuild_tolerance(torch.float32, torch.bfloat16)
+        (0.001, 0.015625)
+    """
+    if not any(dtype.is_floating_point or dtype.is_complex for dtype in dtypes):
+        return _INTEGER_RTOL
+    epsilons = [
+        torch.finfo(dtype).eps for dtype in dtypes if dtype.is_floating_point or dtype.is_complex
+    ]
+    return max(REBUILD_RTOL, 2 * max(epsilons))
+
+
 class AdapterParam(nn.Module):
     r"""Base class of every adapter: :math:`W' = \mathrm{compose}(W, \Delta W)`, default :math:`W + \Delta W`.
 
@@ -220,6 +333,13 @@ class AdapterParam(nn.Module):
 
     min_ndim: ClassVar[int] = 2
     max_ndim: ClassVar[int] = 5
+    #: Names of the persistent buffers that ``_build`` computes from the pretrained weight and the
+    #: config alone, reproducibly (frozen factors, chosen locations), and that training never
+    #: changes: :func:`~decomp.adapters.save_adapter` leaves them out of the file and
+    #: :func:`~decomp.adapters.load_adapter` rebuilds them from the model's weight, checked against
+    #: their :func:`buffer_fingerprint`. A name that is a Parameter (or absent) in some mode of
+    #: the adapter is ignored there.
+    rebuilt_buffers: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -321,6 +441,21 @@ class AdapterParam(nn.Module):
         self._check_shape(weight)
         work = weight.to(compute_dtype(weight.dtype))
         return self.compose(work, self.delta(work)).to(weight.dtype)
+
+    def rebuilt_state(self) -> dict[str, torch.Tensor]:
+        """The built adapter's buffers named in :attr:`rebuilt_buffers`, by ``state_dict`` key.
+
+        Example:
+            >>> from decomp.adapters import LDUParam
+            >>> sorted(LDUParam.from_weight(torch.randn(4, 3)).rebuilt_state())
+            ['initial_pivots', 'initial_scale', 'left', 'right']
+        """
+        buffers = dict(self.named_buffers(recurse=False))
+        return {
+            name: buffers[name]
+            for name in self.rebuilt_buffers
+            if name in buffers and name not in self._non_persistent_buffers_set
+        }
 
     def num_trainable(self) -> int:
         """Number of trainable elements this adapter holds."""

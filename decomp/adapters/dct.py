@@ -8,20 +8,22 @@ maps them back with :func:`decomp.idct` along both dims.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
 
 from .._checks import check_choice, check_int, check_optional_int, check_real
 from .._dct import dct, idct
+from .._deprecation import renamed_arguments
 from .base import AdapterParam
 
 _LOCATION_RULES = ("magnitude", "low", "random")
 
 
+@renamed_arguments(alpha="scale")
 class DCTParam(AdapterParam):
-    r"""LoCA-style: :math:`W' = W + \alpha\, C^\top S D`, ``n`` trainable DCT coefficients in :math:`S`.
+    r"""LoCA-style: :math:`W' = W + c\, C^\top S D`, ``n`` trainable DCT coefficients in :math:`S`.
 
     With the weight's ``(shape[0], -1)`` matrix view of shape :math:`m \times n_\mathrm{in}`
     (``(d_out, d_in)`` for a linear layer, ``(c_out, c_in/groups * prod(kernel))`` for a conv),
@@ -31,13 +33,13 @@ class DCTParam(AdapterParam):
 
     .. math::
 
-        \Delta W = \alpha\, C^\top S D
-        = \alpha\, \operatorname{idct}_1\!\big(\operatorname{idct}_0(S)\big),
+        \Delta W = c\, C^\top S D
+        = c\, \operatorname{idct}_1\!\big(\operatorname{idct}_0(S)\big),
         \qquad S_{\ell_j} = a_j,
 
     computed with :func:`decomp.idct` along dim 0 then dim 1 (an FFT for long dims, a cached
     basis product for short ones), reshaped back to the weight's shape. As :math:`C, D` are
-    orthonormal, :math:`\|\Delta W\|_F = \alpha \|a\|_2`, so :math:`\alpha = 1` (default) keeps the
+    orthonormal, :math:`\|\Delta W\|_F = c \|a\|_2`, so :math:`c = 1` (default) keeps the
     coefficients on the weights' scale (FourierFT's large scale compensates an unnormalised FFT).
 
     **Trainable parameters:** :math:`n` (``num_coefficients``). **Init:** :math:`a = 0`, so
@@ -57,17 +59,20 @@ class DCTParam(AdapterParam):
 
     Args:
         num_coefficients: :math:`n`, an int in :math:`[1, m n_\mathrm{in}]`. ``None`` (default)
-            means :math:`\min(m + n_\mathrm{in}, m n_\mathrm{in})`, the budget of a rank-1 LoRA.
+            means :math:`\min(m + n_\mathrm{in}, m n_\mathrm{in})`, the budget of a rank-1 LoRA
+            and never more than the weight's size.
         locations: ``"magnitude"`` (default), ``"low"`` or ``"random"``.
-        alpha: :math:`\alpha`, a finite real > 0 (default 1.0).
+        scale: :math:`c`, a finite real > 0 (default 1.0), a plain multiplier on the update.
+            ``alpha=`` is its deprecated name (same meaning; ``DeprecationWarning``).
         seed: seeds ``"random"`` locations (int >= 0, default 0).
 
     Raises:
         TypeError: ``num_coefficients``/``seed`` not an int (``num_coefficients`` may be
-            ``None``), ``alpha`` not a real number, ``locations`` not a str. Numpy numbers are
-            accepted and stored as Python ones.
+            ``None``), ``scale`` not a real number, ``locations`` not a str; both ``scale`` and
+            its deprecated name ``alpha`` given. Numpy numbers are accepted and stored as Python
+            ones.
         ValueError: ``locations`` is not one of its choices, ``seed < 0``, ``num_coefficients < 1``,
-            ``alpha <= 0``; on build, ``num_coefficients > m * n_in``.
+            ``scale <= 0``; on build, ``num_coefficients > m * n_in``.
 
     Differences from LoCA: LoCA moves the locations during training by finite-difference
     gradient estimates, alternating with coefficient updates; **that location search is not
@@ -87,17 +92,22 @@ class DCTParam(AdapterParam):
         (10, 18)
     """
 
+    budget_option: ClassVar[str] = "num_coefficients"
+    """The constructor argument that sets the trainable budget (first positional)."""
+    # Chosen by magnitude, by rule or by the seeded generator: a function of weight and config.
+    rebuilt_buffers: ClassVar[tuple[str, ...]] = ("locations",)
+
     def __init__(
         self,
         num_coefficients: int | None = None,
         locations: str = "magnitude",
-        alpha: float = 1.0,
+        scale: float = 1.0,
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.num_coefficients = check_optional_int(num_coefficients, "num_coefficients", low=1)
         self.locations_rule = check_choice(locations, "locations", _LOCATION_RULES)
-        self.alpha = check_real(alpha, "alpha", low=0.0)
+        self.scale = check_real(scale, "scale", low=0.0)
         self.seed = check_int(seed, "seed", low=0)
 
     @staticmethod
@@ -123,7 +133,7 @@ class DCTParam(AdapterParam):
         return {
             "num_coefficients": self.num_coefficients,
             "locations": self.locations_rule,
-            "alpha": self.alpha,
+            "scale": self.scale,
             "seed": self.seed,
         }
 
@@ -171,4 +181,4 @@ class DCTParam(AdapterParam):
         coefficients = self.coefficients.to(weight.dtype)
         spectrum = flat_spectrum.scatter(0, self.locations, coefficients).view(rows, columns)
         update = idct(idct(spectrum, dim=0, check_finite=False), dim=1, check_finite=False)
-        return (self.alpha * update).reshape(weight.shape)
+        return (self.scale * update).reshape(weight.shape)

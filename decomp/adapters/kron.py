@@ -8,7 +8,7 @@ exactly zero at init.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +16,8 @@ from torch import nn
 from .. import kpsvd, kron_shapes
 from .._checks import check_optional_int, check_rank
 from .._kron import _check_pair
+from .._rsvd import row_signs
+from ._budget import default_budget
 from .base import AdapterParam, check_weight_shape
 
 DEFAULT_RANK = 4
@@ -53,7 +55,9 @@ class KronParam(AdapterParam):
     Args:
         rank: :math:`r`, the number of Kronecker terms, an int in
             :math:`[1, \min(m_1 n_1, m_2 n_2)]`; ``None`` (default) is :math:`\min(4, m_1 n_1,
-            m_2 n_2)`.
+            m_2 n_2)`, lowered until the count is at most the weight's size; ``ValueError`` if even
+            :math:`r = 1` trains more (a 13x7 linear: its default shapes are :math:`(13, 7)` and
+            :math:`(1, 1)`, 93 numbers for a 91-number weight). An explicit ``rank`` is kept.
         b_shape: :math:`(m_1, n_1)`, given together with ``c_shape``, or ``None`` (default).
         c_shape: :math:`(m_2, n_2)`, or ``None``.
 
@@ -83,6 +87,11 @@ class KronParam(AdapterParam):
         >>> adapter.B.shape, adapter.C.shape, adapter.num_trainable()   # 2 * (4*6 + 5*8 + 1)
         (torch.Size([2, 4, 6]), torch.Size([2, 5, 8]), 130)
     """
+
+    budget_option: ClassVar[str] = "rank"
+    """The constructor argument that sets the trainable budget (first positional)."""
+    # The start: kpsvd of the weight with a fixed seed, signs fixed in _build.
+    rebuilt_buffers: ClassVar[tuple[str, ...]] = ("S0", "B0", "C0")
 
     def __init__(
         self,
@@ -133,7 +142,9 @@ class KronParam(AdapterParam):
                 )
         max_rank = min(b_shape[0] * b_shape[1], c_shape[0] * c_shape[1])
         if rank is None:
-            rank = min(DEFAULT_RANK, max_rank)
+            terms = b_shape[0] * b_shape[1] + c_shape[0] * c_shape[1] + 1
+            candidates = range(min(DEFAULT_RANK, max_rank), 0, -1)
+            rank = default_budget(cls.__name__, "rank", shape, candidates, lambda r: r * terms)
         else:
             rank = check_rank(rank, f"rank (b_shape={b_shape}, c_shape={c_shape})", max_rank)
         return rank, b_shape, c_shape
@@ -158,10 +169,17 @@ class KronParam(AdapterParam):
     def _build(self, weight: torch.Tensor) -> None:
         rank, b_shape, c_shape = self._resolve(weight.shape, self.rank, self.b_shape, self.c_shape)
         self.term_shapes = (b_shape, c_shape)
-        start = kpsvd(weight.reshape(weight.shape[0], -1), b_shape, c_shape, rank, check_finite=False)
+        # A fixed seed (kpsvd may sketch randomly) and fixed signs make the start a function of
+        # the weight alone, so load_adapter can rebuild it instead of reading it from the file.
+        start = kpsvd(
+            weight.reshape(weight.shape[0], -1), b_shape, c_shape, rank, check_finite=False,
+            generator=torch.Generator().manual_seed(0),
+        )
         # kpsvd's factors can be transposed views; contiguous copies are what FSDP2 can shard,
         # and the start and the trainable copy share one layout, so their sums round alike.
         S, B, C = (factor.clone(memory_format=torch.contiguous_format) for factor in start)
+        signs = row_signs(B.flatten(1))[:, None, None]
+        B, C = B * signs, C * signs
         self.register_buffer("S0", S)
         self.register_buffer("B0", B)
         self.register_buffer("C0", C)

@@ -9,16 +9,19 @@ trains the ``r`` pivots :math:`z` and a scalar :math:`s`; see :class:`LDUParam`.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .._checks import check_optional_int, check_rank, check_real
 from .._ldu import ldu
+from .._deprecation import renamed_arguments
+from ._budget import default_budget
 from .base import AdapterParam
 
 
+@renamed_arguments(alpha="scale")
 class LDUParam(AdapterParam):
     r"""LoLDU: :math:`W' = W + P L_r \operatorname{diag}(s z - s_0 z_0) U_r`, trainable pivots and scale.
 
@@ -33,7 +36,8 @@ class LDUParam(AdapterParam):
 
     reshaped back to the weight's shape. Trainable: the pivots :math:`z \in \mathbb{R}^r`
     (initialised to :math:`z_0 = D_{:r}`) and the scalar :math:`s` (initialised to
-    :math:`s_0 = \alpha / r`; ``scale`` and ``initial_scale`` have shape ``(1,)``, as FSDP2
+    :math:`s_0 = c / r`, :math:`c` the ``scale`` argument; the Parameter ``scale`` and the
+    buffer ``initial_scale`` have shape ``(1,)``, as FSDP2
     shards no 0-d parameter); frozen buffers: ``left`` :math:`= P L_r` (``(m, r)``, the
     permutation applied as a row gather, so no :math:`m \times m` matrix is ever formed or
     stored: building on a 32000-row head needs :math:`O(m n)` memory, not 4 GB), ``right``
@@ -54,13 +58,18 @@ class LDUParam(AdapterParam):
             (rank 768 on 768-wide layers): the parameter count stays :math:`k + 1`, and a
             truncated rank only trains the pivots of the first ``r`` eliminated columns, which are
             not the "largest" in any sense. Pass a small rank to cut the :math:`O(mnr)` cost on
-            wide layers.
-        alpha: sets the initial scale :math:`s_0 = \alpha / r` (default 1.0, the official
-            ``from_linear``/``from_conv2d`` default), a finite real > 0.
+            wide layers. The default is lowered to keep :math:`r + 1` at most the weight's size;
+            a ``(1, 1)`` weight (2 numbers for 1) raises ``ValueError``. An explicit ``rank`` is
+            kept.
+        scale: :math:`c`, a finite real > 0 (default 1.0): the trainable scale starts at
+            :math:`s_0 = c / r`, the official code's ``alpha / rank`` with its
+            ``from_linear``/``from_conv2d`` default ``alpha = 1``. ``alpha=`` is its deprecated
+            name (same meaning; ``DeprecationWarning``).
 
     Raises:
-        TypeError: ``rank`` is not an int (or ``None``) or ``alpha`` is not a real number.
-        ValueError: ``rank < 1`` or ``alpha <= 0``; on build, ``rank > min(m, n)``, or the matrix
+        TypeError: ``rank`` is not an int (or ``None``) or ``scale`` is not a real number;
+            both ``scale`` and its deprecated name ``alpha`` given.
+        ValueError: ``rank < 1`` or ``scale <= 0``; on build, ``rank > min(m, n)``, or the matrix
             view has a zero LU pivot (:func:`decomp.ldu` cannot factor it).
 
     Differences from the official code (SKDDJ/LoLDU ``minloldu/loldu.py``): the permutation is
@@ -80,16 +89,22 @@ class LDUParam(AdapterParam):
         (5, 5)
     """
 
-    def __init__(self, rank: int | None = None, alpha: float = 1.0) -> None:
+    budget_option: ClassVar[str] = "rank"
+    """The constructor argument that sets the trainable budget (first positional)."""
+    # Partial-pivoting LDU of the weight and scale / rank: no sign or seed to fix.
+    rebuilt_buffers: ClassVar[tuple[str, ...]] = ("left", "right", "initial_pivots", "initial_scale")
+
+    def __init__(self, rank: int | None = None, scale: float = 1.0) -> None:
         super().__init__()
         self.rank = check_optional_int(rank, "rank", low=1)
-        self.alpha = check_real(alpha, "alpha", low=0.0)
+        # the argument, not the trainable Parameter ``scale`` that _build creates from it
+        self.scale_argument = check_real(scale, "scale", low=0.0)
 
-    @staticmethod
-    def _resolve_rank(shape: tuple[int, ...], rank: int | None) -> int:
+    @classmethod
+    def _resolve_rank(cls, shape: tuple[int, ...], rank: int | None) -> int:
         m, n = shape[0], math.prod(shape[1:])
         if rank is None:
-            return min(m, n)
+            return default_budget(cls.__name__, "rank", shape, range(min(m, n), 0, -1), lambda r: r + 1)
         return check_rank(rank, "rank", min(m, n))
 
     @classmethod
@@ -103,25 +118,31 @@ class LDUParam(AdapterParam):
         return cls._resolve_rank(shape, rank) + 1
 
     def config(self) -> dict[str, Any]:
-        return {"rank": self.rank, "alpha": self.alpha}
+        return {"rank": self.rank, "scale": self.scale_argument}
 
     def _build(self, weight: torch.Tensor) -> None:
         matrix = weight.reshape(weight.shape[0], -1)
         m, n = matrix.shape
         rank = self._resolve_rank(tuple(weight.shape), self.rank)
         try:
-            perm, L, D, U = ldu(matrix, check_finite=False)
+            # In float64: the factors are rebuilt from the weight when an adapter file is loaded
+            # (rebuilt_buffers), and a float32 elimination's rounding depends on the BLAS thread
+            # count enough (2.5e-3 relative on a 768 x 3072 weight) to fail that check elsewhere.
+            perm, L, D, U = ldu(matrix.to(torch.float64), check_finite=False)
         except ValueError as error:
             raise ValueError(
                 f"LDUParam cannot factor the weight's ({m}, {n}) matrix view: {error}. "
                 f"Use another adapter (e.g. SVDParam) for this layer."
             ) from error
+        L, D, U = (factor.to(weight.dtype) for factor in (L, D, U))
         # P L_r as a row gather (L_r[perm], exactly the product): no m x m matrix is formed.
         self.register_buffer("left", L[perm, :rank])
         self.register_buffer("right", U[:rank].clone())
         self.register_buffer("initial_pivots", D[:rank].clone())
         # Shape (1,), not a 0-d scalar: FSDP2 (fully_shard) refuses 0-d parameters.
-        initial_scale = torch.full((1,), self.alpha / rank, dtype=weight.dtype, device=weight.device)
+        initial_scale = torch.full(
+            (1,), self.scale_argument / rank, dtype=weight.dtype, device=weight.device
+        )
         self.register_buffer("initial_scale", initial_scale)
         self.pivots = nn.Parameter(self.initial_pivots.clone())
         self.scale = nn.Parameter(self.initial_scale.clone())

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .. import Tucker
 from .._checks import check_optional_int, check_real
+from ._budget import default_budget
 from .base import AdapterParam
 from .tucker import resolve_channel_rank
 
@@ -61,7 +62,9 @@ class LieParam(AdapterParam):
 
     Args:
         rank: :math:`r`, an int in :math:`[1, \min(d_0, d_1)]`; ``None`` (default) is
-            :math:`\min(8, d_0, d_1)`.
+            :math:`\min(8, d_0, d_1)`, lowered until the count is at most the weight's size
+            (``ValueError`` where even :math:`r = 1` trains more, e.g. a ``(1, n)`` weight); an
+            explicit ``rank`` is kept.
         scale: :math:`s`, a finite float (default 1.0); the official code's is
             ``lora_alpha / r``.
         order: ``None`` (exact exponential, default) or ``1`` (first-order).
@@ -90,6 +93,9 @@ class LieParam(AdapterParam):
         36
     """
 
+    budget_option: ClassVar[str] = "rank"
+    """The constructor argument that sets the trainable budget (first positional)."""
+
     def __init__(self, rank: int | None = None, *, scale: float = 1.0, order: int | None = None) -> None:
         super().__init__()
         self.rank = check_optional_int(rank, "rank", low=1)
@@ -107,14 +113,26 @@ class LieParam(AdapterParam):
         >>> LieParam.trainable_count((64, 32), rank=4), LieParam.trainable_count((64, 32, 3, 3), rank=4)
         (384, 528)
         """
-        r = resolve_channel_rank(shape, rank)
+        return cls._count_at_rank(shape, cls._resolve_rank(shape, rank))
+
+    @staticmethod
+    def _count_at_rank(shape: tuple[int, ...], r: int) -> int:
         count = r * (shape[0] + shape[1])
         if len(shape) > 2:
             count += r * r * math.prod(shape[2:])
         return count
 
+    @classmethod
+    def _resolve_rank(cls, shape: tuple[int, ...], rank: int | None) -> int:
+        if rank is not None:
+            return resolve_channel_rank(shape, rank)
+        largest = resolve_channel_rank(shape, None)
+        return default_budget(
+            cls.__name__, "rank", shape, range(largest, 0, -1), lambda r: cls._count_at_rank(shape, r)
+        )
+
     def _build(self, weight: torch.Tensor) -> None:
-        r = resolve_channel_rank(weight.shape, self.rank)
+        r = self._resolve_rank(tuple(weight.shape), self.rank)
         like = {"dtype": weight.dtype, "device": weight.device}
         self.out_factor = nn.Parameter(torch.zeros(weight.shape[0], r, **like))
         if weight.ndim == 2:

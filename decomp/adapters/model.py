@@ -37,6 +37,7 @@ import importlib.util
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
@@ -57,19 +58,29 @@ from .._select import modules as _modules
 from .._select import output_layer as _output_layer
 from .._select import selector as _selector
 from .base import (
+    FINGERPRINT_PROJECTIONS,
     AdapterParam,
+    buffer_fingerprint,
     copy_whole_into,
     dtype_kind,
+    fingerprint_difference,
     legacy_scalars_reshaped,
+    rebuild_tolerance,
     same_kind_and_shape,
     whole_tensor,
 )
 
 _FORMAT = "decomp.adapters/1"
+# Files that leave out rebuilt buffers: an older reader refuses them by their tag instead of
+# reporting the missing factors as a mismatch.
+_FORMAT_REBUILT = "decomp.adapters/2"
 _ENTRY_FIELDS = ("name", "index", "adapter", "config", "weight_shape")
 # Metadata entry listing the tensors save_adapter(extra=...) stores besides the adapters.
 _EXTRA = "decomp.adapters.extra"
 _EXTRA_FIELDS = ("key", "shape", "trainable")
+# Metadata entry listing the buffers save_adapter left out, to be rebuilt from the weight on load.
+_REBUILT = "decomp.adapters.rebuilt"
+_REBUILT_FIELDS = ("key", "shape", "dtype", "fingerprint")
 # Attribute names under which torch.compile and (Distributed)DataParallel hold the wrapped model.
 _WRAPPER_PREFIXES = ("_orig_mod", "module")
 
@@ -737,9 +748,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors only (Parameters and persistent buffers), keyed as in ``state_dict()``.
 
     Keys are those of the unwrapped model (no ``_orig_mod.``/``module.`` prefix for a
-    ``torch.compile``/``DataParallel``/DDP wrapper). Buffers are included on purpose: frozen
-    factors from an SVD (the atom coefficients, say) can differ by sign from one machine to
-    another, so rebuilding them from the weight is not enough.
+    ``torch.compile``/``DataParallel``/DDP wrapper). Every buffer is included, the ones
+    :func:`save_adapter` leaves out to be rebuilt from the weight too: this is the adapters'
+    whole state, as ``model.state_dict()`` holds it.
 
     Example:
         >>> from decomp.adapters import AtomParam, adapter_state_dict, apply
@@ -770,9 +781,25 @@ def _layer_metadata(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def save_adapter(
-    model: nn.Module, path: str | Path, *, extra: bool | Sequence[str] = True
+    model: nn.Module,
+    path: str | Path,
+    *,
+    extra: bool | Sequence[str] = True,
+    factors: bool = False,
 ) -> None:
     """Write :func:`adapter_state_dict` to a safetensors file; its metadata describes the layers.
+
+    By default the file holds O(trainable) bytes: the frozen buffers an adapter
+    class declares in :attr:`~decomp.adapters.AdapterParam.rebuilt_buffers` (LDU's factors,
+    atom coefficients, the Kronecker and SVD starts, DCT locations, ...), which ``_build``
+    computes from the pretrained weight and the config alone, are left out, and
+    :func:`load_adapter` rebuilds them from the target model's weight. For each, the metadata
+    entry ``"decomp.adapters.rebuilt"`` (JSON) keeps its key, shape, dtype and
+    :func:`~decomp.adapters.base.buffer_fingerprint` (9 numbers), by which the load detects a
+    rebuild that came out different (another pretrained weight, a decomposition that is not
+    reproducible there); such a file is tagged ``"decomp.adapters/2"``. ``factors=True`` stores
+    those buffers too (tag ``"decomp.adapters/1"``, readable by older versions): for a target
+    whose weight is not the one the adapter was built from, or to skip the rebuild.
 
     ``extra`` adds what else the tuned model needs, under its plain ``state_dict`` keys, so that
     :func:`load_adapter` into a fresh copy of the pretrained network gives the tuned outputs
@@ -800,7 +827,7 @@ def save_adapter(
             :func:`load_adapter` would refuse (NaN/Inf from a diverged run, a kept count out of
             range): no file is written that could not be loaded back; or a name in ``extra``
             matches no module.
-        TypeError: ``extra`` is not a bool or a list of module names.
+        TypeError: ``extra`` is not a bool or a list of module names; ``factors`` not a bool.
 
     Example:
         >>> import tempfile, pathlib
@@ -812,11 +839,15 @@ def save_adapter(
     """
     from safetensors.torch import save_file
 
+    if not isinstance(factors, bool):
+        raise TypeError(f"factors must be a bool, got {factors!r}")
     root = _unwrap(model, "save_adapter")
     if not adapted_layers(root):
         raise ValueError("model has no adapters to save; call decomp.adapters.apply first")
     extras = _extra_tensors(root, extra)
-    state = {**adapter_state_dict(root), **{key: value for key, (value, _) in extras.items()}}
+    rebuilt = {} if factors else _rebuilt_tensors(root)
+    adapters = {key: value for key, value in adapter_state_dict(root).items() if key not in rebuilt}
+    state = {**adapters, **{key: value for key, (value, _) in extras.items()}}
     # Parameters sharded by FSDP2 (DTensors) are gathered: a collective, so every rank calls
     # save_adapter, and rank 0 alone writes the file.
     gathered = {key: whole_tensor(value) for key, value in state.items()}
@@ -829,9 +860,25 @@ def save_adapter(
             f"save_adapter: the model's adapters hold values load_adapter would refuse, so {path} "
             "was not written: " + "; ".join(problems)
         )
+    # Fingerprints gather sharded buffers too (FSDP2 shards only Parameters, but be safe): on
+    # every rank, before rank 0 alone goes on.
+    fingerprints = [
+        {
+            "key": key,
+            "shape": list(value.shape),
+            "dtype": str(value.dtype).removeprefix("torch."),
+            "fingerprint": buffer_fingerprint(value),
+        }
+        for key, value in rebuilt.items()
+    ]
     if sharded and torch.distributed.get_rank() != 0:
         return
-    metadata = {"format": _FORMAT, "decomp.adapters": json.dumps(_layer_metadata(root))}
+    metadata = {
+        "format": _FORMAT_REBUILT if fingerprints else _FORMAT,
+        "decomp.adapters": json.dumps(_layer_metadata(root)),
+    }
+    if fingerprints:
+        metadata[_REBUILT] = json.dumps(fingerprints)
     if extra is not False:
         metadata[_EXTRA] = json.dumps(
             [
@@ -840,6 +887,19 @@ def save_adapter(
             ]
         )
     save_file(tensors, str(path), metadata=metadata)
+
+
+def _rebuilt_tensors(root: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers :func:`save_adapter` leaves out: each adapter's rebuilt ones, keyed as in
+    :func:`adapter_state_dict`, but for those no larger than their fingerprint (a scale of shape
+    ``(1,)``), which are cheaper to store.
+    """
+    return {
+        layer.prefix + name: buffer
+        for layer in adapted_layers(root)
+        for name, buffer in layer.adapter.rebuilt_state().items()
+        if buffer.numel() > FINGERPRINT_PROJECTIONS + 1
+    }
 
 
 def _extra_tensors(root: nn.Module, extra: object) -> dict[str, tuple[torch.Tensor, bool]]:
@@ -933,6 +993,14 @@ def load_adapter(
     do not match. On any error the model is exactly as before: no adapters registered, the same
     ``requires_grad`` flags, the same values.
 
+    Frozen factors the file leaves out (``save_adapter``'s default; see its ``factors``) are
+    rebuilt from the model's own weight -- by building the adapters for an unadapted model, or
+    as the adapted model already holds them -- and each is compared, in the same check, with the
+    fingerprint the file keeps of it (:func:`~decomp.adapters.base.fingerprint_difference` within
+    :func:`~decomp.adapters.base.rebuild_tolerance`: :math:`10^{-3}` relative for floating
+    factors, exact for integer ones). A file that stores its factors (``factors=True``, or
+    written before this option existed) loads them as stored, onto any weight of the right shape.
+
     Extra tensors (``save_adapter(..., extra=...)``: trained heads, normalisation statistics) are
     copied after the adapters, in the same check: each must be a parameter or buffer of the model
     under the same key, of the same shape and kind of dtype, finite in the model's dtype, and a
@@ -954,7 +1022,9 @@ def load_adapter(
             config the class rejects); or the file does not match ``model`` (the message lists
             every mismatch, a value an adapter refuses included); for an unadapted model, the
             file names a layer the model lacks, of another weight shape or type, or one that
-            cannot take an adapter (see :func:`apply`).
+            cannot take an adapter (see :func:`apply`); or a frozen factor rebuilt from the
+            model's weight differs from the one the adapter was saved with (another pretrained
+            weight, or a decomposition not reproducible here: save with ``factors=True``).
         TypeError: ``model`` is wrapped in ``DistributedDataParallel`` and has no adapters yet
             (load into the model before wrapping it); ``progress`` not a bool or None.
         ImportError: ``progress=True`` without ``tqdm`` installed.
@@ -973,18 +1043,23 @@ def load_adapter(
     """
     _check_progress(progress)
     root = _unwrap(model, "load_adapter")
-    entries, extra_entries, saved = _read_adapter_file(path)
+    entries, extra_entries, rebuilt, saved = _read_adapter_file(path)
     extra = {entry["key"]: saved.pop(entry["key"]) for entry in extra_entries}
     entries, saved = _without_wrapper_prefixes(entries, saved, root)
     described = _described_adapters(entries, path, root)
     # Compare configs as the classes see them: a key left at its default, 4 for 4.0, are equal.
+    # Under their current names too: a file that says SNELLA (or alpha=) matches SNELLAParam.
     entries = [
-        {**entry, "config": json.loads(json.dumps(adapter.config(), default=repr))}
+        {
+            **entry,
+            "adapter": type(adapter).__name__,
+            "config": json.loads(json.dumps(adapter.config(), default=repr)),
+        }
         for entry, adapter in zip(entries, described)
     ]
 
     if adapted_layers(root):
-        _check_match(root, entries, saved, path, extra_entries, extra)
+        _check_match(root, entries, saved, path, extra_entries, extra, rebuilt)
         _copy_tensors(root, saved)
         _copy_extra(root, extra_entries, extra)
         logger.info(
@@ -997,8 +1072,8 @@ def load_adapter(
     planned = _plan_described(root, entries, described, path)
     registered = _register(planned, progress)
     try:
-        # Tensor shapes are only known once the adapters are built.
-        _check_match(root, entries, saved, path, extra_entries, extra)
+        # Tensor shapes, and the rebuilt buffers, are only known once the adapters are built.
+        _check_match(root, entries, saved, path, extra_entries, extra, rebuilt)
     except ValueError:
         _unregister(registered)
         raise
@@ -1016,22 +1091,74 @@ def _check_match(
     path: str | Path,
     extra_entries: list[dict[str, Any]],
     extra: dict[str, torch.Tensor],
+    rebuilt: list[dict[str, Any]],
 ) -> None:
     """Raise listing every difference between the file and the model (adapters, extra tensors)."""
     # A file from before adapters held their scalars with shape (1,) has them 0-d.
     saved.update(legacy_scalars_reshaped(saved, adapter_state_dict(root)))
+    rebuilt_keys = {entry["key"] for entry in rebuilt}
+    current = {
+        key: value for key, value in adapter_state_dict(root).items() if key not in rebuilt_keys
+    }
     problems = _mismatches(entries, _layer_metadata(root))
-    problems = problems or _tensor_problems(saved, adapter_state_dict(root))
+    problems = problems or _tensor_problems(saved, current)
     problems = problems or _value_problems(saved, root)
+    problems = problems or _rebuild_problems(root, rebuilt)
     problems += _extra_problems(root, extra_entries, extra)
     if problems:
         raise ValueError(f"adapter file {path} does not match the model: " + "; ".join(problems))
 
 
+def _rebuild_problems(root: nn.Module, rebuilt: list[dict[str, Any]]) -> list[str]:
+    """Each buffer the file left out, as the model holds it (rebuilt), against its fingerprint."""
+    buffers = dict(adapter_state_dict(root))
+    declared = {
+        layer.prefix + name
+        for layer in adapted_layers(root)
+        for name in layer.adapter.rebuilt_state()
+    }
+    problems, differing = [], []
+    for entry in rebuilt:
+        key, buffer = entry["key"], buffers.get(entry["key"])
+        if buffer is None:
+            problems.append(f"rebuilt tensor {key!r} is not an adapter buffer of the model")
+            continue
+        if key not in declared:
+            problems.append(
+                f"tensor {key!r} is left out of the file as rebuilt, but its adapter does not "
+                "rebuild it (not in its class's rebuilt_buffers)"
+            )
+            continue
+        saved_dtype = getattr(torch, entry["dtype"])
+        same_kind = dtype_kind(saved_dtype) == dtype_kind(buffer.dtype)
+        if list(buffer.shape) != entry["shape"] or not same_kind:
+            problems.append(
+                f"rebuilt tensor {key!r}: shape {entry['shape']} and dtype {entry['dtype']} in the "
+                f"file, {list(buffer.shape)} and {buffer.dtype} in the model"
+            )
+            continue
+        difference = fingerprint_difference(entry["fingerprint"], buffer_fingerprint(buffer))
+        tolerance = rebuild_tolerance(saved_dtype, buffer.dtype)
+        if not difference <= tolerance:
+            differing.append(f"{key!r} (relative difference {difference:.3g} > {tolerance:.3g})")
+    if differing:
+        problems.append(
+            "the frozen factors rebuilt from the model's weight differ from those the adapter was "
+            f"saved with: {', '.join(differing)}. The model's pretrained weight differs from the "
+            "one the adapter was saved with, or the decomposition is not reproducible here "
+            "(another device, LAPACK or library version); load into the pretrained model the "
+            "adapter was tuned from, or save with save_adapter(..., factors=True), which stores "
+            "the factors"
+        )
+    return problems
+
+
 def _read_adapter_file(
     path: str | Path,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """The validated layer entries, extra-tensor entries and the tensors of an adapter file."""
+) -> tuple[
+    list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], dict[str, torch.Tensor]
+]:
+    """The validated layer, extra-tensor and rebuilt-buffer entries and the tensors of a file."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -1041,7 +1168,61 @@ def _read_adapter_file(
             saved = {key: handle.get_tensor(key) for key in handle.keys()}
     except SafetensorError as error:
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
-    return entries, _parse_extra(metadata, saved, path), saved
+    extra = _parse_extra(metadata, saved, path)
+    return entries, extra, _parse_rebuilt(metadata, saved, path), saved
+
+
+def _parse_rebuilt(
+    metadata: dict[str, str], saved: dict[str, torch.Tensor], path: str | Path
+) -> list[dict[str, Any]]:
+    """The file's list of left-out buffers (empty for a file that stores every factor)."""
+    if _REBUILT not in metadata:
+        return []
+    try:
+        described = json.loads(metadata[_REBUILT])
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"adapter file {path}: metadata {_REBUILT!r} is not valid JSON ({error})"
+        ) from error
+    if not isinstance(described, list):
+        raise ValueError(
+            f"adapter file {path}: metadata {_REBUILT!r} must be a list, "
+            f"got {type(described).__name__}"
+        )
+    problems, seen = [], set()
+    for position, entry in enumerate(described):
+        label = f"entry {position}"
+        if not isinstance(entry, dict) or sorted(entry) != sorted(_REBUILT_FIELDS):
+            problems.append(
+                f"{label} must be an object with exactly the keys {list(_REBUILT_FIELDS)}, "
+                f"got {entry!r}"
+            )
+            continue
+        key, shape, dtype, fingerprint = (entry[field] for field in _REBUILT_FIELDS)
+        if not isinstance(key, str) or key in saved or key in seen:
+            problems.append(
+                f"{label}: key {key!r} must be a string, not stored in the file, listed once"
+            )
+        elif not isinstance(shape, list) or not all(_is_int(size) and size >= 0 for size in shape):
+            problems.append(f"{label}: shape must be a list of ints >= 0, got {shape!r}")
+        elif not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+            problems.append(f"{label}: dtype must name a torch dtype, got {dtype!r}")
+        elif (
+            not isinstance(fingerprint, list)
+            or len(fingerprint) != FINGERPRINT_PROJECTIONS + 1
+            or not all(
+                isinstance(value, (int, float)) and not isinstance(value, bool)
+                for value in fingerprint
+            )
+        ):
+            problems.append(f"{label}: fingerprint must be a list of numbers, got {fingerprint!r}")
+        if isinstance(key, str):
+            seen.add(key)
+    if problems:
+        raise ValueError(
+            f"adapter file {path}: malformed metadata {_REBUILT!r}: " + "; ".join(problems)
+        )
+    return described
 
 
 def _parse_extra(
@@ -1134,10 +1315,11 @@ def _copy_extra(
 
 def _parse_metadata(metadata: dict[str, str], path: str | Path) -> list[dict[str, Any]]:
     found = metadata.get("format")
-    if found != _FORMAT:
+    if found not in (_FORMAT, _FORMAT_REBUILT):
         if isinstance(found, str) and found.startswith("decomp.adapters/"):
             raise ValueError(
-                f"{path} is an adapter file of format {found!r}; this version reads {_FORMAT!r}"
+                f"{path} is an adapter file of format {found!r}; this version reads {_FORMAT!r} "
+                f"and {_FORMAT_REBUILT!r}"
             )
         raise ValueError(f"{path} is not an adapter file written by decomp.adapters.save_adapter")
     if "decomp.adapters" not in metadata:
@@ -1215,6 +1397,9 @@ def _adapter_classes(root: nn.Module) -> dict[str, type[AdapterParam]]:
         for name, value in vars(adapters).items()
         if isinstance(value, type) and issubclass(value, AdapterParam) and value is not AdapterParam
     }
+    # Files saved under a deprecated class name (SNELL, SNELLA) load as the class it now names.
+    for old_name, new_name in adapters._DEPRECATED_NAMES.items():
+        classes.setdefault(old_name, classes[new_name])
     for layer in adapted_layers(root):
         classes[type(layer.adapter).__name__] = type(layer.adapter)
     return classes
@@ -1235,7 +1420,10 @@ def _described_adapters(
     adapters, problems = [], []
     for entry in entries:
         try:
-            adapters.append(classes[entry["adapter"]](**entry["config"]))
+            with warnings.catch_warnings():
+                # An older file's option names (alpha=) are the file's, not the caller's, to update.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                adapters.append(classes[entry["adapter"]](**entry["config"]))
         except (TypeError, ValueError) as error:
             problems.append(
                 f"layer {entry['name']!r}: {entry['adapter']} rejects the config "

@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 from .._checks import check_bool, check_choice, check_int, check_optional_int, check_real
+from .._deprecation import deprecated_attributes
+from ._budget import default_budget
 from .base import AdapterParam
 
-__all__ = ["SNELL", "SNELLA", "Allocator", "capped_allocation", "keep_largest_mask"]
+__all__ = ["SNELLParam", "SNELLAParam", "Allocator", "capped_allocation", "keep_largest_mask"]
 
 _DEFAULT_RANK = 32
 _MASK_MODES = ("binary", "magnitude")
@@ -69,10 +71,19 @@ def _max_rank(shape: tuple[int, ...], num_kernels: int) -> int:
     return num_kernels * max(1, min(_matrix_dims(shape)) // num_kernels)
 
 
-def _resolve_rank(shape: tuple[int, ...], rank: int | None, num_kernels: int) -> int:
+def _resolve_rank(
+    shape: tuple[int, ...], rank: int | None, num_kernels: int, adapter_class: type[_KernelAdapter]
+) -> int:
     high = _max_rank(shape, num_kernels)
     if rank is None:
-        return min(high, num_kernels * max(1, _DEFAULT_RANK // num_kernels))
+        largest = min(high, num_kernels * max(1, _DEFAULT_RANK // num_kernels))
+        return default_budget(
+            adapter_class.__name__,
+            "rank",
+            shape,
+            range(largest, 0, -num_kernels),
+            lambda q: adapter_class._count_at_rank(shape, q),
+        )
     # a multiple of num_kernels: checked by the constructor, which every rank here went through
     return check_int(rank, "rank", low=num_kernels, high=high)
 
@@ -87,10 +98,12 @@ def _check_kernel_scale(kernel_scale: object) -> float:
 
 
 class _KernelAdapter(AdapterParam):
-    r"""Shared machinery of :class:`SNELL` and :class:`SNELLA` (points, kernel, sparsification)."""
+    r"""Shared machinery of :class:`SNELLParam` and :class:`SNELLAParam` (points, kernel, sparsification)."""
 
     default_sparsity: ClassVar[float] = 0.5
     num_scalars: ClassVar[int] = 0
+    budget_option: ClassVar[str] = "rank"
+    """The constructor argument that sets the trainable budget (first positional)."""
 
     def __init__(
         self,
@@ -127,7 +140,7 @@ class _KernelAdapter(AdapterParam):
     # ------------------------------------------------------------------ build
     def _build(self, weight: torch.Tensor) -> None:
         d_out, d_in = _matrix_dims(tuple(weight.shape))
-        rank = _resolve_rank(tuple(weight.shape), self.rank, self.num_kernels)
+        rank = _resolve_rank(tuple(weight.shape), self.rank, self.num_kernels, type(self))
         point_dim = rank // self.num_kernels
         # The official kaiming_uniform_(a=sqrt(5)) on the 3-D (H, d, q/H) tensors: U(-b, b) with
         # b = 1/sqrt(d * q/H).
@@ -239,11 +252,15 @@ class _KernelAdapter(AdapterParam):
         cls, shape: tuple[int, ...], *, rank: int | None, num_kernels: int, **_: Any
     ) -> int:
         r""":math:`q\,(d_{in} + d_{out})`, plus SNELLA's trainable scalars."""
+        return cls._count_at_rank(shape, _resolve_rank(shape, rank, num_kernels, cls))
+
+    @classmethod
+    def _count_at_rank(cls, shape: tuple[int, ...], rank: int) -> int:
         d_out, d_in = _matrix_dims(shape)
-        return _resolve_rank(shape, rank, num_kernels) * (d_in + d_out) + cls.num_scalars
+        return rank * (d_in + d_out) + cls.num_scalars
 
 
-class SNELL(_KernelAdapter):
+class SNELLParam(_KernelAdapter):
     r"""SNELL: a sparse update from a difference of Euclidean distance kernels.
 
     Trainable points :math:`\mathrm{In} \in \mathbb R^{H \times d_{in} \times q/H}` and
@@ -271,7 +288,9 @@ class SNELL(_KernelAdapter):
     Args:
         rank: total point dimension :math:`q` (LoRA-equivalent rank), a multiple of
             ``num_kernels`` in ``[num_kernels, num_kernels * max(1, min(d_out, d_in) // num_kernels)]``.
-            Default: 32, clamped to that range.
+            Default: 32, clamped to that range, then lowered (in steps of ``num_kernels``) until
+            the count is at most the weight's size; ``ValueError`` where even
+            ``rank=num_kernels`` trains more (a ``(1, n)`` weight). An explicit ``rank`` is kept.
         num_kernels: number of distance kernels :math:`H \ge 1` (official: 2); kernel
             :math:`h` has the frozen coefficient :math:`c_h = \mathrm{kernel\_scale}\,(-1)^h`.
         kernel_scale: :math:`|c_h| > 0` (official ``SCALE_FACTOR_fc`` = 0.1).
@@ -296,9 +315,9 @@ class SNELL(_KernelAdapter):
     Example:
         >>> from torch.nn.utils import parametrize
         >>> layer = torch.nn.Linear(16, 8)
-        >>> _ = parametrize.register_parametrization(layer, "weight", SNELL(rank=4, sparsity=0.75))
+        >>> _ = parametrize.register_parametrization(layer, "weight", SNELLParam(rank=4, sparsity=0.75))
         >>> adapter = layer.parametrizations.weight[0]
-        >>> adapter.num_trainable(), SNELL.trainable_count((8, 16), rank=4)
+        >>> adapter.num_trainable(), SNELLParam.trainable_count((8, 16), rank=4)
         (96, 96)
         >>> int((layer.weight != layer.parametrizations.weight.original).sum())
         32
@@ -313,7 +332,7 @@ class SNELL(_KernelAdapter):
         return self.distance_kernel(in_points, out_points)
 
 
-class SNELLA(_KernelAdapter):
+class SNELLAParam(_KernelAdapter):
     r"""SNELLA: SNELL's kernel mixed with a softmax kernel through three trainable scalars.
 
     With SNELL's distance kernel :math:`K` (shape ``(d_out, d_in)``):
@@ -324,20 +343,20 @@ class SNELLA(_KernelAdapter):
         \qquad \alpha = 1,\ \gamma = 1,\ \beta = 0 \text{ at init},
 
     the softmax running over the output axis :math:`o` (the official ``dim=-1`` of its
-    ``(d_in, d_out)`` layout). The update is sparsified as in :class:`SNELL`; an
+    ``(d_in, d_out)`` layout). The update is sparsified as in :class:`SNELLParam`; an
     :class:`Allocator` can move the non-zero budget between layers during training.
 
     Trainable parameters: :math:`q\,(d_{in} + d_{out}) + 3` (the scalars ``alpha``, ``gamma``,
     ``beta`` each of shape ``(1,)``, as FSDP2 shards no 0-d parameter).
 
-    **Not identity at init** (``zero_start=True`` makes it so, as for :class:`SNELL`). The default
+    **Not identity at init** (``zero_start=True`` makes it so, as for :class:`SNELLParam`). The default
     sparsity 0.01 is the official scripts' ``init_thres``; the allocator then lowers the budget.
 
-    Args: as :class:`SNELL` (same names, ranges and meaning; default ``sparsity`` 0.01).
+    Args: as :class:`SNELLParam` (same names, ranges and meaning; default ``sparsity`` 0.01).
     Example:
         >>> layer = torch.nn.Conv2d(4, 6, 3, groups=2)
-        >>> adapter = SNELLA.from_weight(layer.weight.detach(), rank=4, zero_start=True)
-        >>> adapter.num_trainable(), SNELLA.trainable_count((6, 2, 3, 3), rank=4)
+        >>> adapter = SNELLAParam.from_weight(layer.weight.detach(), rank=4, zero_start=True)
+        >>> adapter.num_trainable(), SNELLAParam.trainable_count((6, 2, 3, 3), rank=4)
         (99, 99)
         >>> bool((adapter(layer.weight) == layer.weight).all())
         True
@@ -360,6 +379,11 @@ class SNELLA(_KernelAdapter):
         )
         distance = self.distance_kernel(in_points, out_points)
         return distance + alpha * torch.softmax(distance / gamma, dim=0) + beta
+
+
+# SNELL and SNELLA were the class names before every adapter was named *Param: kept one release.
+_DEPRECATED_NAMES = {"SNELL": "SNELLParam", "SNELLA": "SNELLAParam"}
+__getattr__ = deprecated_attributes(__name__, _DEPRECATED_NAMES, globals())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,7 +499,7 @@ class Allocator:
     State is tensors only (:meth:`state_dict`), so a checkpoint loads with ``weights_only=True``.
 
     Args:
-        model_or_adapters: a model holding built :class:`SNELL`/:class:`SNELLA` adapters (found
+        model_or_adapters: a model holding built :class:`SNELLParam`/:class:`SNELLAParam` adapters (found
             through ``modules()``), or an iterable of them.
         target_sparsity: :math:`s_T \in [0, 1)`, the final fraction of zeroed entries.
         total_steps: :math:`T > t_0 + t_1`, the number of budget updates.
@@ -485,10 +509,10 @@ class Allocator:
         beta2: EMA factor of the uncertainty, in (0, 1).
 
     Example:
-        >>> from decomp.adapters import SNELLA, Allocator
+        >>> from decomp.adapters import SNELLAParam, Allocator
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
         >>> for layer in model:
-        ...     _ = torch.nn.utils.parametrize.register_parametrization(layer, "weight", SNELLA(rank=2))
+        ...     _ = torch.nn.utils.parametrize.register_parametrization(layer, "weight", SNELLAParam(rank=2))
         >>> allocator = Allocator(model, target_sparsity=0.5, total_steps=3)
         >>> model(torch.randn(5, 8)).square().sum().backward()
         >>> allocator.step()

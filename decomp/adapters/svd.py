@@ -8,13 +8,14 @@ factors they train.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .._checks import check_choice, check_int, check_optional_int, check_rank, check_real
-from .._rsvd import rsvd
+from .._rsvd import row_signs, rsvd
+from ._budget import default_budget
 from .base import AdapterParam
 
 _MODES = ("pissa", "svfit", "lora_xs")
@@ -66,7 +67,10 @@ class SVDParam(AdapterParam):
 
     Args:
         rank: number of singular triplets :math:`r`, an int in :math:`[1, \min(m, n)]`. ``None``
-            (default) means :math:`\min(8, m, n)`.
+            (default) means :math:`\min(8, m, n)`, lowered until the count is at most the
+            weight's size (``ValueError`` where even :math:`r = 1` trains more: PiSSA on a
+            ``(1, n)`` weight, :math:`1 + n` numbers for :math:`n`); an explicit ``rank`` is
+            kept.
         mode: ``"pissa"`` (default), ``"svfit"`` or ``"lora_xs"``.
         svd: ``"exact"`` (default, :func:`torch.linalg.svd`) or ``"randomized"``
             (:func:`decomp.rsvd` with 2 power iterations, for large layers; seeded by ``seed``).
@@ -100,6 +104,14 @@ class SVDParam(AdapterParam):
         (88, 4, 16)
     """
 
+    budget_option: ClassVar[str] = "rank"
+    """The constructor argument that sets the trainable budget (first positional)."""
+    # The frozen SVD factors of each mode (PiSSA's left/right are Parameters, so not these);
+    # signs fixed in _build, the randomized SVD seeded.
+    rebuilt_buffers: ClassVar[tuple[str, ...]] = (
+        "initial_left", "initial_right", "left", "right", "initial_singular_values"
+    )
+
     def __init__(
         self,
         rank: int | None = None,
@@ -119,12 +131,15 @@ class SVDParam(AdapterParam):
             raise ValueError(f"init='normal' is only defined for mode='lora_xs', got mode={self.mode!r}")
         self.seed = check_int(seed, "seed", low=0)
 
-    @staticmethod
-    def _resolve_rank(shape: tuple[int, ...], rank: int | None) -> int:
+    @classmethod
+    def _resolve_rank(cls, shape: tuple[int, ...], rank: int | None, mode: str) -> int:
         smaller_side = min(shape[0], math.prod(shape[1:]))
-        if rank is None:
-            return min(_DEFAULT_RANK, smaller_side)
-        return check_rank(rank, "rank", smaller_side)
+        if rank is not None:
+            return check_rank(rank, "rank", smaller_side)
+        candidates = range(min(_DEFAULT_RANK, smaller_side), 0, -1)
+        return default_budget(
+            cls.__name__, "rank", shape, candidates, lambda r: _count_at_rank(shape, r, mode)
+        )
 
     @classmethod
     def _count(cls, shape: tuple[int, ...], *, rank: int | None, mode: str, **_: Any) -> int:
@@ -134,12 +149,7 @@ class SVDParam(AdapterParam):
             >>> SVDParam.trainable_count((64, 32, 3, 3)), SVDParam.trainable_count((64, 32), mode="lora_xs")
             (2816, 64)
         """
-        rank = cls._resolve_rank(shape, rank)
-        if mode == "pissa":
-            return rank * (shape[0] + math.prod(shape[1:]))
-        if mode == "svfit":
-            return rank
-        return rank * rank
+        return _count_at_rank(shape, cls._resolve_rank(shape, rank, mode), mode)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -163,12 +173,16 @@ class SVDParam(AdapterParam):
 
     def _build(self, weight: torch.Tensor) -> None:
         matrix = weight.reshape(weight.shape[0], -1)
-        rank = self._resolve_rank(tuple(weight.shape), self.rank)
+        rank = self._resolve_rank(tuple(weight.shape), self.rank, self.mode)
         # LAPACK hands back column-major factors: row-major copies are what FSDP2 can shard.
         U, S, Vh = (
             factor.clone(memory_format=torch.contiguous_format)
             for factor in self._truncated_svd(matrix, rank)
         )
+        # LAPACK's signs differ between libraries and devices; fixed ones let load_adapter
+        # rebuild these factors from the weight instead of reading them from the file.
+        signs = row_signs(U.mT)
+        U, Vh = U * signs, Vh * signs[:, None]
         if self.mode == "pissa":
             root = (S / self.scale).sqrt()
             self.register_buffer("initial_left", U * root)
@@ -202,3 +216,11 @@ class SVDParam(AdapterParam):
         else:
             update = (self.left.to(dtype) @ self.core.to(dtype)) @ self.right.to(dtype)
         return (self.scale * update).reshape(weight.shape)
+
+
+def _count_at_rank(shape: tuple[int, ...], rank: int, mode: str) -> int:
+    if mode == "pissa":
+        return rank * (shape[0] + math.prod(shape[1:]))
+    if mode == "svfit":
+        return rank
+    return rank * rank

@@ -9,13 +9,14 @@ keeps the kernel's own modes instead of flattening them into a matrix.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from .. import Tucker, tucker
 from .._checks import check_choice, check_optional_int, check_rank, check_real
+from ._budget import default_budget
 from .base import AdapterParam, check_weight_shape
 
 _INITS = ("tucker", "random")
@@ -80,7 +81,9 @@ class TuckerParam(AdapterParam):
 
     Args:
         rank: :math:`r`, the rank of both channel modes, an int in :math:`[1, \min(d_0, d_1)]`;
-            ``None`` (default) is :math:`\min(8, d_0, d_1)`.
+            ``None`` (default) is :math:`\min(8, d_0, d_1)`, lowered until the count is at most
+            the weight's size (``ValueError`` where even :math:`r = 1` trains more, e.g. a
+            ``(1, n)`` weight); an explicit ``rank`` is kept.
         spatial_rank: ``None`` (default, full spatial core) or an int :math:`\ge 1`.
         scale: :math:`s`, a finite float (default 1.0).
         init: ``"tucker"`` (default) or ``"random"``, the factors' start (the core is zero
@@ -110,6 +113,9 @@ class TuckerParam(AdapterParam):
         >>> adapter.core.shape, adapter.num_trainable() == TuckerParam.trainable_count((8, 16, 3, 3), rank=4)
         (torch.Size([4, 4, 3, 3]), True)
     """
+
+    budget_option: ClassVar[str] = "rank"
+    """The constructor argument that sets the trainable budget (first positional)."""
 
     def __init__(
         self,
@@ -141,8 +147,17 @@ class TuckerParam(AdapterParam):
     @classmethod
     def _mode_ranks(cls, shape: Sequence[int], rank: int | None, spatial_rank: int | None) -> list[int | None]:
         """The rank of each mode, ``None`` for a spatial mode kept full (no factor)."""
-        channel_rank = resolve_channel_rank(shape, rank)
         spatial = [None if spatial_rank is None else min(spatial_rank, size) for size in shape[2:]]
+        if rank is not None:
+            channel_rank = resolve_channel_rank(shape, rank)
+        else:
+            channel_rank = default_budget(
+                cls.__name__,
+                "rank",
+                shape,
+                range(resolve_channel_rank(shape, None), 0, -1),
+                lambda r: _tucker_count(shape, [r, r, *spatial]),
+            )
         return [channel_rank, channel_rank, *spatial]
 
     @classmethod
@@ -155,10 +170,7 @@ class TuckerParam(AdapterParam):
         >>> TuckerParam.trainable_count((64, 32), rank=4)          # 4*4 + 4*(64 + 32)
         400
         """
-        ranks = cls._mode_ranks(shape, rank, spatial_rank)
-        core = math.prod(size if r is None else r for size, r in zip(shape, ranks))
-        factors = sum(size * r for size, r in zip(shape, ranks) if r is not None)
-        return core + factors
+        return _tucker_count(shape, cls._mode_ranks(shape, rank, spatial_rank))
 
     def _build(self, weight: torch.Tensor) -> None:
         ranks = self._mode_ranks(weight.shape, self.rank, self.spatial_rank)
@@ -183,3 +195,7 @@ class TuckerParam(AdapterParam):
         return self.scale * Tucker(self.core.to(weight.dtype), factors, self.factored_modes).to_tensor()
 
 
+def _tucker_count(shape: Sequence[int], ranks: Sequence[int | None]) -> int:
+    """The core's size plus the factors' sizes, for the per-mode ``ranks`` (``None``: kept full)."""
+    core = math.prod(size if r is None else r for size, r in zip(shape, ranks))
+    return core + sum(size * r for size, r in zip(shape, ranks) if r is not None)

@@ -96,7 +96,8 @@ def test_linear_block_view_treats_each_tile_as_a_filter(levels):
         ((64, 64, 3, 3), {"levels": 2}, 9 * 3 * (9 + 64)),
         ((64, 64, 3, 3), {"num_atoms": 4, "levels": 2, "sub_atoms": 2}, 4 * 2 * (9 + 64)),
         ((768, 3072), {}, 9 * 16),  # block 4: 4x4 tiles, 9 atoms
-        ((6, 9), {}, 9 * 9),  # largest block <= 4 dividing both dims is 3
+        ((6, 9), {}, 6 * 9),  # block 3; 9 atoms would train 81 > 54 numbers: m = 6
+        ((6, 9), {"num_atoms": 9}, 9 * 9),  # an explicit budget is kept
         ((5, 7), {}, 1),  # coprime dims: block 1, one scalar
         ((8, 8), {"block": 2}, 4 * 4),
     ],

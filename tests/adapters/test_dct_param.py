@@ -40,11 +40,11 @@ def test_identity_at_init_and_count(layer_and_input, rule, data):
 
 
 @given(layers(), st.sampled_from(RULES), st.floats(0.1, 10.0), st.integers(0, 2**16))
-def test_update_against_scipy_idctn(layer_and_input, rule, alpha, seed):
+def test_update_against_scipy_idctn(layer_and_input, rule, scale, seed):
     layer, _ = layer_and_input
     W = layer.weight.detach().clone()
     rows, columns = W.shape[0], W.numel() // W.shape[0]
-    parametrize.register_parametrization(layer, "weight", DCTParam(locations=rule, alpha=alpha))
+    parametrize.register_parametrization(layer, "weight", DCTParam(locations=rule, scale=scale))
     adapter = adapter_of(layer)
     generator = torch.Generator().manual_seed(seed)
     coefficients = torch.randn(adapter.coefficients.shape, generator=generator, dtype=W.dtype)
@@ -53,7 +53,7 @@ def test_update_against_scipy_idctn(layer_and_input, rule, alpha, seed):
     spectrum = np.zeros(rows * columns)
     spectrum[adapter.locations.numpy()] = coefficients.numpy()
     update = scipy.fft.idctn(spectrum.reshape(rows, columns), norm="ortho")
-    expected = W + alpha * torch.from_numpy(update).reshape(W.shape)
+    expected = W + scale * torch.from_numpy(update).reshape(W.shape)
     torch.testing.assert_close(layer.weight, expected, rtol=1e-9, atol=1e-9)
 
 
@@ -133,7 +133,7 @@ def test_count_above_the_matrix_view_raises_and_leaves_layer_untouched():
         ({"num_coefficients": 0}, ValueError, r"num_coefficients must be >= 1, got 0"),
         ({"num_coefficients": 1.5}, TypeError, r"num_coefficients must be an int"),
         ({"locations": "high"}, ValueError, r"locations must be one of \['magnitude', 'low', 'random'\]"),
-        ({"alpha": 0}, ValueError, r"alpha must be a float > 0, got 0.0"),
+        ({"scale": 0}, ValueError, r"scale must be a float > 0, got 0.0"),
         ({"seed": True}, TypeError, r"seed must be an int"),
     ],
 )

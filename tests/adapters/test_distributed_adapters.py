@@ -21,14 +21,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
 from decomp.adapters import (
-    SNELLA,
+    SNELLAParam,
     AdapterParam,
     LDUParam,
     adapter_state_dict,
@@ -38,7 +38,7 @@ from decomp.adapters import (
     trainable_parameters,
 )
 
-from tests.adapters.strategies import layers
+from tests.adapters.strategies import default_fits, layers
 from tests.contracts.registry import ADAPTER_CASES, AdapterCase
 from tests.optim.test_distributed import init_process_group
 
@@ -47,7 +47,9 @@ STEPS = 3
 PER_RANK = 3
 LR = 1e-2
 # Each rank averages its own half, FSDP/DDP average the halves: the same gradient as the whole
-# batch's mean up to fp32 rounding, which AdamW's normalised steps can grow by a few ulps per step.
+# batch's mean up to rounding, which AdamW's normalised steps can grow far beyond a few ulps where a
+# gradient entry is a near-cancellation (seen in fp32: 1.75e-6 on a LieParam factor after 3 steps).
+# The network runs in float64, so the comparison sees the math, not fp32 noise.
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 CASES = {case.name: case for case in ADAPTER_CASES}
 KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
@@ -68,7 +70,7 @@ def network() -> nn.Module:
         nn.Linear(64, 8),
         nn.Tanh(),
         nn.Linear(8, 5),
-    )
+    ).double()
 
 
 def adapted(case: AdapterCase) -> nn.Module:
@@ -85,8 +87,8 @@ def adapted(case: AdapterCase) -> nn.Module:
 def batch(ranks: range | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """The inputs and targets of ``ranks``; the single process takes every rank's."""
     generator = torch.Generator().manual_seed(7)
-    inputs = torch.randn(WORLD * PER_RANK, 2, 4, 4, generator=generator)
-    targets = torch.randn(WORLD * PER_RANK, 5, generator=generator)
+    inputs = torch.randn(WORLD * PER_RANK, 2, 4, 4, generator=generator, dtype=torch.float64)
+    targets = torch.randn(WORLD * PER_RANK, 5, generator=generator, dtype=torch.float64)
     rows = torch.cat([torch.arange(rank * PER_RANK, (rank + 1) * PER_RANK) for rank in ranks])
     return inputs[rows], targets[rows]
 
@@ -210,8 +212,10 @@ def test_adapter_saved_from_a_sharded_model_loads_anywhere(two_ranks, oracles, n
     results, out = two_ranks
     path = out / f"{name}.safetensors"
     saved = load_file(path)
-    # Whole tensors (gathered), exactly the sharded model's, and only the adapters'.
-    assert saved.keys() == adapter_state_dict(oracles[name]).keys()
+    # Whole tensors (gathered), exactly the sharded model's, and only the adapters' (the factors
+    # rebuilt from the weight at load are left out).
+    assert saved.keys() <= adapter_state_dict(oracles[name]).keys()
+    assert set(trained_adapter_tensors(results[name]["fsdp"])) <= saved.keys()
     for key, value in trained_adapter_tensors(results[name]["fsdp"]).items():
         assert torch.equal(saved[key], value), key
     # Loaded back into a fresh sharded model: its shards hold exactly the saved tensors.
@@ -237,6 +241,7 @@ def trained_adapter_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch
 @given(data=st.data())
 def test_every_parameter_is_contiguous_and_at_least_1d(case, data):
     layer, _ = data.draw(layers(case.layers, data.draw(st.sampled_from([torch.float32, torch.float64]))))
+    assume(default_fits(case.factory(), layer))
     parametrize.register_parametrization(layer, "weight", case.factory())
     adapter = layer.parametrizations.weight[0]
     assert list(adapter.parameters()), case.name
@@ -295,7 +300,7 @@ def _with_0d_scalars(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.reshape(()) if value.shape == (1,) else value for key, value in state.items()}
 
 
-@pytest.mark.parametrize("adapter_class", [LDUParam, SNELLA])
+@pytest.mark.parametrize("adapter_class", [LDUParam, SNELLAParam])
 def test_state_with_0d_scalars_from_older_versions_still_loads(adapter_class, tmp_path):
     model = apply(nn.Sequential(nn.Linear(6, 4)), adapter_class, target=linear)
     with torch.no_grad():
@@ -311,7 +316,7 @@ def test_state_with_0d_scalars_from_older_versions_still_loads(adapter_class, tm
         assert torch.equal(value, state[key]), key
 
     path = tmp_path / "adapter.safetensors"
-    save_adapter(model, path)
+    save_adapter(model, path, factors=True)  # the Linear layers below are unseeded
     save_file(_with_0d_scalars(load_file(path)), path, metadata=_metadata(path))
     loaded = load_adapter(nn.Sequential(nn.Linear(6, 4)), path)
     for key, value in adapter_state_dict(loaded).items():

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
 from decomp import kpsvd
 from decomp.adapters import KronParam
-from tests.adapters.strategies import layers
+from tests.adapters.strategies import default_fits, layers
 from tests.adapters.test_tucker_param import perturb
 from tests.strategies import SEEDS, relative_error
 
@@ -26,7 +26,7 @@ def kron_sum(S: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
 def build(layer: nn.Module, rank: int | None) -> KronParam | None:
     """Register KronParam(rank) on ``layer``; ``None`` (after checking the error) if rank is too big."""
     shape = layer.weight.shape
-    b_shape, c_shape = KronParam.from_weight(layer.weight.detach()).term_shapes
+    b_shape, c_shape = KronParam.from_weight(layer.weight.detach(), rank=1).term_shapes
     max_rank = min(b_shape[0] * b_shape[1], c_shape[0] * c_shape[1])
     if rank is not None and rank > max_rank:
         with pytest.raises(ValueError, match=rf"rank .*must be in \[1, {max_rank}\]"):
@@ -34,6 +34,7 @@ def build(layer: nn.Module, rank: int | None) -> KronParam | None:
         assert not parametrize.is_parametrized(layer), f"half-registered on {tuple(shape)}"
         return None
     adapter = KronParam(rank)
+    assume(default_fits(adapter, layer))
     parametrize.register_parametrization(layer, "weight", adapter)
     return adapter
 
@@ -66,6 +67,7 @@ def test_delta_is_the_change_of_the_kronecker_sum_and_merge_matches(case, rank, 
 @given(st.integers(1, 12), st.integers(1, 12), st.sampled_from([(), (3,), (3, 3), (1, 1)]), SEEDS)
 def test_the_start_is_the_weights_kpsvd(rows, cols, kernel, seed):
     weight = torch.randn(rows, cols, *kernel, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    assume(default_fits(KronParam(), weight))
     adapter = KronParam.from_weight(weight)
     matrix = weight.reshape(rows, -1)
     best = kpsvd(matrix, *adapter.term_shapes, adapter.S.numel(), method="exact").to_matrix()
@@ -107,6 +109,7 @@ def test_gradients_reach_only_adapter_tensors_and_a_step_changes_the_output(case
     for parameter in layer.parameters():
         parameter.requires_grad_(False)
     adapter = KronParam()
+    assume(default_fits(adapter, layer))
     parametrize.register_parametrization(layer, "weight", adapter)
     before = layer(x).detach()
     optimizer = torch.optim.Adam(adapter.parameters(), lr=1e-2)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import scipy.linalg
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
 from decomp.adapters import LDUParam
 
-from tests.adapters.strategies import layers
+from tests.adapters.strategies import default_fits, layers
 
 
 def adapter_of(layer: nn.Module) -> LDUParam:
@@ -24,6 +24,7 @@ def test_identity_at_init_and_count(layer_and_input, full_rank):
     layer, x = layer_and_input
     pretrained_weight, before = layer.weight.detach().clone(), layer(x)
     rank = None if full_rank else 1
+    assume(default_fits(LDUParam(rank=rank), layer))
     parametrize.register_parametrization(layer, "weight", LDUParam(rank=rank))
     assert torch.equal(layer.weight, pretrained_weight)
     assert torch.equal(layer(x), before)
@@ -34,15 +35,16 @@ def test_identity_at_init_and_count(layer_and_input, full_rank):
 
 
 @given(layers(), st.floats(0.1, 10.0))
-def test_closed_form_against_scipy_lu(layer_and_input, alpha):
+def test_closed_form_against_scipy_lu(layer_and_input, scale):
     """Scale 2 s0 at full rank adds s0 P L diag(D) U = s0 W; pivots z0 + e add s0 P L_r diag(e) U_r."""
     layer, _ = layer_and_input
     W = layer.weight.detach().clone()
     matrix = W.reshape(W.shape[0], -1)
     k = min(matrix.shape)
-    parametrize.register_parametrization(layer, "weight", LDUParam(alpha=alpha))
+    assume(default_fits(LDUParam(scale=scale), layer))
+    parametrize.register_parametrization(layer, "weight", LDUParam(scale=scale))
     adapter = adapter_of(layer)
-    s0 = alpha / k
+    s0 = scale / k
     with torch.no_grad():
         adapter.scale.mul_(2)
     torch.testing.assert_close(layer.weight, (1 + s0) * W, rtol=1e-8, atol=1e-8)
@@ -60,6 +62,7 @@ def test_closed_form_against_scipy_lu(layer_and_input, alpha):
 @given(layers())
 def test_training_step_merge_and_gradients(layer_and_input):
     layer, x = layer_and_input
+    assume(default_fits(LDUParam(), layer))
     parametrize.register_parametrization(layer, "weight", LDUParam())
     layer.parametrizations.weight.original.requires_grad_(False)
     adapter = adapter_of(layer)
@@ -111,9 +114,9 @@ def test_rank_above_the_matrix_view_raises():
     [
         ({"rank": 0}, ValueError, r"rank must be >= 1, got 0"),
         ({"rank": "full"}, TypeError, r"rank must be an int"),
-        ({"alpha": -1.0}, ValueError, r"alpha must be a float > 0, got -1.0"),
-        ({"alpha": float("inf")}, ValueError, r"alpha must be a float > 0, got inf"),
-        ({"alpha": None}, TypeError, r"alpha must be a float > 0, got NoneType"),
+        ({"scale": -1.0}, ValueError, r"scale must be a float > 0, got -1.0"),
+        ({"scale": float("inf")}, ValueError, r"scale must be a float > 0, got inf"),
+        ({"scale": None}, TypeError, r"scale must be a float > 0, got NoneType"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
 from decomp.adapters import LieParam
-from tests.adapters.strategies import layers
+from tests.adapters.strategies import default_fits, layers
 from tests.adapters.test_tucker_param import perturb
 from tests.strategies import SEEDS, relative_error
 
@@ -30,6 +30,7 @@ def lora_style_delta(adapter: LieParam, weight: torch.Tensor) -> torch.Tensor:
 def test_identity_at_init(case, order):
     layer, x = case
     before = layer(x)
+    assume(default_fits(LieParam(order=order), layer))
     parametrize.register_parametrization(layer, "weight", LieParam(order=order))
     assert torch.equal(layer(x), before)
 
@@ -38,6 +39,7 @@ def test_identity_at_init(case, order):
 def test_forward_is_the_multiplicative_update_and_merge_matches(case, order, seed):
     layer, x = case
     adapter = LieParam(order=order, scale=0.5)
+    assume(default_fits(adapter, layer))
     parametrize.register_parametrization(layer, "weight", adapter)
     perturb(adapter, seed)
     weight = layer.parametrizations.weight.original.detach()
@@ -53,6 +55,7 @@ def test_forward_is_the_multiplicative_update_and_merge_matches(case, order, see
 def test_assigning_a_weight_inverts_the_update(case, order, seed):
     layer, _ = case
     adapter = LieParam(order=order)
+    assume(default_fits(adapter, layer))
     parametrize.register_parametrization(layer, "weight", adapter)
     perturb(adapter, seed, size=0.05)  # keeps 1 + dW away from 0 for the first-order inverse
     target = torch.randn(layer.weight.shape, dtype=layer.weight.dtype)
@@ -86,10 +89,16 @@ def test_trainable_count_is_the_closed_form(case, rank):
         with pytest.raises(ValueError, match="rank"):
             LieParam.from_weight(layer.weight.detach(), rank=rank)
         return
+    assume(default_fits(LieParam(rank=rank), layer))
     adapter = LieParam.from_weight(layer.weight.detach(), rank=rank)
-    r = min(8, shape[0], shape[1]) if rank is None else rank
-    lora = r * (shape[0] + shape[1])
-    expected = lora if len(shape) == 2 else lora + r * r * math.prod(shape[2:])
+
+    def count(r: int) -> int:
+        lora = r * (shape[0] + shape[1])
+        return lora if len(shape) == 2 else lora + r * r * math.prod(shape[2:])
+
+    # the default: the largest rank up to min(8, d0, d1) that trains at most the weight's numbers
+    fitting = [r for r in range(1, min(8, shape[0], shape[1]) + 1) if count(r) <= math.prod(shape)]
+    expected = count(max(fitting) if rank is None else rank)
     assert adapter.num_trainable() == LieParam.trainable_count(shape, rank=rank) == expected
 
 
@@ -115,6 +124,7 @@ def test_gradients_reach_only_adapter_tensors_and_a_step_changes_the_output(case
     for parameter in layer.parameters():
         parameter.requires_grad_(False)
     adapter = LieParam(order=order)
+    assume(default_fits(adapter, layer))
     parametrize.register_parametrization(layer, "weight", adapter)
     before = layer(x).detach()
     optimizer = torch.optim.Adam(adapter.parameters(), lr=1e-2)

@@ -9,18 +9,18 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy.spatial.distance import cdist as scipy_cdist
 from torch import nn
 from torch.nn.utils import parametrize
 
-from decomp.adapters import SNELL, SNELLA, Allocator
+from decomp.adapters import Allocator, SNELLAParam, SNELLParam
 from decomp.adapters.snella import capped_allocation, keep_largest_mask
 from tests.strategies import SEEDS, relative_error
-from tests.adapters.strategies import layers
+from tests.adapters.strategies import default_fits, layers
 
-ADAPTERS = (SNELL, SNELLA)
+ADAPTERS = (SNELLParam, SNELLAParam)
 
 
 def configs():
@@ -35,7 +35,7 @@ def configs():
     )
 
 
-def adapter_of(layer: nn.Module) -> SNELL:
+def adapter_of(layer: nn.Module) -> SNELLParam:
     return layer.parametrizations.weight[0]
 
 
@@ -50,7 +50,7 @@ def perturb(adapter: nn.Module, seed: int, size: float = 0.3) -> None:
             parameter.add_(size * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
 
 
-def oracle_kernel(adapter: SNELL) -> np.ndarray:
+def oracle_kernel(adapter: SNELLParam) -> np.ndarray:
     """The (d_out, d_in) dense kernel from scipy's pairwise distances, one kernel at a time."""
     in_points = adapter.in_points.detach().double().numpy()
     out_points = adapter.out_points.detach().double().numpy()
@@ -59,7 +59,7 @@ def oracle_kernel(adapter: SNELL) -> np.ndarray:
         adapter.kernel_scale * sign * scipy_cdist(out_points[h], in_points[h])
         for h, sign in enumerate(signs)
     )
-    if isinstance(adapter, SNELLA):
+    if isinstance(adapter, SNELLAParam):
         alpha, gamma, beta = (float(getattr(adapter, name).detach()) for name in ("alpha", "gamma", "beta"))
         scaled = kernel / gamma
         softmax = np.exp(scaled - scaled.max(axis=0)) / np.exp(scaled - scaled.max(axis=0)).sum(axis=0)
@@ -76,6 +76,7 @@ def test_zero_start_is_identity_at_init(case, config):
     cls = config.pop("cls")
     before = layer(x).detach()
     config["mask"] = "binary"
+    assume(default_fits(cls(zero_start=True, **config), layer))
     parametrize.register_parametrization(layer, "weight", cls(zero_start=True, **config))
     assert relative_error(layer(x).detach(), before) <= 1e-12
     assert torch.equal(layer.weight, layer.parametrizations.weight.original)
@@ -86,6 +87,7 @@ def test_zero_start_is_identity_at_init(case, config):
 def test_zero_start_is_identity_in_fp32(case, cls):
     layer, x = case
     before = layer(x).detach()
+    assume(default_fits(cls(zero_start=True), layer))
     parametrize.register_parametrization(layer, "weight", cls(zero_start=True))
     assert relative_error(layer(x).detach(), before) <= 1e-6
 
@@ -107,6 +109,7 @@ def test_default_start_moves_the_output(cls):
 def test_update_is_the_masked_kernel(case, config, seed):
     layer, _ = case
     cls = config.pop("cls")
+    assume(default_fits(cls(**config), layer))
     parametrize.register_parametrization(layer, "weight", cls(**config))
     adapter = adapter_of(layer)
     perturb(adapter, seed)
@@ -123,7 +126,7 @@ def test_update_is_the_masked_kernel(case, config, seed):
 
 def test_snella_softmax_runs_over_the_output_axis():
     # With K = 0 (alpha, beta at their init) K' = alpha * softmax: each input column sums to alpha.
-    adapter = SNELLA.from_weight(torch.zeros(5, 7, dtype=torch.float64), rank=2, sparsity=0.0)
+    adapter = SNELLAParam.from_weight(torch.zeros(5, 7, dtype=torch.float64), rank=2, sparsity=0.0)
     with torch.no_grad():
         adapter.kernel_coefficients.zero_()
         adapter.alpha.fill_(2.0)
@@ -134,7 +137,9 @@ def test_snella_softmax_runs_over_the_output_axis():
 @given(st.integers(2, 30), st.integers(2, 30), st.floats(0.0, 0.99), SEEDS, st.sampled_from(ADAPTERS))
 def test_sparsity_fraction_is_exact(d_out, d_in, sparsity, seed, cls):
     torch.manual_seed(seed)
-    adapter = cls.from_weight(torch.randn(d_out, d_in, dtype=torch.float64), sparsity=sparsity)
+    weight = torch.randn(d_out, d_in, dtype=torch.float64)
+    assume(default_fits(cls(sparsity=sparsity), weight))
+    adapter = cls.from_weight(weight, sparsity=sparsity)
     nonzero = int((adapter.delta(torch.zeros(d_out, d_in, dtype=torch.float64)) != 0).sum())
     assert nonzero == d_out * d_in - round(sparsity * d_out * d_in) == adapter.keep_count
 
@@ -150,7 +155,7 @@ def test_mask_threshold_handles_more_than_2_24_elements():
 
 def test_a_layer_above_2_24_elements_forwards():
     torch.manual_seed(0)
-    adapter = SNELL.from_weight(torch.zeros(4097, 4097), rank=2, sparsity=0.99)
+    adapter = SNELLParam.from_weight(torch.zeros(4097, 4097), rank=2, sparsity=0.99)
     update = adapter(torch.zeros(4097, 4097)).detach()
     assert adapter.keep_count == 4097 * 4097 - round(0.99 * 4097 * 4097)
     kept = update != 0
@@ -180,6 +185,7 @@ def test_gradients_reach_only_the_kept_kernel_entries(case, config, zero_start):
         parameter.requires_grad_(False)
     if zero_start:
         config["mask"] = "binary"
+    assume(default_fits(cls(zero_start=zero_start, **config), layer))
     parametrize.register_parametrization(layer, "weight", cls(zero_start=zero_start, **config))
     adapter = adapter_of(layer)
     perturb(adapter, 1)
@@ -204,6 +210,7 @@ def test_gradients_reach_only_the_kept_kernel_entries(case, config, zero_start):
 def test_merge_equals_the_parametrized_layer(case, config, seed):
     layer, x = case
     cls = config.pop("cls")
+    assume(default_fits(cls(**config), layer))
     parametrize.register_parametrization(layer, "weight", cls(**config))
     perturb(adapter_of(layer), seed)
     adapted = layer(x).detach()
@@ -217,9 +224,17 @@ def test_trainable_count_is_the_closed_form(case, cls, num_kernels, data):
     d_out, d_in = matrix(layer.weight).shape
     high = num_kernels * max(1, min(d_out, d_in) // num_kernels)
     rank = data.draw(st.sampled_from([None, *range(num_kernels, high + 1, num_kernels)]))
+    assume(default_fits(cls(rank=rank, num_kernels=num_kernels), layer))
     adapter = cls.from_weight(layer.weight.detach(), rank=rank, num_kernels=num_kernels)
-    expected_rank = min(high, num_kernels * max(1, 32 // num_kernels)) if rank is None else rank
-    formula = expected_rank * (d_in + d_out) + (3 if cls is SNELLA else 0)
+
+    def count(q: int) -> int:
+        return q * (d_in + d_out) + (3 if cls is SNELLAParam else 0)
+
+    # the default: the largest multiple of num_kernels up to min(high, 32) that trains at most
+    # the weight's numbers
+    largest = min(high, num_kernels * max(1, 32 // num_kernels))
+    fitting = [q for q in range(num_kernels, largest + 1, num_kernels) if count(q) <= d_out * d_in]
+    formula = count(max(fitting) if rank is None else rank)
     assert adapter.num_trainable() == cls.trainable_count(tuple(layer.weight.shape), rank=rank, num_kernels=num_kernels) == formula
 
 
@@ -303,7 +318,7 @@ def test_bad_arguments(cls):
         cls.from_weight(torch.randn(4))
     with pytest.raises(TypeError, match="unexpected keyword argument 'num_atoms'"):
         cls.trainable_count((4, 4), num_atoms=3)
-    adapter = cls.from_weight(torch.randn(4, 3))
+    adapter = cls.from_weight(torch.randn(4, 3), rank=2)  # the default would train 14 > 12 numbers
     with pytest.raises(ValueError, match=r"keep must be in \[0, 12\]"):
         adapter.set_keep_count(13)
 
@@ -320,7 +335,7 @@ def test_an_out_of_range_rank_registers_nothing(cls):
 # ----------------------------------------------------------------------------------- Allocator
 
 
-def adapted_model(cls=SNELLA, sizes=((8, 12), (6, 8), (4, 6)), sparsity=0.1) -> nn.Sequential:
+def adapted_model(cls=SNELLAParam, sizes=((8, 12), (6, 8), (4, 6)), sparsity=0.1) -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(d_in, d_out) for d_out, d_in in sizes])
     for layer in model:
@@ -397,7 +412,7 @@ def test_importance_ema_matches_the_formula():
 
 @given(st.floats(0.0, 0.95), st.integers(1, 6), SEEDS)
 def test_update_budget_sets_layer_counts_to_the_scheduled_total(target, total_steps, seed):
-    model = adapted_model(cls=SNELL)
+    model = adapted_model(cls=SNELLParam)
     allocator = Allocator(model, target_sparsity=target, total_steps=total_steps)
     for t in range(1, total_steps + 1):
         backward(model, seed + t)
@@ -440,7 +455,7 @@ def test_allocator_bad_input():
     with pytest.raises(TypeError, match="only SNELL/SNELLA adapters"):
         Allocator([nn.Linear(2, 2)], target_sparsity=0.5, total_steps=2)
     with pytest.raises(ValueError, match="must be built"):
-        Allocator([SNELL()], target_sparsity=0.5, total_steps=2)
+        Allocator([SNELLParam()], target_sparsity=0.5, total_steps=2)
     with pytest.raises(ValueError, match=r"target_sparsity must be a float in \[0, 1\)"):
         Allocator(model, target_sparsity=1.5, total_steps=2)
     with pytest.raises(ValueError, match="total_steps must be >= 4"):

@@ -7,13 +7,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
 from decomp.adapters import SVDParam
-from tests.adapters.strategies import layers
+from tests.adapters.strategies import default_fits, layers
 
 MODES = ("pissa", "svfit", "lora_xs")
 
@@ -32,6 +32,7 @@ def truncation(matrix: torch.Tensor, rank: int) -> torch.Tensor:
 def test_identity_at_init_and_count(layer_and_input, mode, svd):
     layer, x = layer_and_input
     pretrained_weight, before = layer.weight.detach().clone(), layer(x)
+    assume(default_fits(SVDParam(mode=mode, svd=svd), layer))
     parametrize.register_parametrization(layer, "weight", SVDParam(mode=mode, svd=svd))
     assert torch.equal(layer.weight, pretrained_weight)
     assert torch.equal(layer(x), before)
@@ -44,7 +45,10 @@ def test_closed_forms_against_numpy_svd(layer_and_input, mode, scale):
     layer, x = layer_and_input
     W = layer.weight.detach().clone()
     matrix = W.reshape(W.shape[0], -1)
-    rank = min(8, *matrix.shape)
+    assume(default_fits(SVDParam(mode=mode, scale=scale), layer))
+    # the default: the largest rank up to min(8, m, n) that trains at most the weight's numbers
+    counts = {"pissa": lambda r: r * sum(matrix.shape), "svfit": lambda r: r, "lora_xs": lambda r: r * r}
+    rank = max(r for r in range(1, min(8, *matrix.shape) + 1) if counts[mode](r) <= W.numel())
     parametrize.register_parametrization(layer, "weight", SVDParam(mode=mode, scale=scale))
     adapter = adapter_of(layer)
     best = truncation(matrix, rank).reshape(W.shape)
@@ -64,6 +68,7 @@ def test_closed_forms_against_numpy_svd(layer_and_input, mode, scale):
 @given(layers(), st.sampled_from(MODES))
 def test_training_step_merge_and_gradients(layer_and_input, mode):
     layer, x = layer_and_input
+    assume(default_fits(SVDParam(mode=mode), layer))
     parametrize.register_parametrization(layer, "weight", SVDParam(mode=mode))
     layer.parametrizations.weight.original.requires_grad_(False)
     adapter = adapter_of(layer)
@@ -175,7 +180,9 @@ def test_bad_arguments(kwargs, error, match):
 
 
 def test_explicit_rank_above_the_matrix_view_raises_in_count_too():
-    assert SVDParam.trainable_count((3, 2, 1, 1)) == 2 * 5  # default rank clamps to min(m, n) = 2
+    # the default rank clamps to min(m, n) = 2, then to 1: rank 2 would train 10 > 6 numbers
+    assert SVDParam.trainable_count((3, 2, 1, 1)) == 1 * 5
+    assert SVDParam.trainable_count((3, 2, 1, 1), rank=2) == 2 * 5  # an explicit rank is kept
     with pytest.raises(ValueError, match=r"rank must be in \[1, 18\], got 19"):
         SVDParam.trainable_count((64, 2, 3, 3), rank=19)
     assert SVDParam.trainable_count((64, 2, 3, 3), rank=18, mode="lora_xs") == 18 * 18

@@ -30,7 +30,7 @@ OPTIMIZER_CASES: list[OptimizerCase] = [
     OptimizerCase("svd", lambda p, lr: SVDProjectedAdam(p, lr=lr, rank=3, update_gap=2)),
     OptimizerCase(
         "svd-exact-reset",
-        lambda p, lr: SVDProjectedAdam(p, lr=lr, rank=3, update_gap=2, svd_method="exact", moments="reset"),
+        lambda p, lr: SVDProjectedAdam(p, lr=lr, rank=3, update_gap=2, svd="exact", moments="reset"),
     ),
     OptimizerCase("random", lambda p, lr: ProjectedAdam(p, lr=lr, rank=3, update_gap=2, projector="random")),
     OptimizerCase("dct-protect", lambda p, lr: DCTProjectedAdam(p, lr=lr, rank=3, update_gap=2, protect=True)),

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from decomp.adapters import (
-    SNELL,
-    SNELLA,
+    SNELLParam,
+    SNELLAParam,
     AdapterParam,
     AtomParam,
     DCTParam,
@@ -50,8 +50,8 @@ ADAPTER_CASES: list[AdapterCase] = [
     AdapterCase("kron", lambda: KronParam()),
     AdapterCase("lie", lambda: LieParam()),
     AdapterCase("lie-order1", lambda: LieParam(order=1)),
-    AdapterCase("snell-zero-start", lambda: SNELL(zero_start=True)),
-    AdapterCase("snella-zero-start", lambda: SNELLA(zero_start=True)),
-    AdapterCase("snell", lambda: SNELL(), expect_identity_at_init=False),
-    AdapterCase("snella-magnitude", lambda: SNELLA(mask="magnitude"), expect_identity_at_init=False),
+    AdapterCase("snell-zero-start", lambda: SNELLParam(zero_start=True)),
+    AdapterCase("snella-zero-start", lambda: SNELLAParam(zero_start=True)),
+    AdapterCase("snell", lambda: SNELLParam(), expect_identity_at_init=False),
+    AdapterCase("snella-magnitude", lambda: SNELLAParam(mask="magnitude"), expect_identity_at_init=False),
 ]

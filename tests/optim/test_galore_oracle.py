@@ -51,7 +51,7 @@ def test_follows_galore_adamw(shape: tuple[int, int], rank: int, gap: int, scale
 
     def ours(param):
         return SVDProjectedAdam([param], lr=lr, rank=rank, update_gap=gap, scale=scale,
-                                svd_method="exact", eps=1e-12)
+                                svd="exact", eps=1e-12)
 
     theirs = _trajectory(galore, weight, inputs, targets, steps=4 * gap + 1)
     mine = _trajectory(ours, weight, inputs, targets, steps=4 * gap + 1)

@@ -37,8 +37,8 @@ from torch import nn
 
 import decomp.adapters as adapters
 from decomp.adapters import (
-    SNELL,
-    SNELLA,
+    SNELLParam,
+    SNELLAParam,
     AdapterParam,
     AtomParam,
     DCTParam,
@@ -103,7 +103,7 @@ OPTIONS: dict[type[AdapterParam], dict[str, Option]] = {
     DCTParam: {
         "num_coefficients": positive_int(optional=True),
         "locations": Option("choice", choices=("magnitude", "low", "random")),
-        "alpha": POSITIVE_REAL,
+        "scale": POSITIVE_REAL,
         "seed": SEED,
     },
     KronParam: {
@@ -125,10 +125,10 @@ OPTIONS: dict[type[AdapterParam], dict[str, Option]] = {
     },
     LDUParam: {
         "rank": positive_int(optional=True),
-        "alpha": POSITIVE_REAL,
+        "scale": POSITIVE_REAL,
     },
-    SNELL: KERNEL_ADAPTER_OPTIONS,
-    SNELLA: KERNEL_ADAPTER_OPTIONS,
+    SNELLParam: KERNEL_ADAPTER_OPTIONS,
+    SNELLAParam: KERNEL_ADAPTER_OPTIONS,
 }
 
 CLASSES = sorted(OPTIONS, key=lambda cls: cls.__name__)
@@ -333,7 +333,7 @@ def consistent(cls: type[AdapterParam], kwargs: dict[str, Any]) -> dict[str, Any
     if cls is KronParam and (kwargs.get("b_shape") is None) != (kwargs.get("c_shape") is None):
         kwargs.pop("b_shape", None)
         kwargs.pop("c_shape", None)
-    if cls in (SNELL, SNELLA):
+    if cls in (SNELLParam, SNELLAParam):
         kernels = plain(kwargs.get("num_kernels", 2))
         if kwargs.get("rank") is not None:
             kwargs["rank"] = type(kwargs["rank"])(kernels * max(1, plain(kwargs["rank"]) // kernels))
@@ -383,7 +383,7 @@ def test_numpy_options_are_python_numbers_in_config():
     config = AtomParam(num_atoms=np.int64(4), levels=np.int32(2), sub_atoms=np.int8(2), block=np.uint8(2)).config()
     assert config == {"num_atoms": 4, "levels": 2, "sub_atoms": 2, "block": 2}
     assert all(type(value) is int for value in config.values())
-    assert type(SNELL(rank=np.int64(4)).config()["rank"]) is int
+    assert type(SNELLParam(rank=np.int64(4)).config()["rank"]) is int
     assert KronParam(b_shape=(np.int64(4), 6), c_shape=torch.Size([5, 8])).config() == {
         "rank": None,
         "b_shape": [4, 6],
@@ -398,25 +398,25 @@ def test_flags_and_choices_refuse_lookalikes():
     with pytest.raises(TypeError, match=r"mode must be one of \['pissa', 'svfit', 'lora_xs'\] \(a str\), got int"):
         SVDParam(mode=1)
     with pytest.raises(TypeError, match="zero_start must be a bool, got numpy.int64"):
-        SNELLA(zero_start=np.int_(1))
+        SNELLAParam(zero_start=np.int_(1))
     with pytest.raises(TypeError, match="rank must be an int or None, got float"):
         SVDParam(rank=4.0)
     with pytest.raises(TypeError, match=r"c_shape\[1\] must be an int, got float"):
         KronParam(b_shape=(2, 2), c_shape=(2, 2.0))  # checked before the "given together" rule
     with pytest.raises(ValueError, match="rank must be a multiple of num_kernels=3, got 4"):
-        SNELL(rank=4, num_kernels=3)  # at construction, not only when built on a weight
+        SNELLParam(rank=4, num_kernels=3)  # at construction, not only when built on a weight
 
 
 ROUND_TRIP_CASES = [
     (AtomParam, {"num_atoms": np.int64(2), "block": np.int32(2)}),
     (SVDParam, {"rank": np.int64(2), "scale": np.float32(0.5), "mode": np.str_("svfit")}),
-    (DCTParam, {"num_coefficients": np.int16(5), "alpha": np.float64(2.0), "seed": np.uint8(3)}),
+    (DCTParam, {"num_coefficients": np.int16(5), "scale": np.float64(2.0), "seed": np.uint8(3)}),
     (KronParam, {"rank": np.int64(2), "b_shape": (np.int64(2), np.int64(2)), "c_shape": [np.int64(3), 4]}),
     (LieParam, {"rank": np.int64(2), "scale": Fraction(1, 4), "order": np.int64(1)}),
     (TuckerParam, {"rank": np.int64(2), "std": np.float32(0.05), "init": "random"}),
-    (LDUParam, {"rank": np.int64(3), "alpha": np.float32(2.0)}),
-    (SNELL, {"rank": np.int64(2), "sparsity": np.float32(0.25), "zero_start": True}),
-    (SNELLA, {"rank": np.int64(2), "kernel_scale": np.float64(0.2), "num_kernels": np.int8(2)}),
+    (LDUParam, {"rank": np.int64(3), "scale": np.float32(2.0)}),
+    (SNELLParam, {"rank": np.int64(2), "sparsity": np.float32(0.25), "zero_start": True}),
+    (SNELLAParam, {"rank": np.int64(2), "kernel_scale": np.float64(0.2), "num_kernels": np.int8(2)}),
 ]
 
 

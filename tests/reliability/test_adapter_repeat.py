@@ -41,7 +41,9 @@ class Net(nn.Module):
             torch.manual_seed(0)
             self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
             self.fc = nn.Linear(4, 6)
-            self.fc2 = nn.Linear(6, 3)
+            # 4 outputs, not 3: a (3, 6) weight holds 18 numbers, fewer than SNELLA's smallest
+            # default budget (21), which then refuses the layer by design
+            self.fc2 = nn.Linear(6, 4)
         self.x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
 
     def forward(self) -> torch.Tensor:

@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from decomp.adapters import (
-    SNELL,
-    SNELLA,
+    SNELLParam,
+    SNELLAParam,
     AdapterParam,
     DCTParam,
     LieParam,
@@ -99,8 +99,8 @@ def _dct_model(cls: type[AdapterParam]) -> nn.Module:
 
 # (adapter class, model, buffer, bad value, message); 30 = the 5x6 weight's entries
 INVARIANTS = [
-    (SNELL, _kernel_model, "kept_entries", torch.tensor(-1), r"must be in \[0, 30\], got -1"),
-    (SNELLA, _kernel_model, "kept_entries", torch.tensor(31), r"must be in \[0, 30\], got 31"),
+    (SNELLParam, _kernel_model, "kept_entries", torch.tensor(-1), r"must be in \[0, 30\], got -1"),
+    (SNELLAParam, _kernel_model, "kept_entries", torch.tensor(31), r"must be in \[0, 30\], got 31"),
     (DCTParam, _dct_model, "locations", torch.tensor([2, 2, 7, 9]), r"must be distinct, got \[2\] more than once"),
     (DCTParam, _dct_model, "locations", torch.tensor([2, 5, 7, 30]), r"must be flat indices in \[0, 30\), got 2 to 30"),
     (DCTParam, _dct_model, "locations", torch.tensor([-1, 5, 7, 9]), r"must be flat indices in \[0, 30\), got -1 to 9"),
@@ -212,7 +212,7 @@ def test_a_model_on_the_meta_device_is_refused_unchanged(tmp_path, route):
 def test_save_adapter_writes_no_file_that_load_adapter_would_refuse(tmp_path, fault):
     # Seen: a diverged adapter saved silently; the file then failed (or, before the value checks,
     # loaded NaN outputs) wherever it was loaded.
-    model = _kernel_model(SNELL)
+    model = _kernel_model(SNELLParam)
     adapter = model[0].parametrizations.weight[0]
     with torch.no_grad():
         if fault == "nan":

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from decomp.adapters import SNELLA, Allocator
+from decomp.adapters import Allocator, SNELLAParam
 from optim import DCTProjectedAdam, ProjectedAdam
 
 from ..contracts.optimizers import (
@@ -306,7 +306,7 @@ def allocator_model(seed: int) -> tuple[nn.Module, Allocator]:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
     for layer in model:
-        nn.utils.parametrize.register_parametrization(layer, "weight", SNELLA(rank=2))
+        nn.utils.parametrize.register_parametrization(layer, "weight", SNELLAParam(rank=2))
     allocator = Allocator(model, target_sparsity=0.5, total_steps=4)
     model(torch.randn(7, 6)).square().sum().backward()
     allocator.step()

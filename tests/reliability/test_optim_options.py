@@ -75,7 +75,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "protect": [1, None],
     "protect_energy": [0.0, 1.5, NAN, "x", None],
     "seed": [-1, 1.5, None, 2**70, True],
-    "svd_method": ["qr", None],
+    "svd": ["qr", None],
     "dct_method": ["dft", None],
     "momentum": [1.0, -0.5, NAN, "x", None],
     "base": ["newton_schulz", None],

@@ -175,7 +175,7 @@ def test_regression_aro_nan_never_reaches_the_rotation():
 @pytest.mark.parametrize(
     "factory",
     [
-        lambda p: SVDProjectedAdam(p, rank=2, svd_method="exact", check_finite=False),
+        lambda p: SVDProjectedAdam(p, rank=2, svd="exact", check_finite=False),
         lambda p: SVDProjectedAdam(p, rank=2, check_finite=False),
         lambda p: DCTProjectedAdam(p, rank=2, protect=True, check_finite=False),
     ],
