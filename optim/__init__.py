@@ -7,7 +7,8 @@
 - :func:`param_groups`: project the weights of the layers a ``target`` names, AdamW for the rest
   (transformers' ``optim_target_modules``).
 - ``optimizer.consolidate()`` with ``protect=True``: continual learning in orthogonal subspaces
-  (:mod:`optim.continual`).
+  (:mod:`optim.continual`); :func:`consolidate` reaches it through accelerate's and transformers'
+  optimizer wrappers, :func:`unwrap_optimizer` (:mod:`optim.wrappers`).
 """
 
 # One version for the distribution, which ships optim and decomp together.
@@ -23,6 +24,7 @@ from .projectors import (
     dct_columns,
 )
 from .rotated import ARO, RotatedAdam
+from .wrappers import consolidate, unwrap_optimizer
 
 __all__ = [
     "ARO",
@@ -34,6 +36,8 @@ __all__ = [
     "RotatedAdam",
     "SVDProjectedAdam",
     "SVDProjector",
+    "consolidate",
     "dct_columns",
     "param_groups",
+    "unwrap_optimizer",
 ]
