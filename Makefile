@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test bench docs setup-test setup-bench setup-docs clean
+.PHONY: demo demo-decompose test bench docs setup-test setup-bench setup-docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,23 +25,34 @@ setup-bench: $(VENV)/.extra-bench $(VENV)/.extra-test
 # The docs are built from the sources (mkdocstrings reads them statically; nothing imports the
 # package), so the docs tools go in alone, without the package and without torch. DOCS_TOOLS is
 # pyproject's "docs" extra (tests/test_package.py keeps the two equal).
-DOCS_TOOLS := "mkdocs-material" "mkdocstrings[python]"
+DOCS_TOOLS := "mkdocs-material" "mkdocstrings[python]" "latex2mathml"
 $(VENV)/.docs-tools: pyproject.toml | $(PY)
 	$(PIP) install $(DOCS_TOOLS)
 	touch $@
 
 setup-docs: $(VENV)/.docs-tools
 
+# The main job: pretrain a CNN with AdamW and DCTProjectedAdam, fine-tune it with AtomParam
+# against peft's LoRA (a table, progress bars and demo.png in the current folder).
 demo: setup-bench
+	$(PY) examples/demo.py
+
+# Every decomposition on every weight of a small trained network.
+demo-decompose: setup-bench
 	$(PY) examples/decompose.py
 
 test: setup-test
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q -p no:cacheprovider
 
+# Every benchmark area; each script writes its own section of docs/benchmarks.md.
+# make bench BENCH_FLAGS=--quick runs each one on tiny sizes and writes nothing.
+BENCH_FLAGS ?=
 bench: setup-bench
-	$(PY) benchmarks/decomp_bench.py
-	$(PY) benchmarks/adapters_bench.py --pretrain
-	$(PY) benchmarks/adapters_bench.py
+	$(PY) benchmarks/decomp_bench.py $(BENCH_FLAGS)
+	$(PY) benchmarks/adapters_bench.py --pretrain $(BENCH_FLAGS)
+	$(PY) benchmarks/adapters_bench.py $(BENCH_FLAGS)
+	$(PY) benchmarks/optim_bench.py $(BENCH_FLAGS)
+	$(PY) benchmarks/adapter_files_bench.py $(BENCH_FLAGS)
 
 docs: setup-docs
 	$(VENV)/bin/mkdocs build --strict

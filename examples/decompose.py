@@ -28,7 +28,7 @@ exceed the dense weight when the budget needs a high rank), the relative Frobeni
 time of the decomposition; the summary adds the test accuracy of the network with every
 decomposed weight replaced by its reconstruction.
 
-Run ``make demo`` or ``.venv/bin/python examples/decompose.py --help``.
+Run ``make demo-decompose`` or ``.venv/bin/python examples/decompose.py --help``.
 """
 
 from __future__ import annotations

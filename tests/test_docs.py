@@ -8,11 +8,15 @@
     function of decomp has rows.
 (c) The signature line at the top of each page matches the function's real signature, defaults
     included, and every page is in the mkdocs nav.
-(d) examples/decompose.py, the demo behind ``make demo``, runs end to end on a tiny network.
+(d) examples/demo.py (``make demo``) and examples/decompose.py (``make demo-decompose``) run end
+    to end on a tiny network and print a row for every method.
+(e) The site renders its math without a script or the network: docs/_ext/mathml.py turns the
+    math of the pages and of the docstrings into MathML, and mkdocs.yml loads nothing remote.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import inspect
 import re
@@ -165,21 +169,62 @@ def test_documented_error_is_raised(row: ErrorRow):
 
 
 # --------------------------------------------------------------------------------------------
-# examples/decompose.py
+# examples/demo.py and examples/decompose.py
 
 
-def test_demo_runs_and_reports_every_method(capsys):
-    path = ROOT / "examples" / "decompose.py"
-    spec = importlib.util.spec_from_file_location("decompose_demo", path)
-    demo = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = demo  # dataclasses resolve the module of their annotations here
+def load_example(name: str):
+    """Import ``examples/<name>.py`` as a module (examples are scripts, not a package)."""
+    path = ROOT / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module of their annotations here
     try:
-        spec.loader.exec_module(demo)
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
+    return module
+
+
+def test_main_demo_runs_and_reports_every_method(capsys, tmp_path):
+    demo = load_example("demo")
+    try:
+        threads = torch.get_num_threads()
+        results = demo.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+        assert torch.get_num_threads() == threads, "the demo must restore torch's thread count"
+    finally:
+        del sys.modules[demo.__name__]
+    printed = capsys.readouterr().out
+    methods = [("pretrain", method) for method in demo.PRETRAIN_METHODS]
+    methods += [("fine-tune", method) for method in demo.FINETUNE_METHODS]
+    assert [(result.stage, result.method) for result in results] == methods
+    for stage, method in methods:
+        # stage, method, trainable, optimizer state, lr, test accuracy, test loss, time
+        numbers = r"\s+[\d,]+\s+[\d,]+\s+\S+\s+[\d.]+%\s+[\d.]+\s+[\d.]+ s$"
+        row = rf"^{stage}\s+{re.escape(method)}{numbers}"
+        assert re.search(row, printed, re.MULTILINE), f"no summary row for {stage} {method}"
+    by_method = {result.method: result for result in results}
+    # Projection is the point of DCTProjectedAdam: it must hold less state than AdamW.
+    assert by_method["DCTProjectedAdam"].state_numbers < by_method["AdamW"].state_numbers
+    assert by_method["DCTProjectedAdam"].trainable == by_method["AdamW"].trainable
+    # The adapters train far fewer numbers than the network; head only trains just the head.
+    full = by_method["full fine-tuning"].trainable
+    assert all(by_method[name].trainable < full for name in ("AtomParam", "peft LoRA r=1"))
+    head = demo.SmallResNet(num_classes=demo.CLASSES, width=demo.QUICK["width"]).head
+    assert by_method["head only"].trainable == sum(p.numel() for p in head.parameters())
+    plot = tmp_path / "demo.png"
+    assert plot.read_bytes().startswith(b"\x89PNG"), "the demo must save its plot"
+    assert str(plot.resolve()) in printed
+
+
+def test_decompose_demo_runs_and_reports_every_method(capsys):
+    demo = load_example("decompose")
+    try:
         threads = torch.get_num_threads()
         rows = demo.main(["--train-steps", "2", "--width", "8", "--d-model", "16", "--no-progress"])
         assert torch.get_num_threads() == threads, "the demo must restore torch's thread count"
     finally:
-        del sys.modules[spec.name]
+        del sys.modules[demo.__name__]
     printed = capsys.readouterr().out
     assert {row.method for row in rows} == set(demo.METHODS)
     for method in demo.METHODS:
@@ -190,3 +235,129 @@ def test_demo_runs_and_reports_every_method(capsys):
     spectral_tail = ("rsvd", "kpsvd", "atoms", "dct")
     assert all(row.relative_error <= bound for row in rows if row.method in spectral_tail)
     assert all(row.relative_error < 1e-5 for row in rows if row.method == "ldu")
+
+
+# --------------------------------------------------------------------------------------------
+# Math without a script: docs/_ext/mathml.py (the docs tools are the docs extra, not the test
+# extra, so these tests run where they are installed, as in the repository's .venv)
+
+MKDOCS = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+
+
+def load_docs_extension(name: str):
+    """Import ``docs/_ext/<name>.py``, which mkdocs loads by path."""
+    spec = importlib.util.spec_from_file_location(f"docs_ext_{name}", DOCS / "_ext" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_wide_tables_scroll_sideways():
+    stylesheets = re.search(r"^extra_css:\n((?:[ \t]+-.*\n)*)", MKDOCS, re.MULTILINE)
+    assert stylesheets, "mkdocs.yml has no extra_css"
+    paths = re.findall(r"-\s*(\S+)", stylesheets.group(1))
+    css = "".join((DOCS / path).read_text(encoding="utf-8") for path in paths)  # each must exist
+    table_rules = re.findall(r"table[^{,]*\{([^}]*)\}", css)
+    assert any("overflow-x: auto" in rule and "max-width: 100%" in rule for rule in table_rules)
+
+
+@pytest.fixture(scope="module")
+def site_markdown():
+    """``(to_html, convert_docstring)``: a page's HTML as the site builds it; rst_math's rewrite."""
+    pytest.importorskip("latex2mathml")
+    pytest.importorskip("pymdownx")
+    pytest.importorskip("griffe")
+    markdown = pytest.importorskip("markdown")
+
+    mathml = load_docs_extension("mathml")
+    rst_math = load_docs_extension("rst_math")
+    # The extensions of mkdocs.yml that touch math, tables and code; arithmatex as configured there.
+    converter = markdown.Markdown(
+        extensions=["tables", "pymdownx.arithmatex", "pymdownx.highlight", "pymdownx.superfences"],
+        extension_configs={"pymdownx.arithmatex": {"generic": True}},
+    )
+
+    def to_html(text: str) -> str:
+        converter.reset()
+        return mathml.render_math(converter.convert(text))
+
+    return to_html, rst_math.convert
+
+
+def test_mkdocs_loads_no_script_from_the_network():
+    scripts = re.search(r"^extra_javascript:\n((?:[ \t]+-.*\n)*)", MKDOCS, re.MULTILINE)
+    remote = re.findall(r"https?://\S+", scripts.group(1)) if scripts else []
+    assert remote == [], f"mkdocs.yml loads scripts from the network: {remote}"
+    assert not re.search(r"mathjax|katex", MKDOCS, re.IGNORECASE)
+    # The hook renders what arithmatex's generic mode wraps, so both must stay configured.
+    assert re.search(r"^hooks:\n[ \t]+- docs/_ext/mathml\.py$", MKDOCS, re.MULTILINE)
+    assert re.search(r"- pymdownx\.arithmatex:\n[ \t]+generic: true$", MKDOCS, re.MULTILINE)
+
+
+def test_math_of_pages_and_docstrings_becomes_mathml(site_markdown):
+    to_html, convert_docstring = site_markdown
+    docstring = convert_docstring(
+        "The rank :math:`r` and\n\n.. math::\n\n    W' = W + \\Delta W\n\nend."
+    )
+    page = "\n\n".join(
+        [
+            "Dollars $a < b$ and round \\(x_i^2\\), and `code $kept$`.",
+            "$$\n\\sum_{i<n} \\alpha_i\n$$",
+            "\\[ \\lVert A \\rVert_F \\]",
+            "| method | budget |\n|---|---|\n| LoRA | \\(r(m + n)\\) |",
+            docstring,
+        ]
+    )
+    html = to_html(page)
+    assert html.count("<math ") == 7
+    assert html.count('display="block"') == 3
+    assert not re.search(r"\\\(|\\\)|\\\[|\\\]|\$\$", html), html
+    assert "<code>code $kept$</code>" in html  # code spans are not math
+    assert "&lt;" in html or "&#x0003C;" in html  # the escaped "<" reached MathML as "<"
+
+
+def test_every_formula_of_the_site_translates(site_markdown):
+    # A formula latex2mathml cannot translate raises in the hook (and so fails `make docs`);
+    # this finds it without a build, in every page and every docstring mkdocstrings may render.
+    to_html, convert_docstring = site_markdown
+    texts = {
+        page.relative_to(ROOT).as_posix(): page.read_text(encoding="utf-8")
+        for page in DOCUMENTED_PAGES
+    }
+    for source in sorted([*(ROOT / "decomp").rglob("*.py"), *(ROOT / "optim").rglob("*.py")]):
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                docstring = ast.get_docstring(node)
+                if docstring:
+                    name = getattr(node, "name", "module")
+                    texts[f"{source.relative_to(ROOT).as_posix()}:{name}"] = (
+                        convert_docstring(docstring)
+                    )
+    formulas = 0
+    for where, text in texts.items():
+        html = to_html(text)
+        formulas += html.count("<math ")
+        assert not re.search(r'class="arithmatex">\\[(\[]', html), f"raw TeX left in {where}"
+    assert formulas > 500  # the site's formulas were found at all
+
+
+@pytest.mark.parametrize(
+    ("tex", "expected"),
+    [
+        # latex2mathml 3.81 leaves these as TeX text; the hook repairs them.
+        ("\\Big\\lVert A \\Big\\rVert_F", "&#x02016;"),
+        ("\\text{kernel\\_scale} \\cdot s", "<mtext>kernel_scale</mtext>"),
+        ("a \\in A,\\\nb \\in B", "<mtext>&#x000A0;</mtext>"),
+    ],
+)
+def test_mathml_repairs_what_latex2mathml_leaves_as_tex(tex: str, expected: str):
+    pytest.importorskip("latex2mathml")
+    mathml = load_docs_extension("mathml").to_mathml(tex, display=False)
+    assert expected in mathml and "\\" not in mathml, mathml
+
+
+def test_untranslatable_math_fails_the_build():
+    pytest.importorskip("latex2mathml")
+    with pytest.raises(ValueError, match="cannot translate"):
+        load_docs_extension("mathml").to_mathml("\\notacommand{x}", display=True)
