@@ -104,8 +104,8 @@ def explicit_budgets(cls: type[AdapterParam], config: dict, shape: tuple[int, ..
     if cls is AtomParam and config.get("levels", 1) == 2:
         return None  # two defaulted counts: checked by the "fits" property only
     if cls is AtomParam:
-        kernel = math.prod(shape[2:]) if len(shape) > 2 else None
-        if kernel is None:  # the block view's kernel: the largest b <= 4 dividing both dims
+        kernel = math.prod(shape[2:])
+        if kernel == 1:  # linear and 1x1 conv: the block view's kernel, largest b <= 4 dividing both
             block = max(b for b in range(1, 5) if shape[0] % b == 0 and shape[1] % b == 0)
             kernel = block * block
         return list(range(1, min(9, kernel) + 1))

@@ -30,7 +30,7 @@ class _FilterLayout(NamedTuple):
     c_out: int
     c_in_g: int
     kernel: tuple[int, ...]
-    block: int | None  # the block size of a linear weight's filter view; None for conv weights
+    block: int | None  # the tile size of a linear/1x1 conv weight's block view; None otherwise
     num_atoms: int
     sub_atoms: int | None  # m1 at levels=2, None at levels=1
 
@@ -49,8 +49,7 @@ class AtomParam(AdapterParam):
     .. math:: \Delta W[o, i] = \sum_{j<m} \alpha[o, i, j]\, \Delta D[j], \qquad W' = W + \Delta W,
 
     with :math:`\Delta D` ``(m, *kernel)`` trainable and zero-initialised: **the layer is exactly
-    the pretrained one at init**. Trainable parameters: :math:`mK` (81 for ``m = 9`` on a 3x3 conv;
-    ``m = 1`` on a 1x1 conv).
+    the pretrained one at init**. Trainable parameters: :math:`mK` (81 for ``m = 9`` on a 3x3 conv).
 
     ``levels=2`` is the recursive form (the paper's ``bases_l2``, clean index formula): every input
     channel ``c`` gets its own atom change built from ``m1`` sub-atoms per atom,
@@ -64,23 +63,21 @@ class AtomParam(AdapterParam):
     of the pretrained weight; deterministic and of unit scale, rather than the official code's
     Kaiming-normal draw). Trainable parameters: :math:`m\, m_1 (K + c_{in,g})`. Identity at init.
 
-    Linear weights ``(d_out, d_in)`` use the block view: cut into ``block x block`` tiles, tile
-    ``(o, i)`` is the filter ``W[o b:(o+1) b, i b:(i+1) b]``, so ``c_out = d_out / b``,
+    Linear weights ``(d_out, d_in)`` and pointwise convs (every kernel size 1: the weight is the
+    matrix ``(d_out, d_in)``) use the block view: cut into ``block x block`` tiles, tile ``(o, i)`` is the filter ``W[o b:(o+1) b, i b:(i+1) b]``, so ``c_out = d_out / b``,
     ``c_in_g = d_in / b`` and the kernel is ``(b, b)``. ``block=None`` takes the largest
     ``b <= 4`` that divides both dims (``b = 1`` when they are coprime: then :math:`K = 1`,
     ``m = 1`` and :math:`\Delta W = \delta \cdot \alpha`, one trainable scalar times the sign-
     aligned weight); an explicit ``block`` must divide both dims. ``block`` only describes the
-    linear view: conv weights are already filters and ignore it, so one ``AtomParam`` config can
-    be applied to a whole network.
+    block view: conv weights with a spatial kernel are already filters and ignore it, so one
+    ``AtomParam`` config can be applied to a whole network. (A pointwise conv taken as its own
+    1x1 filters would have scalar atoms, :math:`K = 1`: one trainable number per layer.)
 
     Defaults: ``num_atoms=None`` is ``min(9, K)`` and ``sub_atoms=None`` is ``min(3, K)``, clamped
     so that ``AtomParam()`` works on any layer, and lowered further (``m`` first, then a defaulted
     ``m1``) until the trainable count is at most the weight's size (a 4x4 linear, one 4x4 tile:
     ``m = 1``, 16 numbers, not 144); ``ValueError`` where even ``m = m1 = 1`` trains more. An
-    explicit value is kept, and one above ``K`` raises. On a 1x1 conv :math:`K = 1`: the atoms
-    are scalars and the update is one trainable number times the frozen coefficients (a
-    1-parameter update, within the rule but rarely useful: adapt such layers with another
-    method or leave them out of the target).
+    explicit value is kept, and one above ``K`` raises.
 
     Differences from the official code (weichennone/convnet_finetune): the coefficients come from
     the SVD atom subspace (deterministic, least-squares optimal) instead of sparse dictionary
@@ -94,7 +91,7 @@ class AtomParam(AdapterParam):
         num_atoms: ``m`` in ``[1, K]``; default ``min(9, K)``, lowered to fit the weight (above).
         levels: 1 (shared atoms) or 2 (per-channel atoms from sub-atoms).
         sub_atoms: ``m1`` in ``[1, K]``, only with ``levels=2``; default ``min(3, K)``.
-        block: the tile size ``b >= 1`` of the linear block view; must divide ``d_out`` and
+        block: the tile size ``b >= 1`` of the block view (linear and 1x1 conv weights); must divide ``d_out`` and
             ``d_in``; default: the largest ``b <= 4`` dividing both.
 
     Raises:
@@ -156,14 +153,14 @@ class AtomParam(AdapterParam):
         sub_atoms: int | None = None,
         block: int | None = None,
     ) -> _FilterLayout:
-        if len(shape) == 2:
-            d_out, d_in = shape
+        if math.prod(shape[2:]) == 1:  # a linear or pointwise (1x1) conv weight: the block view
+            d_out, d_in = shape[0], shape[1]
             if block is None:
                 candidates = range(1, _DEFAULT_BLOCK + 1)
                 block = max(b for b in candidates if d_out % b == 0 and d_in % b == 0)
             elif d_out % block or d_in % block:
                 raise ValueError(
-                    "block must divide both dims of the linear weight "
+                    "block must divide both dims of the linear (or 1x1 conv) weight "
                     f"(d_out={d_out}, d_in={d_in}), "
                     f"got block={block}"
                 )
@@ -230,15 +227,15 @@ class AtomParam(AdapterParam):
 
     # ------------------------------------------------------------------ build / delta
     def _as_filters(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight as filters ``(c_out, c_in_g, *kernel)`` (a linear weight: its block view)."""
-        if weight.ndim != 2:
-            return weight
+        """The weight as filters ``(c_out, c_in_g, *kernel)`` (linear, 1x1 conv: its block view)."""
         layout = self.filter_layout
+        if layout.block is None:
+            return weight
         tiles = weight.reshape(layout.c_out, layout.block, layout.c_in_g, layout.block)
         return tiles.permute(0, 2, 1, 3)
 
     def _from_filters(self, filters: torch.Tensor) -> torch.Tensor:
-        if len(self.weight_shape) != 2:
+        if self.filter_layout.block is None:
             return filters.reshape(self.weight_shape)
         return filters.permute(0, 2, 1, 3).reshape(self.weight_shape)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
@@ -38,6 +38,7 @@ def conv_weights(draw):
 @given(weight=conv_weights(), data=st.data())
 def test_level1_update_is_coefficients_times_atom_change(weight, data):
     kernel_size = weight[0, 0].numel()
+    assume(kernel_size > 1)  # a pointwise conv takes the block view (tested below)
     m = data.draw(st.integers(1, kernel_size))
     adapter = AtomParam.from_weight(weight, num_atoms=m)
     torch.testing.assert_close(adapter.coeffs, atoms(weight, m).coeffs)
@@ -55,6 +56,7 @@ def test_level1_update_is_coefficients_times_atom_change(weight, data):
 @given(weight=conv_weights(), data=st.data())
 def test_level2_update_is_the_clean_recursive_formula(weight, data):
     kernel_size = weight[0, 0].numel()
+    assume(kernel_size > 1)  # a pointwise conv takes the block view (tested below)
     m = data.draw(st.integers(1, kernel_size))
     m1 = data.draw(st.integers(1, kernel_size))
     adapter = AtomParam.from_weight(weight, num_atoms=m, levels=2, sub_atoms=m1)
@@ -89,7 +91,8 @@ def test_linear_block_view_treats_each_tile_as_a_filter(levels):
     ("shape", "config", "count"),
     [
         ((64, 64, 3, 3), {}, 81),  # m = 9 atoms of 3x3
-        ((64, 64, 1, 1), {}, 1),  # 1x1 conv: one atom, one scalar
+        ((64, 64, 1, 1), {}, 9 * 16),  # 1x1 conv: the block view of its (64, 64) matrix
+        ((8, 1, 1, 1), {}, 1),  # (8, 1) matrix: 1x1 tiles, one atom, one scalar
         ((16, 1, 7, 7), {}, 9 * 49),  # depthwise 7x7
         ((8, 4, 5), {}, 5 * 5),  # conv1d k=5: m clamped to K = 5
         ((4, 2, 3, 3, 3), {"num_atoms": 27}, 27 * 27),
@@ -170,9 +173,9 @@ def test_bad_constructor_arguments(kwargs, error, message):
     ("shape", "kwargs", "message"),
     [
         ((4, 4, 3, 3), {"num_atoms": 10}, r"num_atoms must be in \[1, K\] = \[1, 9\] for kernel size \(3, 3\), got 10"),
-        ((4, 4, 1, 1), {"num_atoms": 2}, r"num_atoms must be in \[1, K\] = \[1, 1\]"),
+        ((8, 1, 1, 1), {"num_atoms": 2}, r"num_atoms must be in \[1, K\] = \[1, 1\]"),
         ((4, 4, 3), {"levels": 2, "sub_atoms": 4}, r"sub_atoms must be in \[1, K\] = \[1, 3\]"),
-        ((8, 6), {"block": 4}, r"block must divide both dims of the linear weight \(d_out=8, d_in=6\), got block=4"),
+        ((8, 6), {"block": 4}, r"block must divide both dims of the linear \(or 1x1 conv\) weight \(d_out=8, d_in=6\), got block=4"),
         ((8, 8), {"block": 2, "num_atoms": 5}, r"num_atoms must be in \[1, K\] = \[1, 4\]"),
     ],
 )
@@ -197,3 +200,20 @@ def test_trainable_count_validates_like_the_constructor():
         AtomParam.trainable_count((4, 4, 3, 3), levels=3)
     with pytest.raises(ValueError, match=r"shape must have 2 \(linear\) to 5 \(conv3d\) dims"):
         AtomParam.trainable_count((4,))
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_a_pointwise_conv_is_adapted_as_the_linear_layer_of_its_matrix(levels):
+    # A 1x1 conv taken as its own 1x1 filters would have scalar atoms (one trainable number).
+    torch.manual_seed(0)
+    matrix = torch.randn(12, 8)
+    conv_adapter = AtomParam.from_weight(matrix[:, :, None, None], levels=levels)
+    linear_adapter = AtomParam.from_weight(matrix, levels=levels)
+    assert conv_adapter.num_trainable() == linear_adapter.num_trainable() > 1
+    with torch.no_grad():
+        for conv_param, linear_param in zip(conv_adapter.parameters(), linear_adapter.parameters()):
+            conv_param.copy_(torch.randn_like(linear_param))
+            linear_param.copy_(conv_param)
+    torch.testing.assert_close(
+        conv_adapter.delta(matrix[:, :, None, None]), linear_adapter.delta(matrix)[:, :, None, None]
+    )

@@ -128,7 +128,7 @@ def test_factory_gets_the_name_and_module():
         (lambda m: apply(m, AtomParam, train_heads=3), TypeError, "train_heads must be a regex string"),
         (lambda m: apply(m, AtomParam, target="classifier"), ValueError, "target='classifier' matched no"),
         (lambda m: apply(m, AtomParam, target="features"), ValueError, "target='features' matched no"),
-        (lambda m: apply(m, AtomParam, num_atoms=4), ValueError, r"num_atoms must be in \[1, K\] = \[1, 1\]"),
+        (lambda m: apply(m, AtomParam, num_atoms=10), ValueError, r"num_atoms must be in \[1, K\] = \[1, 9\]"),
     ],
 )
 def test_bad_calls_raise_and_leave_the_model_untouched(call, error, message):
@@ -161,11 +161,12 @@ def test_a_model_that_is_not_a_module_is_refused(call):
 
 
 def test_failure_after_some_registrations_rolls_them_back():
-    # features.0 and features.2 build fine with num_atoms=4; the 1x1 features.4 rejects it.
+    # The 3x3 convs features.0 and features.2 ignore block=3; the 1x1 features.4, an 8x8 matrix
+    # in the block view, rejects it.
     model = pretrained()
     first_weight = model.features[0].weight
-    with pytest.raises(ValueError, match="num_atoms"):
-        apply(model, AtomParam, target=r"features\.\d", num_atoms=4)
+    with pytest.raises(ValueError, match="block must divide"):
+        apply(model, AtomParam, target=r"features\.\d", block=3)
     assert adapted_names(model) == []
     assert type(model.features[0]) is nn.Conv2d and model.features[0].weight is first_weight
 
@@ -199,7 +200,8 @@ def test_report_rows_and_table():
     conv = rows[0]
     assert (conv.layer_type, conv.weight_shape, conv.trainable, conv.frozen) == ("Conv2d", (8, 3, 3, 3), 9, 8 * 27 + 8)
     assert rows[3].trainable == 16  # 8x8 linear: 4x4 tiles, one atom
-    assert rows.model_trainable == 9 + 9 + 1 + 16 + (8 * 3 + 3)
+    assert rows[2].trainable == 16  # 8x8 pointwise conv: the block view, as the 8x8 linear
+    assert rows.model_trainable == 9 + 9 + 16 + 16 + (8 * 3 + 3)
     assert rows.model_total == rows.model_trainable + sum(p.numel() for p in pretrained().parameters()) - 27
     table = str(rows)
     assert table.splitlines()[0].split() == ["layer", "type", "weight", "shape", "adapter", "trainable", "frozen"]

@@ -256,15 +256,16 @@ def test_a_layer_the_file_cannot_adapt_is_refused_before_building(tmp_path):
 
 
 def test_a_layer_that_rejects_its_adapter_while_building_rolls_back(tmp_path):
-    # num_atoms=9 is a valid config for a 3x3 conv; in a model whose second conv is 1x1 the
-    # adapter fails while building, after the first layer was registered.
+    # num_atoms=9 is a valid config for a 3x3 conv; in a model whose second conv is a depthwise
+    # 1x1 (a (4, 1) matrix: scalar atoms) the adapter fails while building, after the first layer
+    # was registered.
     source = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 3))
     path = tmp_path / "adapter.safetensors"
     save_adapter(apply(source, AtomParam, target=r".*", num_atoms=9), path)
     tensors, metadata = read_file(path)
-    metadata = edit_entries(metadata, lambda entries: entries[1].update(weight_shape=[4, 4, 1, 1]))
+    metadata = edit_entries(metadata, lambda entries: entries[1].update(weight_shape=[4, 1, 1, 1]))
     save_file(tensors, str(path), metadata=metadata)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 1))
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 1, groups=4))
     before = Snapshot(model)
     with pytest.raises(ValueError, match="num_atoms") as raised:
         load_adapter(model, path)
