@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo demo-decompose test bench docs setup-test setup-bench setup-docs clean
+.PHONY: demo demo-decompose test test-fast bench docs setup-test setup-bench setup-docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ demo-decompose: setup-bench
 
 test: setup-test
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q -p no:cacheprovider
+
+# The local loop: everything but the tests marked slow (process spawning, huge tensors).
+test-fast: setup-test
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 # Every benchmark area; each script writes its own section of docs/benchmarks.md.
 # make bench BENCH_FLAGS=--quick runs each one on tiny sizes and writes nothing.

@@ -390,6 +390,7 @@ def test_unwrap_refuses_a_loop():
     not (dist.is_available() and dist.is_gloo_available()),
     reason="torch.distributed with the gloo backend is unavailable",
 )
+@pytest.mark.slow
 def test_accelerate_fsdp_example_trains_like_one_process(monkeypatch, capsys):
     # The example asserts the gathered adapters and the reloaded file against one process. The
     # spawned processes find its worker by module name on the sys.path they inherit.

@@ -58,6 +58,8 @@ distributed = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
     reason="torch.distributed with the gloo backend is unavailable",
 )
+# Every test here shares one 2-rank launch (or spawns its own).
+pytestmark = pytest.mark.slow
 
 
 def network() -> nn.Module:

@@ -347,6 +347,7 @@ def _ddp_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_train_identical_adapters(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"{rank}.pt") for rank in range(2))

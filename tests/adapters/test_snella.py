@@ -144,6 +144,7 @@ def test_sparsity_fraction_is_exact(d_out, d_in, sparsity, seed, cls):
     assert nonzero == d_out * d_in - round(sparsity * d_out * d_in) == adapter.keep_count
 
 
+@pytest.mark.slow
 def test_mask_threshold_handles_more_than_2_24_elements():
     # torch.quantile refuses inputs above 2**24 elements; a 4097 x 4097 layer has 16.8M.
     # Distinct values (float64: float32 cannot tell integers above 2**24 apart), largest first.

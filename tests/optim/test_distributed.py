@@ -23,10 +23,13 @@ from torch import nn
 
 from optim import DCTProjectedAdam, ProjectedAdam, SVDProjectedAdam
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()),
-    reason="torch.distributed with the gloo backend is unavailable",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()),
+        reason="torch.distributed with the gloo backend is unavailable",
+    ),
+    pytest.mark.slow,
+]
 
 WORLD = 2
 STEPS = 8
