@@ -13,6 +13,11 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 CONV_TYPES = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
 
 
+def adapter_of(layer: nn.Module) -> AdapterParam:
+    """The adapter registered on ``layer.weight`` (the first parametrization)."""
+    return layer.parametrizations.weight[0]
+
+
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

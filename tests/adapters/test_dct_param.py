@@ -14,13 +14,9 @@ from torch.nn.utils import parametrize
 from decomp import dct_matrix
 from decomp.adapters import DCTParam
 
-from tests.adapters.strategies import layers
+from tests.adapters.strategies import adapter_of, layers
 
 RULES = ("magnitude", "low", "random")
-
-
-def adapter_of(layer: nn.Module) -> DCTParam:
-    return layer.parametrizations.weight[0]
 
 
 @given(layers(), st.sampled_from(RULES), st.data())

@@ -12,11 +12,7 @@ from torch.nn.utils import parametrize
 
 from decomp.adapters import LDUParam
 
-from tests.adapters.strategies import default_fits, layers
-
-
-def adapter_of(layer: nn.Module) -> LDUParam:
-    return layer.parametrizations.weight[0]
+from tests.adapters.strategies import adapter_of, default_fits, layers
 
 
 @given(layers(), st.booleans())

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from decomp.adapters import Allocator, SNELLAParam, SNELLParam
 from decomp.adapters.snella import capped_allocation, keep_largest_mask
 from tests.strategies import SEEDS, relative_error
-from tests.adapters.strategies import default_fits, layers
+from tests.adapters.strategies import adapter_of, default_fits, layers
 
 ADAPTERS = (SNELLParam, SNELLAParam)
 
@@ -33,10 +33,6 @@ def configs():
             "kernel_scale": st.floats(0.01, 1.0),
         },
     )
-
-
-def adapter_of(layer: nn.Module) -> SNELLParam:
-    return layer.parametrizations.weight[0]
 
 
 def matrix(weight: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from decomp.adapters import SVDParam
-from tests.adapters.strategies import default_fits, layers
+from tests.adapters.strategies import adapter_of, default_fits, layers
 
 MODES = ("pissa", "svfit", "lora_xs")
-
-
-def adapter_of(layer: nn.Module) -> SVDParam:
-    return layer.parametrizations.weight[0]
 
 
 def truncation(matrix: torch.Tensor, rank: int) -> torch.Tensor:
