@@ -1,7 +1,8 @@
 """Gradient-projection and rotated optimizers built on :mod:`decomp`.
 
 - :class:`DCTProjectedAdam`, :class:`SVDProjectedAdam`: one projected-Adam engine
-  (:class:`ProjectedAdam`) with the DCT, SVD or random projector (:mod:`optim.projectors`).
+  (:class:`ProjectedAdam`) with the DCT, SVD or random projector, or any object implementing
+  :class:`Projector` (:mod:`optim.projectors`).
 - :class:`ARO` (adaptively rotated optimization) and :class:`RotatedAdam` (Adam in a DCT or
   SOAP-style eigenbasis), in :mod:`optim.rotated`.
 - :func:`param_groups`: project the weights of the layers a ``target`` names, AdamW for the rest

@@ -560,6 +560,14 @@ class TensorStateOptimizer(torch.optim.Optimizer):
             pre_hook.remove()
             post_hook.remove()
 
+    def _loaded_options(
+        self, index: int, saved: dict[str, Any], group: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The options of saved group ``index`` (defaults filled in) as they will be checked,
+        given the ``group`` they land on (default: as saved); a subclass restores here a value
+        that :meth:`state_dict` saved as a name."""
+        return saved
+
     def _validated_load(
         self, state_dict: Mapping[str, Any]
     ) -> tuple[dict[torch.Tensor, dict[str, torch.Tensor]], list[dict[str, Any]]]:
@@ -587,7 +595,9 @@ class TensorStateOptimizer(torch.optim.Optimizer):
             _check_same_order(index, saved.get("param_names"), group.get("param_names"))
             # Options a saved group lacks (say, one added since it was saved) take the defaults;
             # keys that are no option (a scheduler's initial_lr) are kept, as torch.optim does.
-            merged = {**self.defaults, **self._current_names(saved)}
+            merged = self._loaded_options(
+                index, {**self.defaults, **self._current_names(saved)}, group
+            )
             checked = self._checked_options(merged, known=merged)
             groups.append(checked)
             for param_id, param in zip(saved["params"], group["params"]):

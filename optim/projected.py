@@ -69,11 +69,19 @@ from ._base import (
     state_dtype,
     whole,
 )
-from .projectors import DCTProjector, Projector, RandomProjector, SVDProjector, column_norms
+from .projectors import (
+    DCTProjector,
+    Projector,
+    RandomProjector,
+    SVDProjector,
+    as_projector,
+    column_norms,
+)
 
 __all__ = ["DCTProjectedAdam", "ProjectedAdam", "SVDProjectedAdam"]
 
-_PROJECTORS = ("dct", "svd", "random")
+_BUILTIN_PROJECTORS = {"dct": DCTProjector, "svd": SVDProjector, "random": RandomProjector}
+_PROJECTORS = tuple(_BUILTIN_PROJECTORS)
 _MOMENT_POLICIES = ("keep", "rotate", "reset")
 
 
@@ -102,10 +110,32 @@ def _svd_choice(value: Any, name: str) -> str:
     return choice(*_SVD_CHOICES)(renamed_value(value, {"rsvd": "randomized"}, name, "optim"), name)
 
 
+def _projector_option(value: Any, name: str) -> str | Projector:
+    """A built-in projector's name, or a :class:`~optim.projectors.Projector` (a factory is
+    called once, here)."""
+    if isinstance(value, str):
+        if value in _PROJECTORS:
+            return choice(*_PROJECTORS)(value, name)
+        raise ValueError(
+            f"{name} must be one of {list(_PROJECTORS)}, a Projector object or a factory of one, "
+            f"got {value!r}"
+        )
+    projector = as_projector(value, name)
+    builtin = _BUILTIN_PROJECTORS.get(projector.name)
+    if builtin is not None and not isinstance(projector, builtin):
+        # a checkpoint records the name: loaded into a group holding the string, it would
+        # silently become the built-in
+        raise ValueError(
+            f"{name} {type(projector).__name__} is named {projector.name!r}, the name of the "
+            f"built-in {builtin.__name__}; give it another name"
+        )
+    return projector
+
+
 _OPTIONS: dict[str, OptionCheck] = {
     **COMMON_OPTIONS,
     "rank": _rank_option,
-    "projector": choice(*_PROJECTORS),
+    "projector": _projector_option,
     "update_gap": whole(1),
     "scale": real(),
     "moments": choice(*_MOMENT_POLICIES),
@@ -129,6 +159,8 @@ def resolve_rank(rank: int | float, dim: int) -> int:
 
 
 def _projector(group: dict[str, Any]) -> Projector:
+    if not isinstance(group["projector"], str):
+        return group["projector"]
     if group["projector"] == "dct":
         return DCTProjector(group["score_norm"], group["dct_method"])
     if group["projector"] == "svd":
@@ -216,8 +248,12 @@ class ProjectedAdam(TensorStateOptimizer):
         lr: learning rate :math:`\eta \ge 0`: a float, or a 1-element tensor (read once per step).
         rank: columns :math:`r` kept: an int, or a float in (0, 1] as a fraction of the compressed
             dimension; clamped to it. ``None`` in a group: plain AdamW for that group.
-        projector: ``"dct"`` (:class:`~optim.projectors.DCTProjector`), ``"svd"``
-            (:class:`~optim.projectors.SVDProjector`) or ``"random"``.
+        projector: ``"dct"`` (:class:`~optim.projectors.DCTProjector` with ``score_norm`` and
+            ``dct_method``), ``"svd"`` (:class:`~optim.projectors.SVDProjector` with ``svd``) or
+            ``"random"``; or any :class:`~optim.projectors.Projector` object, or a zero-argument
+            factory of one (called once, when the group is checked). An object ignores
+            ``score_norm``, ``dct_method`` and ``svd``, and :meth:`state_dict` saves it as its
+            ``name``, which a load matches against the projector of the group it lands on.
         update_gap: steps between subspace refreshes :math:`T \ge 1`.
         scale: the factor :math:`\alpha` on the projected update (GaLore's ``scale``), finite.
         moments: on a refresh: ``"keep"``, ``"rotate"`` or ``"reset"`` (module docstring).
@@ -277,7 +313,7 @@ class ProjectedAdam(TensorStateOptimizer):
         lr: float | torch.Tensor = 1e-3,
         rank: int | float | None = 128,
         *,
-        projector: str = "dct",
+        projector: str | Projector | Callable[[], Projector] = "dct",
         update_gap: int = 200,
         scale: float = 1.0,
         moments: str = "keep",
@@ -333,7 +369,8 @@ class ProjectedAdam(TensorStateOptimizer):
 
     def _matrix_layout(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
         reduce = _row_shard_reduce(param)
-        if reduce is not None and group["projector"] == "svd":
+        projector = _projector(group)
+        if reduce is not None and isinstance(projector, SVDProjector):
             raise ValueError(
                 f"the SVD projector needs the whole gradient and cannot run on row shards (FSDP) "
                 f"of {self._describe(param)}; use DCTProjectedAdam or the random projector there"
@@ -353,7 +390,7 @@ class ProjectedAdam(TensorStateOptimizer):
             "moment_step": integer(),
             "exp_avg": floating(rows, rank),
             "exp_avg_sq": floating(rows, rank),
-            **_projector(group).layout(dim, rank),
+            **projector.layout(dim, rank),
         }
         if group["protect"]:
             layout["sketch"] = floating(2 * rank, dim)
@@ -370,13 +407,49 @@ class ProjectedAdam(TensorStateOptimizer):
         return problem
 
     def _param_index(self, param: torch.Tensor) -> int:
-        index = 0
-        for group in self.param_groups:
-            for candidate in group["params"]:
-                if candidate is param:
-                    return index
-                index += 1
-        raise KeyError("parameter not in this optimizer")
+        """``param``'s position among all the optimizer's parameters (its seed offset), O(1).
+
+        The positions are built once, on first use after construction or ``add_param_group``,
+        and again for a parameter they lack (one appended to a group's list by hand).
+        """
+        positions = self.__dict__.get("_positions")
+        if positions is None or id(param) not in positions:
+            params = (candidate for group in self.param_groups for candidate in group["params"])
+            positions = self._positions = {id(candidate): i for i, candidate in enumerate(params)}
+        if id(param) not in positions:
+            raise KeyError("parameter not in this optimizer")
+        return positions[id(param)]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.__dict__.pop("_positions", None)
+        super().add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's ``state_dict``, with a group's projector object saved as its ``name``.
+
+        So the result holds tensors, numbers and strings only and ``torch.load(...,
+        weights_only=True)`` reads it back; :meth:`load_state_dict` puts the object back when the
+        group it lands on holds a projector of that name.
+        """
+        saved = super().state_dict()
+        for group in saved["param_groups"]:
+            if not isinstance(group.get("projector", ""), str):
+                group["projector"] = group["projector"].name
+        return saved
+
+    def _loaded_options(
+        self, index: int, saved: dict[str, Any], group: dict[str, Any]
+    ) -> dict[str, Any]:
+        current = group["projector"]
+        if isinstance(current, str) or not isinstance(saved.get("projector"), str):
+            return saved
+        if saved["projector"] != current.name:
+            raise ValueError(
+                f"param group {index} of the state_dict was saved with projector "
+                f"{saved['projector']!r}, this optimizer's holds {type(current).__name__} "
+                f"named {current.name!r}"
+            )
+        return {**saved, "projector": current}
 
     def _refreshes(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
         """Whether ``param``'s next step picks a new subspace (its first one included)."""

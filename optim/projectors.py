@@ -5,7 +5,10 @@ dimension to compress is the last one (the optimizer transposes a gradient whose
 its rows). It holds no tensors itself: everything it needs between steps is a small dict of
 tensors that lives in the optimizer state, so checkpoints stay ``weights_only``-loadable.
 
-The protocol: ``name``, the state ``keys`` it owns, and five methods:
+The protocol (:class:`Projector`) is the extension point of :class:`~optim.ProjectedAdam`: a param
+group's ``projector`` option takes a built-in name, any object implementing it, or a zero-argument
+factory of one (checked by :func:`as_projector`). It has ``name`` (what a ``state_dict`` records in
+place of the object), the state ``keys`` it owns, and five methods:
 
 - ``init_state(dim, rank, like, seed)`` — the state of a fresh subspace of ``rank`` columns out of
   ``dim`` (before the first :meth:`select`).
@@ -29,7 +32,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -37,6 +40,7 @@ from decomp import dct, dct_matrix, rsvd
 from decomp._checks import power_of_two_scales
 from decomp._dct import _cached_dct_matrix
 
+# re-exported: a projector's layout is written with them
 from ._base import StateSpec, floating, integer
 
 __all__ = [
@@ -44,8 +48,12 @@ __all__ = [
     "Projector",
     "RandomProjector",
     "SVDProjector",
+    "StateSpec",
+    "as_projector",
     "column_norms",
     "dct_columns",
+    "floating",
+    "integer",
 ]
 
 ProjectorState = dict[str, torch.Tensor]
@@ -83,7 +91,12 @@ def column_norms(
 
 
 class Projector(Protocol):
-    """The three methods the projected-Adam engine calls (see the module docstring)."""
+    """What the projected-Adam engine calls (see the module docstring).
+
+    ``name`` is what ``ProjectedAdam.state_dict()`` saves for a group holding the object (so the
+    checkpoint stays ``weights_only``-loadable); loading it back needs a group whose projector
+    has the same name. ``keys`` are the state entries the projector owns.
+    """
 
     name: str
     keys: tuple[str, ...]
@@ -107,6 +120,49 @@ class Projector(Protocol):
     def layout(self, dim: int, rank: int) -> dict[str, StateSpec]: ...
 
     def state_problem(self, state: ProjectorState, dim: int) -> str | None: ...
+
+
+_PROTOCOL_METHODS = ("init_state", "select", "basis", "layout", "state_problem")
+
+
+def _missing_members(candidate: Any) -> list[str]:
+    keys = getattr(candidate, "keys", None)
+    missing = [
+        "name (a str)" if not isinstance(getattr(candidate, "name", None), str) else "",
+        "keys (a tuple of str)"
+        if not (isinstance(keys, tuple) and all(isinstance(key, str) for key in keys))
+        else "",
+    ]
+    missing += [m for m in _PROTOCOL_METHODS if not callable(getattr(candidate, m, None))]
+    return [member for member in missing if member]
+
+
+def as_projector(value: Any, name: str = "projector") -> Projector:
+    """``value`` if it implements :class:`Projector`, else the projector its factory returns.
+
+    A class or a callable that is no projector itself is a zero-argument factory: it is called
+    once, here. Anything else (or a factory returning something else) raises ``TypeError``
+    naming the members it lacks.
+
+    Example:
+        >>> as_projector(RandomProjector).name
+        'random'
+        >>> as_projector(object())
+        Traceback (most recent call last):
+        ...
+        TypeError: projector must implement optim.projectors.Projector: object lacks name (a str), ...
+    """
+    made_by = None
+    if isinstance(value, type) or (callable(value) and _missing_members(value)):
+        made_by, value = value, value()
+    missing = _missing_members(value)
+    if missing:
+        source = f" (returned by the factory {made_by!r})" if made_by is not None else ""
+        raise TypeError(
+            f"{name} must implement optim.projectors.Projector: {type(value).__name__}"
+            f"{source} lacks {', '.join(missing)}"
+        )
+    return value
 
 
 def dct_columns(n: int, index: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:

@@ -15,6 +15,8 @@ import torch
 
 from optim import ARO, DCTProjectedAdam, ProjectedAdam, RotatedAdam, SVDProjectedAdam
 
+from ..optim.test_custom_projector import CoordinateProjector
+
 
 class OptimizerCase(NamedTuple):
     name: str
@@ -34,6 +36,7 @@ OPTIMIZER_CASES: list[OptimizerCase] = [
     ),
     OptimizerCase("random", lambda p, lr: ProjectedAdam(p, lr=lr, rank=3, update_gap=2, projector="random")),
     OptimizerCase("dct-protect", lambda p, lr: DCTProjectedAdam(p, lr=lr, rank=3, update_gap=2, protect=True)),
+    OptimizerCase("custom-coordinate", lambda p, lr: ProjectedAdam(p, lr=lr, rank=3, update_gap=2, projector=CoordinateProjector)),
     OptimizerCase("aro", lambda p, lr: ARO(p, lr=lr)),
     OptimizerCase("rotated-dct", lambda p, lr: RotatedAdam(p, lr=lr, basis="dct")),
     OptimizerCase("rotated-eigen", lambda p, lr: RotatedAdam(p, lr=lr, basis="eigen", update_gap=2)),

@@ -740,3 +740,39 @@ def test_classification_loss_decreases(kind):
     optimizer = make(kind, model, update_gap=10)
     losses = train(model, optimizer, [0] * 40)
     assert losses[-1] < 0.5 * losses[0]
+
+
+class _CountingList(list):
+    """A param list that counts how often it is walked."""
+
+    walks = 0
+
+    def __iter__(self):
+        type(self).walks += 1
+        return super().__iter__()
+
+
+def test_first_step_walks_the_parameters_a_bounded_number_of_times():
+    # Regression: the seed offset of each parameter came from a scan of every group, so a
+    # first step walked the parameter list once per parameter (O(P^2)).
+    params = [torch.nn.Parameter(torch.randn(2, 3)) for _ in range(200)]
+    optimizer = ProjectedAdam(params, lr=1e-2, rank=1, projector="random")
+    optimizer.param_groups[0]["params"] = _CountingList(params)
+    for param in params:
+        param.grad = torch.ones_like(param)
+    _CountingList.walks = 0
+    optimizer.step()
+    assert _CountingList.walks <= 5
+    assert [int(optimizer.state[param]["seed"]) for param in params[:3]] == [1, 2, 3]
+
+
+def test_seed_offsets_follow_parameters_added_after_a_step():
+    first, second = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(3, 4))
+    together = ProjectedAdam([{"params": [first]}, {"params": [second]}], rank=1, projector="random")
+    stepwise = ProjectedAdam([first], rank=1, projector="random")
+    first.grad = second.grad = torch.ones(3, 4)
+    stepwise.step()
+    stepwise.add_param_group({"params": [second]})
+    stepwise.step()
+    together.step()
+    assert int(stepwise.state[second]["seed"]) == int(together.state[second]["seed"]) == 2
