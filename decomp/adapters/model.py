@@ -69,6 +69,7 @@ from .base import (
     same_kind_and_shape,
     whole_tensor,
 )
+from .registry import _classes_by_saved_name
 
 _FORMAT = "decomp.adapters/1"
 # Files that leave out rebuilt buffers: an older reader refuses them by their tag instead of
@@ -1389,17 +1390,8 @@ def _entry_problems(described: object) -> list[str]:
 
 
 def _adapter_classes(root: nn.Module) -> dict[str, type[AdapterParam]]:
-    """decomp.adapters' classes by name, and those of the adapters ``root`` carries (yours too)."""
-    from decomp import adapters  # the package imports this module: resolve the classes lazily
-
-    classes = {
-        name: value
-        for name, value in vars(adapters).items()
-        if isinstance(value, type) and issubclass(value, AdapterParam) and value is not AdapterParam
-    }
-    # Files saved under a deprecated class name (SNELL, SNELLA) load as the class it now names.
-    for old_name, new_name in adapters._DEPRECATED_NAMES.items():
-        classes.setdefault(old_name, classes[new_name])
+    """The registered adapter classes by every name a file may use, and those ``root`` carries."""
+    classes = _classes_by_saved_name()
     for layer in adapted_layers(root):
         classes[type(layer.adapter).__name__] = type(layer.adapter)
     return classes
@@ -1414,8 +1406,8 @@ def _described_adapters(
     if unknown:
         raise ValueError(
             f"adapter file {path} names adapter classes unknown to decomp.adapters: {unknown} "
-            f"(known: {sorted(classes)}); an adapter class of your own loads into a model that "
-            "already carries it (apply it first, then load)"
+            f"(known: {sorted(classes)}); register an adapter class of your own with "
+            "decomp.adapters.register, or apply it first, then load"
         )
     adapters, problems = [], []
     for entry in entries:

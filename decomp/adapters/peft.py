@@ -80,6 +80,7 @@ from .. import adapters as _adapters
 from .._checks import _all_finite
 from .._select import SUPPORTED_LAYERS, output_layer
 from .base import AdapterParam, buffer_fingerprint, fingerprint_difference, rebuild_tolerance
+from .registry import registered
 
 __all__ = ["PEFT_TYPE", "DecompConfig", "DecompLayer", "DecompModel", "adapter_class"]
 
@@ -102,23 +103,13 @@ def _subclasses(root: type) -> list[type]:
     return found
 
 
-def _public_adapter_classes() -> dict[str, type[AdapterParam]]:
-    """``decomp.adapters``' public adapter classes by their public name."""
-    classes = {}
-    for name in _adapters.__all__:
-        value = getattr(_adapters, name, None)
-        if _is_adapter_class(value):
-            classes[name] = value
-    return classes
-
-
 def _is_adapter_class(value: object) -> bool:
     return isinstance(value, type) and issubclass(value, AdapterParam) and value is not AdapterParam
 
 
 def _method_name(cls: type[AdapterParam]) -> str:
-    """The name a config stores for ``cls``: its public name, else ``module.QualName``."""
-    for name, value in _public_adapter_classes().items():
+    """The name a config stores for ``cls``: its registered name, else ``module.QualName``."""
+    for name, value in registered().items():
         if value is cls:
             return name
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -127,9 +118,11 @@ def _method_name(cls: type[AdapterParam]) -> str:
 def adapter_class(method: str | type[AdapterParam]) -> type[AdapterParam]:
     """The adapter class a :class:`DecompConfig` ``method`` names.
 
-    ``method`` is a public name of :mod:`decomp.adapters` (``"AtomParam"``, ``"LDUParam"``, ...) or,
-    for a third-party :class:`~decomp.adapters.AdapterParam` subclass, ``"module.QualName"`` of a
-    class whose module is already imported (nothing is imported here, so an adapter config file
+    ``method`` is a registered name (:func:`decomp.adapters.registered`: the built-in
+    ``"AtomParam"``, ``"LDUParam"``, ... and classes of your own registered with
+    :func:`decomp.adapters.register`) or, for an unregistered
+    :class:`~decomp.adapters.AdapterParam` subclass, ``"module.QualName"`` of a class whose module
+    is already imported (nothing is imported here, so an adapter config file
     cannot make this module import code). A class is returned as it is.
 
     Example:
@@ -137,7 +130,7 @@ def adapter_class(method: str | type[AdapterParam]) -> type[AdapterParam]:
         'AtomParam'
 
     Raises:
-        ValueError: no such adapter class (the message lists the public ones).
+        ValueError: no such adapter class (the message lists the registered ones).
         TypeError: ``method`` is neither a string nor an ``AdapterParam`` subclass.
     """
     if isinstance(method, type):
@@ -146,7 +139,7 @@ def adapter_class(method: str | type[AdapterParam]) -> type[AdapterParam]:
         raise TypeError(f"method must be an AdapterParam subclass, got {method.__name__}")
     if not isinstance(method, str):
         raise TypeError(f"method must be an adapter class name (str), got {type(method).__name__}")
-    public = _public_adapter_classes()
+    public = registered()
     if method in public:
         return public[method]
     # A deprecated old name (SNELL): decomp.adapters resolves it with a DeprecationWarning.
@@ -228,7 +221,7 @@ class DecompConfig(PeftConfig):
         if self.method is None or self.method == "":
             raise ValueError(
                 "DecompConfig needs method=, the adapter class name (one of "
-                f"{sorted(_public_adapter_classes())})"
+                f"{sorted(registered())})"
             )
         cls = adapter_class(self.method)
         self.method = _method_name(cls)

@@ -1,4 +1,5 @@
-"""The contract every adapter meets, run over every entry of ``registry.ADAPTER_CASES``.
+"""The contract every adapter meets, run over every entry of ``registry.ADAPTER_CASES`` and
+``registry.OUTSIDE_CASES``, which together cover every registered adapter class.
 
 Identity at init over hypothesis-drawn layers (Linear, Conv1d/2d/3d with groups, dilation,
 stride and every padding mode), the closed-form trainable count, merge equivalence after a
@@ -30,15 +31,19 @@ from decomp.adapters import (
     apply,
     load_adapter,
     merge,
+    registered,
     save_adapter,
     trainable_parameters,
 )
 
 from tests.adapters.strategies import default_fits, layers, seeded
 
-from .registry import ADAPTER_CASES, AdapterCase
+from .registry import ADAPTER_CASES, OUTSIDE_CASES, AdapterCase
 
-IDS = [case.name for case in ADAPTER_CASES]
+CASES = ADAPTER_CASES + OUTSIDE_CASES
+IDS = [case.name for case in CASES]
+
+
 class LayerBank(nn.Module):
     """One layer of each supported kind, each fed its own input; the output is all outputs, flat."""
 
@@ -83,11 +88,16 @@ def adapter_of(layer: nn.Module) -> AdapterParam:
     return layer.parametrizations.weight[0]
 
 
+def test_every_registered_adapter_class_has_a_case():
+    covered = {type(case.factory()) for case in CASES}
+    assert sorted(name for name, cls in registered().items() if cls not in covered) == []
+
+
 # --------------------------------------------------------------------------------------------
 # Properties over drawn layers
 
 
-@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 @settings(max_examples=20)
 @given(data=st.data())
 def test_identity_at_init(case, data):
@@ -102,7 +112,7 @@ def test_identity_at_init(case, data):
     assert relative_error(after, before) <= 1e-6
 
 
-@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 @settings(max_examples=10)
 @given(data=st.data())
 def test_trainable_count_equals_closed_form(case, data):
@@ -124,7 +134,7 @@ class Wrapped(nn.Module):
         return self.layer(self.x)
 
 
-@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 @settings(max_examples=8)
 @given(data=st.data())
 def test_training_step_changes_output_and_merge_keeps_it(case, data):
@@ -141,7 +151,7 @@ def test_training_step_changes_output_and_merge_keeps_it(case, data):
         assert relative_error(model(), trained) <= 1e-5
 
 
-@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 @settings(max_examples=8)
 @given(data=st.data())
 def test_gradients_reach_only_adapter_tensors(case, data):
@@ -164,7 +174,7 @@ def test_gradients_reach_only_adapter_tensors(case, data):
 # Model-level behaviour on a bank of every supported layer kind
 
 
-@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_save_then_load_into_fresh_model_reproduces_outputs(case, tmp_path):
     pretrained = LayerBank(case.layers)
     model = adapt(copy.deepcopy(pretrained), case)
@@ -180,7 +190,7 @@ def test_save_then_load_into_fresh_model_reproduces_outputs(case, tmp_path):
 
 
 @pytest.mark.parametrize("adapted", [False, True], ids=["into-plain", "into-adapted"])
-@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_loading_a_file_missing_a_tensor_changes_nothing(case, adapted, tmp_path):
     pretrained = LayerBank(case.layers)
     model = adapt(copy.deepcopy(pretrained), case)
@@ -203,7 +213,7 @@ def test_loading_a_file_missing_a_tensor_changes_nothing(case, adapted, tmp_path
     assert all(torch.equal(target.state_dict()[key], value) for key, value in state.items())
 
 
-@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_state_dict_round_trip(case):
     pretrained = LayerBank(case.layers)
     model = adapt(copy.deepcopy(pretrained), case)
@@ -213,7 +223,7 @@ def test_state_dict_round_trip(case):
     torch.testing.assert_close(fresh(), model(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_deepcopy_is_independent(case):
     model = adapt(LayerBank(case.layers), case)
     train_step(model)
@@ -231,7 +241,7 @@ def test_deepcopy_is_independent(case):
     torch.testing.assert_close(replica(), reference, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_bf16_layer_keeps_bf16(case):
     model = adapt(LayerBank(case.layers, dtype=torch.bfloat16), case)
     output = model()
@@ -242,7 +252,7 @@ def test_bf16_layer_keeps_bf16(case):
 
 
 @pytest.mark.parametrize("layer", [nn.Embedding(10, 4), nn.ConvTranspose2d(4, 4, 3)], ids=["embedding", "conv_transpose"])
-@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_unsupported_layer_is_refused_and_nothing_is_registered(case, layer):
     supported_kind = sorted(case.layers)[0]
     model = nn.Sequential(LayerBank(frozenset({supported_kind})), copy.deepcopy(layer))
