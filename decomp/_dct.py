@@ -446,3 +446,46 @@ def _checked_transform(
         what = "the entries of idct(x)" if inverse else "the entries of dct(x)"
         check_result_finite(_unwrapped(result), what, "x")
     return result
+
+
+def dct_columns(n: int, index: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
+    r"""Columns ``index`` of :math:`D^\top`, the transposed orthonormal DCT-II matrix, built directly.
+
+    .. math::
+
+        P_{jc} = D_{i_c j} = \sqrt{2/n}\; s_{i_c} \cos\frac{\pi\, i_c (2j + 1)}{2n},
+        \qquad s_0 = 1/\sqrt{2},\; s_i = 1,
+
+    an :math:`n \times r` matrix with orthonormal columns, without the :math:`n \times n` matrix:
+    the phase :math:`i_c (2j+1) \bmod 4n` is exact in int64 and indexes a cached table of the
+    :math:`4n` values :math:`\sqrt{2/n}\cos(\pi a / 2n)` (computed in float64), so every dtype
+    gets correctly rounded entries for any :math:`n`, in four small kernels per call.
+
+    Args:
+        n: length of the transform, :math:`n \ge 1`.
+        index: :math:`(r,)` integer frequencies in :math:`[0, n)`; the result lives on its device.
+        dtype: floating dtype of the result.
+
+    Returns:
+        :math:`(n, r)`, equal to ``dct_matrix(n)[index].T`` up to rounding.
+
+    Example:
+        >>> from decomp import dct_matrix
+        >>> P = dct_columns(8, torch.tensor([0, 3]), dtype=torch.float64)
+        >>> torch.allclose(P, dct_matrix(8, dtype=torch.float64)[[0, 3]].T)
+        True
+    """
+    table, odd = _cosine_table(n, dtype, index.device)
+    columns = table[(index[None, :] * odd) % (4 * n)]
+    scale = torch.ones(index.shape, dtype=dtype, device=index.device)
+    return columns * scale.masked_fill_(index == 0, math.sqrt(0.5))
+
+
+@functools.lru_cache(maxsize=256)
+def _cosine_table(
+    n: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.arange(4 * n, dtype=torch.float64) * (math.pi / (2 * n))
+    table = (torch.cos(angles) * math.sqrt(2 / n)).to(dtype=dtype, device=device)
+    odd = (2 * torch.arange(n, dtype=torch.int64) + 1).to(device)[:, None]
+    return table, odd

@@ -29,16 +29,16 @@ place of the object), the state ``keys`` it owns, and five methods:
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 
-from decomp import dct, dct_matrix, rsvd
+from decomp import dct, rsvd
 from decomp._checks import power_of_two_scales
 from decomp._dct import _cached_dct_matrix
+from decomp._dct import dct_columns
+from decomp._qr import signed_qr
 
 # re-exported: a projector's layout is written with them
 from ._base import StateSpec, floating, integer
@@ -163,40 +163,6 @@ def as_projector(value: Any, name: str = "projector") -> Projector:
             f"{source} lacks {', '.join(missing)}"
         )
     return value
-
-
-def dct_columns(n: int, index: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
-    r"""Columns ``index`` of :math:`D^\top`, the transposed orthonormal DCT-II matrix, built directly.
-
-    .. math::
-
-        P_{jc} = D_{i_c j} = \sqrt{2/n}\; s_{i_c} \cos\frac{\pi\, i_c (2j + 1)}{2n},
-        \qquad s_0 = 1/\sqrt{2},\; s_i = 1,
-
-    an :math:`n \times r` matrix with orthonormal columns, without the :math:`n \times n` matrix:
-    the phase :math:`i_c (2j+1) \bmod 4n` is exact in int64 and indexes a cached table of the
-    :math:`4n` values :math:`\sqrt{2/n}\cos(\pi a / 2n)` (computed in float64), so every dtype
-    gets correctly rounded entries for any :math:`n`, in four small kernels per call.
-
-    Example:
-        >>> P = dct_columns(8, torch.tensor([0, 3]), dtype=torch.float64)
-        >>> torch.allclose(P, dct_matrix(8, dtype=torch.float64)[[0, 3]].T)
-        True
-    """
-    table, odd = _cosine_table(n, dtype, index.device)
-    columns = table[(index[None, :] * odd) % (4 * n)]
-    scale = torch.ones(index.shape, dtype=dtype, device=index.device)
-    return columns * scale.masked_fill_(index == 0, math.sqrt(0.5))
-
-
-@functools.lru_cache(maxsize=256)
-def _cosine_table(
-    n: int, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    angles = torch.arange(4 * n, dtype=torch.float64) * (math.pi / (2 * n))
-    table = (torch.cos(angles) * math.sqrt(2 / n)).to(dtype=dtype, device=device)
-    odd = (2 * torch.arange(n, dtype=torch.int64) + 1).to(device)[:, None]
-    return table, odd
 
 
 class DCTProjector:
@@ -381,9 +347,8 @@ class RandomProjector:
         gaussian = torch.randn(
             dim, rank, generator=generator, dtype=torch.float32, device=like.device
         ).to(like.dtype)
-        q, r = torch.linalg.qr(gaussian)
-        # Fix the QR sign convention so the basis is a function of the seed alone.
-        return q * torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
+        # The fixed QR sign makes the basis a function of the seed alone.
+        return signed_qr(gaussian)[0]
 
     def layout(self, dim: int, rank: int) -> dict[str, StateSpec]:
         return {"seed": integer()}

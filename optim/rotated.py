@@ -25,6 +25,7 @@ import torch
 
 from decomp import dct, idct
 from decomp._checks import unit_scaled
+from decomp._qr import signed_qr
 
 from ._adam import adam_direction, apply_update, init_moments
 from ._base import (
@@ -49,19 +50,6 @@ _ARO_BASES = ("sinkhorn", "row_norm", "sign")
 _ARO_LR_ADJUSTMENTS = ("rms_norm", "spectral_norm", "none")
 _ROTATED_ADAM_BASES = ("dct", "eigen")
 _SIDES = ("left", "right")
-
-
-def _orthonormal_factor(matrix: torch.Tensor) -> torch.Tensor:
-    r"""The Q factor of :math:`A = QR` with :math:`\operatorname{diag}(R) \ge 0` (a fixed sign).
-
-    Householder QR leaves each column's sign to the implementation; fixing it makes the factor a
-    function of :math:`A` alone, and keeps it continuous when :math:`A \approx Q_0 \Lambda` with
-    :math:`\Lambda \ge 0` (a power-iteration step then returns :math:`Q_0`, not a sign-flipped
-    copy).
-    """
-    q, r = torch.linalg.qr(matrix)
-    signs = torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
-    return q * signs
 
 
 # Rows (and columns) of R^T M whose norm is at most this many machine epsilons of the largest
@@ -357,7 +345,7 @@ class ARO(_MatrixOrAdamW):
         tall = rows > cols
         framed = momentum.T if tall else momentum
         cross = framed @ base_map(rotation.T @ framed, iters).T
-        rotation.copy_(_orthonormal_factor(unit_scaled(cross, (-2, -1))[0]))
+        rotation.copy_(signed_qr(unit_scaled(cross, (-2, -1))[0])[0])
         update = rotation @ base_map(rotation.T @ framed, iters)
         if tall:
             update = update.T
@@ -733,5 +721,5 @@ def _refresh_bases(state: dict[str, torch.Tensor]) -> None:
         # stable: tied estimates (a zero gram) keep their order on every device.
         order = torch.argsort(estimated_eigenvalues, descending=True, stable=True)
         exp_avg_sq.copy_(exp_avg_sq.index_select(dim, order))
-        basis.copy_(_orthonormal_factor(power[:, order]))
+        basis.copy_(signed_qr(power[:, order])[0])
     exp_avg.copy_(_to_basis(unrotated_exp_avg, state))

@@ -1,5 +1,5 @@
-"""The protected-subspace option (:mod:`optim.continual`): the Frequent-Directions guarantee,
-``extend_basis``, and ``protect=True`` / ``consolidate()`` in the projected-Adam engine."""
+"""The protected-subspace option (:mod:`optim.continual`): ``protect=True`` / ``consolidate()`` in
+the projected-Adam engine (Frequent Directions and ``extend_basis`` themselves: tests/test_linalg.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optim import ProjectedAdam
-from optim.continual import extend_basis, frequent_directions
 from tests.strategies import SEEDS, gaussian, orthonormal
 
 PROJECTORS = ("dct", "svd", "random")
@@ -21,92 +20,6 @@ def oriented(matrix: torch.Tensor) -> torch.Tensor:
     """The engine's view of a weight-shaped tensor: (shape[0], -1), transposed if wide."""
     view = matrix.reshape(matrix.shape[0], -1)
     return view.mT if view.shape[0] < view.shape[1] else view
-
-
-# ----------------------------------------------------------------------------------------------
-# Frequent Directions
-
-
-@st.composite
-def streams(draw):
-    """``(A, size, batch)``: rows with a decaying spectrum, fed ``batch`` rows at a time."""
-    dim = draw(st.integers(1, 10))
-    count = draw(st.integers(1, 30))
-    size = draw(st.integers(1, 8))
-    decay = draw(st.sampled_from([0.3, 0.7, 1.0]))
-    seed = draw(SEEDS)
-    A = gaussian((count, dim), seed) * decay ** torch.arange(dim, dtype=torch.float64)
-    return A, size, draw(st.integers(1, 5))
-
-
-@given(streams())
-def test_frequent_directions_guarantee(stream):
-    r"""Liberty / Ghashami et al.: :math:`0 \preceq A^\top A - S^\top S` and, for every
-    :math:`k < \ell`, :math:`\lVert A^\top A - S^\top S \rVert_2 \le \lVert A - A_k \rVert_F^2 / (\ell - k)`."""
-    A, size, batch = stream
-    sketch = torch.zeros(size, A.shape[1], dtype=A.dtype)
-    for start in range(0, A.shape[0], batch):
-        sketch = frequent_directions(sketch, A[start : start + batch])
-        assert sketch.shape == (size, A.shape[1])
-    error = A.T @ A - sketch.T @ sketch
-    eigenvalues = torch.linalg.eigvalsh(error)
-    scale = float(A.square().sum())
-    assert float(eigenvalues[0]) >= -1e-10 * scale
-    tail = torch.linalg.svdvals(A).square().flip(0).cumsum(0).flip(0)  # ||A - A_k||_F^2 at k
-    for k in range(min(size, tail.shape[0])):
-        assert float(eigenvalues[-1]) <= float(tail[k]) / (size - k) + 1e-10 * scale
-
-
-@given(dim=st.integers(1, 8), seed=SEEDS, data=st.data())
-def test_frequent_directions_is_exact_while_the_stream_fits(dim, seed, data):
-    size = data.draw(st.integers(1, 8))
-    A = gaussian((data.draw(st.integers(1, size)), dim), seed)
-    sketch = frequent_directions(torch.zeros(size, dim, dtype=A.dtype), A)
-    torch.testing.assert_close(sketch.T @ sketch, A.T @ A, atol=1e-10, rtol=0)
-
-
-# ----------------------------------------------------------------------------------------------
-# extend_basis
-
-
-@given(dim=st.integers(2, 12), seed=SEEDS, data=st.data())
-def test_extend_basis_is_orthonormal_and_respects_energy_and_room(dim, seed, data):
-    existing = data.draw(st.integers(0, dim - 1))
-    basis = (
-        orthonormal(dim, existing, seed) if existing else torch.zeros(dim, 0, dtype=torch.float64)
-    )
-    max_columns = data.draw(st.integers(existing, dim))
-    energy = data.draw(st.floats(0.05, 1.0))
-    rows = data.draw(st.integers(1, 8))
-    sketch = gaussian((rows, dim), seed + 1) * 0.5 ** torch.arange(dim, dtype=torch.float64)
-    extended = extend_basis(basis, sketch, energy, max_columns)
-    count = extended.shape[1]
-    assert existing <= count <= max_columns
-    assert torch.equal(extended[:, :existing], basis)  # old columns stay, first
-    torch.testing.assert_close(
-        extended.mT @ extended, torch.eye(count, dtype=torch.float64), atol=1e-10, rtol=0
-    )
-    singular = torch.linalg.svdvals(sketch).square()
-    needed = int((singular.cumsum(0) / singular.sum() < energy - 1e-12).sum()) + 1
-    if existing == 0:
-        # The fewest leading directions holding ``energy`` of the sketch, unless out of room.
-        assert count == min(needed, max_columns)
-        captured = float((sketch @ extended).square().sum() / sketch.square().sum())
-        if count == needed:
-            assert captured >= energy - 1e-9
-    elif needed <= max_columns - existing:
-        # Room for them: everything of the leading directions outside the old basis was added.
-        leading = torch.linalg.svd(sketch, full_matrices=False).Vh[:needed]
-        leftover = leading.mT - extended @ (extended.mT @ leading.mT)
-        assert float(leftover.abs().max()) <= 1e-9
-
-
-def test_extend_basis_adds_nothing_already_protected_or_from_an_empty_sketch():
-    basis = orthonormal(6, 2, 0)
-    inside = gaussian((3, 2), 1) @ basis.mT  # rows in span(basis)
-    assert torch.equal(extend_basis(basis, inside, 0.99, 6), basis)
-    assert torch.equal(extend_basis(basis, torch.zeros(4, 6, dtype=torch.float64), 0.99, 6), basis)
-    assert torch.equal(extend_basis(basis, gaussian((3, 6), 2), 0.99, 2), basis)  # no room
 
 
 # ----------------------------------------------------------------------------------------------

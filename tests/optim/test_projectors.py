@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from decomp import _dct, dct_matrix
 from optim.projected import resolve_rank
-from optim.projectors import DCTProjector, RandomProjector, SVDProjector, dct_columns
+from optim.projectors import DCTProjector, RandomProjector, SVDProjector
 from tests.strategies import FLOAT_DTYPES, SEEDS, gaussian, with_spectrum
 
 PROJECTORS = {
@@ -187,27 +187,6 @@ def test_dct_l1_selection_differs_from_l2_where_it_should():
     state = DCTProjector().init_state(4, 1, X, 0)
     assert DCTProjector("l2").select(X, state, 1)[1]["index"].tolist() == [1]
     assert DCTProjector("l1").select(X, state, 1)[1]["index"].tolist() == [0]
-
-
-@given(n=st.integers(1, 64), seed=SEEDS, data=st.data(), dtype=st.sampled_from(FLOAT_DTYPES))
-def test_dct_columns_are_rows_of_the_dct_matrix(n, seed, data, dtype):
-    count = data.draw(st.integers(1, n))
-    index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count]
-    columns = dct_columns(n, index, dtype=dtype)
-    assert columns.shape == (n, count) and columns.dtype == dtype
-    expected = dct_matrix(n, dtype=torch.float64)[index].T
-    torch.testing.assert_close(columns.double(), expected, atol=atol(dtype), rtol=0)
-
-
-def test_dct_columns_keep_fp32_accuracy_for_long_bases():
-    """The angle is reduced in integers, so fp32 columns of a 20000-point basis stay accurate."""
-    n = 20000
-    index = torch.tensor([0, 1, 7, 9999, 19998, 19999])
-    positions = torch.arange(n, dtype=torch.float64)[:, None]
-    expected = torch.cos(torch.pi * index.double() * (2 * positions + 1) / (2 * n)) * (2 / n) ** 0.5
-    expected[:, 0] /= 2**0.5
-    columns = dct_columns(n, index, dtype=torch.float32)
-    assert float((columns.double() - expected).abs().max()) <= 1e-6 * (2 / n) ** 0.5
 
 
 @pytest.mark.parametrize("norm", ["l1", "l2"])
