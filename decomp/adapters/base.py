@@ -20,7 +20,9 @@ and may override ``compose``/``decompose`` for a non-additive update (Lie: :math
 from the weight and config alone (reproducibly), which adapter files then leave out and rebuild
 at load, checked against a fingerprint (:func:`buffer_fingerprint`, :func:`rebuild_tolerance`). The base class owns validation, dtype handling (the update is computed in fp32
 for fp16/bf16 weights and returned in the weight's dtype), the shape check, ``from_weight`` and
-``extra_repr``.
+``extra_repr``, and the mechanisms several methods share: the matrix view of a weight
+(:func:`matrix_dims`, :func:`matrix_view`) and rank resolution (:meth:`AdapterParam._resolved_rank`,
+:meth:`AdapterParam._resolved_channel_rank`).
 
 Adapters do not stack. An unbuilt adapter registered on a weight that is already parametrized
 (another adapter, ``parametrizations.weight_norm``/``spectral_norm``) is called by torch's
@@ -45,6 +47,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import math
 import sys
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
@@ -52,6 +55,10 @@ import torch
 from torch import nn
 
 from .._checks import _all_finite, check_int, check_tensor, compute_dtype
+from ._budget import default_budget
+
+DEFAULT_RANK = 8
+"""The default rank of the low-rank methods (LoRA's ``r=8`` in peft), clamped to what a layer allows."""
 
 
 def check_weight_shape(shape: Sequence[int]) -> None:
@@ -60,6 +67,29 @@ def check_weight_shape(shape: Sequence[int]) -> None:
         raise ValueError(f"shape must be a weight shape with 2 to 5 dims (linear or conv 1-3 D), got {shape!r}")
     for index, size in enumerate(shape):
         check_int(size, f"shape[{index}]", low=1)
+
+
+def matrix_dims(shape: Sequence[int]) -> tuple[int, int]:
+    r"""The matrix view's dimensions :math:`(d_0, \prod_{j \ge 1} d_j)` of a weight ``shape``.
+
+    A linear weight is its own view, ``(d_out, d_in)``; a conv weight is
+    ``(c_out, c_in/groups * prod(kernel))``, one row per output channel.
+
+    Example:
+        >>> matrix_dims((64, 32)), matrix_dims((64, 16, 3, 3))
+        ((64, 32), (64, 144))
+    """
+    return shape[0], math.prod(shape[1:])
+
+
+def matrix_view(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` reshaped to its matrix view (:func:`matrix_dims`): a view where the strides allow.
+
+    Example:
+        >>> matrix_view(torch.zeros(8, 4, 3, 3)).shape
+        torch.Size([8, 36])
+    """
+    return weight.reshape(weight.shape[0], -1)
 
 
 def _unknown_keywords_named(init: Callable[..., None]) -> Callable[..., None]:
@@ -373,6 +403,58 @@ class AdapterParam(nn.Module):
     def _count(cls, shape: tuple[int, ...], **config: Any) -> int:
         """The closed form, from a weight shape and a validated :meth:`config`."""
         raise NotImplementedError
+
+    @classmethod
+    def _resolved_rank(
+        cls,
+        shape: Sequence[int],
+        rank: int | None,
+        *,
+        high: int,
+        count: Callable[[int], int],
+        default: int | None = DEFAULT_RANK,
+        step: int = 1,
+        name: str = "rank",
+    ) -> int:
+        r"""An explicit ``rank`` checked in :math:`[\mathrm{step}, \mathrm{high}]`, or the default budget.
+
+        ``None`` resolves to the largest of :math:`\min(\mathrm{default}, \mathrm{high})`,
+        stepping down by ``step`` (``default=None``: from ``high``), whose trainable ``count``
+        fits the weight (:func:`~decomp.adapters._budget.default_budget`); ``name`` words the
+        explicit rank in a range error.
+
+        Example:
+            >>> AdapterParam._resolved_rank((13, 7), None, high=7, count=lambda r: r * (13 + 7))
+            4
+            >>> AdapterParam._resolved_rank((13, 7), 6, high=7, count=lambda r: r * (13 + 7))
+            6
+        """
+        if rank is not None:
+            return check_int(rank, name, low=step, high=high)
+        largest = high if default is None else min(default, high)
+        return default_budget(cls.__name__, "rank", shape, range(largest, 0, -step), count)
+
+    @classmethod
+    def _resolved_channel_rank(
+        cls, shape: Sequence[int], rank: int | None, count: Callable[[int], int]
+    ) -> int:
+        """The rank shared by both channel modes (output and input), at most ``min(shape[0], shape[1])``.
+
+        Checks ``shape`` first (:func:`check_weight_shape`); ``None`` is the default budget of
+        :meth:`_resolved_rank` under :data:`DEFAULT_RANK`.
+
+        Example:
+            >>> AdapterParam._resolved_channel_rank((64, 4, 3, 3), None, lambda r: r * 68)
+            4
+        """
+        check_weight_shape(shape)
+        return cls._resolved_rank(
+            shape,
+            rank,
+            high=min(shape[0], shape[1]),
+            count=count,
+            name=f"rank (weight shape {tuple(shape)})",
+        )
 
     def _state_problems(self, state: Mapping[str, torch.Tensor]) -> dict[str, str]:
         """What is wrong with the values of ``state``, tensors about to be loaded into this adapter.

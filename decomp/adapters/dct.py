@@ -16,7 +16,7 @@ from torch import nn
 from .._checks import check_choice, check_int, check_optional_int, check_real
 from .._dct import dct, idct
 from .._deprecation import renamed_arguments
-from .base import AdapterParam
+from .base import AdapterParam, matrix_dims, matrix_view
 
 _LOCATION_RULES = ("magnitude", "low", "random")
 
@@ -112,7 +112,7 @@ class DCTParam(AdapterParam):
 
     @staticmethod
     def _resolve_count(shape: tuple[int, ...], num_coefficients: int | None) -> int:
-        rows, columns = shape[0], math.prod(shape[1:])
+        rows, columns = matrix_dims(shape)
         if num_coefficients is None:
             return min(rows + columns, rows * columns)
         return check_int(num_coefficients, "num_coefficients", low=1, high=rows * columns)
@@ -154,7 +154,7 @@ class DCTParam(AdapterParam):
         return chosen.sort().values
 
     def _build(self, weight: torch.Tensor) -> None:
-        matrix = weight.reshape(weight.shape[0], -1)
+        matrix = matrix_view(weight)
         count = self._resolve_count(tuple(weight.shape), self.num_coefficients)
         self.register_buffer("locations", self._choose_locations(matrix, count))
         self.coefficients = nn.Parameter(torch.zeros(count, dtype=weight.dtype, device=weight.device))

@@ -8,17 +8,17 @@ exactly zero at init.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from .. import kpsvd, kron_shapes
-from .._checks import check_optional_int, check_rank
+from .._checks import check_optional_int
 from .._kron import _check_pair
 from .._rsvd import row_signs
-from ._budget import default_budget
-from .base import AdapterParam, check_weight_shape
+from .base import AdapterParam, check_weight_shape, matrix_dims, matrix_view
 
 DEFAULT_RANK = 4
 
@@ -125,11 +125,8 @@ class KronParam(AdapterParam):
     ) -> tuple[int, tuple[int, int], tuple[int, int]]:
         """``(rank, b_shape, c_shape)`` for a weight of ``shape``, defaults filled in and checked."""
         check_weight_shape(shape)
-        rows = shape[0]
-        kernel = 1
-        for size in shape[2:]:
-            kernel *= size
-        cols = shape[1] * kernel
+        rows, cols = matrix_dims(shape)
+        kernel = math.prod(shape[2:])
         if b_shape is None:
             (m1, n1), (m2, n2) = kron_shapes(shape[0], shape[1])
             b_shape, c_shape = (m1, n1), (m2, n2 * kernel)
@@ -141,12 +138,15 @@ class KronParam(AdapterParam):
                     f"{(rows, cols)} for weight shape {tuple(shape)}, got b_shape={b_shape}, c_shape={c_shape}"
                 )
         max_rank = min(b_shape[0] * b_shape[1], c_shape[0] * c_shape[1])
-        if rank is None:
-            terms = b_shape[0] * b_shape[1] + c_shape[0] * c_shape[1] + 1
-            candidates = range(min(DEFAULT_RANK, max_rank), 0, -1)
-            rank = default_budget(cls.__name__, "rank", shape, candidates, lambda r: r * terms)
-        else:
-            rank = check_rank(rank, f"rank (b_shape={b_shape}, c_shape={c_shape})", max_rank)
+        terms = b_shape[0] * b_shape[1] + c_shape[0] * c_shape[1] + 1
+        rank = cls._resolved_rank(
+            shape,
+            rank,
+            high=max_rank,
+            count=lambda r: r * terms,
+            default=DEFAULT_RANK,
+            name=f"rank (b_shape={b_shape}, c_shape={c_shape})",
+        )
         return rank, b_shape, c_shape
 
     @classmethod
@@ -172,7 +172,7 @@ class KronParam(AdapterParam):
         # A fixed seed (kpsvd may sketch randomly) and fixed signs make the start a function of
         # the weight alone, so load_adapter can rebuild it instead of reading it from the file.
         start = kpsvd(
-            weight.reshape(weight.shape[0], -1), b_shape, c_shape, rank, check_finite=False,
+            matrix_view(weight), b_shape, c_shape, rank, check_finite=False,
             generator=torch.Generator().manual_seed(0),
         )
         # kpsvd's factors can be transposed views; contiguous copies are what FSDP2 can shard,

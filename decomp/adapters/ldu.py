@@ -8,17 +8,15 @@ trains the ``r`` pivots :math:`z` and a scalar :math:`s`; see :class:`LDUParam`.
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .._checks import check_optional_int, check_rank, check_real
+from .._checks import check_optional_int, check_real
 from .._ldu import ldu
 from .._deprecation import renamed_arguments
-from ._budget import default_budget
-from .base import AdapterParam
+from .base import AdapterParam, matrix_dims, matrix_view
 
 
 @renamed_arguments(alpha="scale")
@@ -102,10 +100,9 @@ class LDUParam(AdapterParam):
 
     @classmethod
     def _resolve_rank(cls, shape: tuple[int, ...], rank: int | None) -> int:
-        m, n = shape[0], math.prod(shape[1:])
-        if rank is None:
-            return default_budget(cls.__name__, "rank", shape, range(min(m, n), 0, -1), lambda r: r + 1)
-        return check_rank(rank, "rank", min(m, n))
+        return cls._resolved_rank(
+            shape, rank, high=min(matrix_dims(shape)), count=lambda r: r + 1, default=None
+        )
 
     @classmethod
     def _count(cls, shape: tuple[int, ...], *, rank: int | None, **_: Any) -> int:
@@ -121,7 +118,7 @@ class LDUParam(AdapterParam):
         return {"rank": self.rank, "scale": self.scale_argument}
 
     def _build(self, weight: torch.Tensor) -> None:
-        matrix = weight.reshape(weight.shape[0], -1)
+        matrix = matrix_view(weight)
         m, n = matrix.shape
         rank = self._resolve_rank(tuple(weight.shape), self.rank)
         try:

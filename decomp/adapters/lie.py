@@ -17,9 +17,7 @@ from torch import nn
 
 from .. import Tucker
 from .._checks import check_optional_int, check_real
-from ._budget import default_budget
 from .base import AdapterParam
-from .tucker import resolve_channel_rank
 
 # below this |1 + dW| the first-order update has (nearly) zeroed an entry, which no weight inverts
 _FIRST_ORDER_PIVOT = 1e-6
@@ -124,12 +122,7 @@ class LieParam(AdapterParam):
 
     @classmethod
     def _resolve_rank(cls, shape: tuple[int, ...], rank: int | None) -> int:
-        if rank is not None:
-            return resolve_channel_rank(shape, rank)
-        largest = resolve_channel_rank(shape, None)
-        return default_budget(
-            cls.__name__, "rank", shape, range(largest, 0, -1), lambda r: cls._count_at_rank(shape, r)
-        )
+        return cls._resolved_channel_rank(shape, rank, lambda r: cls._count_at_rank(shape, r))
 
     def _build(self, weight: torch.Tensor) -> None:
         r = self._resolve_rank(tuple(weight.shape), self.rank)

@@ -22,8 +22,7 @@ from torch import nn
 
 from .._checks import check_bool, check_choice, check_int, check_optional_int, check_real
 from .._deprecation import deprecated_attributes
-from ._budget import default_budget
-from .base import AdapterParam
+from .base import AdapterParam, matrix_dims
 
 __all__ = ["SNELLParam", "SNELLAParam", "Allocator", "capped_allocation", "keep_largest_mask"]
 
@@ -61,31 +60,10 @@ def keep_largest_mask(magnitude: torch.Tensor, keep: int) -> torch.Tensor:
     return magnitude >= threshold
 
 
-def _matrix_dims(shape: tuple[int, ...]) -> tuple[int, int]:
-    return shape[0], math.prod(shape[1:])
-
-
 def _max_rank(shape: tuple[int, ...], num_kernels: int) -> int:
     # The rank is split evenly over the kernels, and like LoRA's it should not exceed the
     # smaller matrix dimension; one point dimension per kernel is always allowed.
-    return num_kernels * max(1, min(_matrix_dims(shape)) // num_kernels)
-
-
-def _resolve_rank(
-    shape: tuple[int, ...], rank: int | None, num_kernels: int, adapter_class: type[_KernelAdapter]
-) -> int:
-    high = _max_rank(shape, num_kernels)
-    if rank is None:
-        largest = min(high, num_kernels * max(1, _DEFAULT_RANK // num_kernels))
-        return default_budget(
-            adapter_class.__name__,
-            "rank",
-            shape,
-            range(largest, 0, -num_kernels),
-            lambda q: adapter_class._count_at_rank(shape, q),
-        )
-    # a multiple of num_kernels: checked by the constructor, which every rank here went through
-    return check_int(rank, "rank", low=num_kernels, high=high)
+    return num_kernels * max(1, min(matrix_dims(shape)) // num_kernels)
 
 
 def _check_kernel_scale(kernel_scale: object) -> float:
@@ -137,10 +115,23 @@ class _KernelAdapter(AdapterParam):
                 "D * |D| has zero gradient at D = 0 and would never train"
             )
 
+    @classmethod
+    def _resolve_rank(cls, shape: tuple[int, ...], rank: int | None, num_kernels: int) -> int:
+        # an explicit rank is a multiple of num_kernels: checked by the constructor, which every
+        # rank here went through
+        return cls._resolved_rank(
+            shape,
+            rank,
+            high=_max_rank(shape, num_kernels),
+            count=lambda q: cls._count_at_rank(shape, q),
+            default=num_kernels * max(1, _DEFAULT_RANK // num_kernels),
+            step=num_kernels,
+        )
+
     # ------------------------------------------------------------------ build
     def _build(self, weight: torch.Tensor) -> None:
-        d_out, d_in = _matrix_dims(tuple(weight.shape))
-        rank = _resolve_rank(tuple(weight.shape), self.rank, self.num_kernels, type(self))
+        d_out, d_in = matrix_dims(weight.shape)
+        rank = self._resolve_rank(tuple(weight.shape), self.rank, self.num_kernels)
         point_dim = rank // self.num_kernels
         # The official kaiming_uniform_(a=sqrt(5)) on the 3-D (H, d, q/H) tensors: U(-b, b) with
         # b = 1/sqrt(d * q/H).
@@ -252,11 +243,11 @@ class _KernelAdapter(AdapterParam):
         cls, shape: tuple[int, ...], *, rank: int | None, num_kernels: int, **_: Any
     ) -> int:
         r""":math:`q\,(d_{in} + d_{out})`, plus SNELLA's trainable scalars."""
-        return cls._count_at_rank(shape, _resolve_rank(shape, rank, num_kernels, cls))
+        return cls._count_at_rank(shape, cls._resolve_rank(shape, rank, num_kernels))
 
     @classmethod
     def _count_at_rank(cls, shape: tuple[int, ...], rank: int) -> int:
-        d_out, d_in = _matrix_dims(shape)
+        d_out, d_in = matrix_dims(shape)
         return rank * (d_in + d_out) + cls.num_scalars
 
 

@@ -7,21 +7,18 @@ factors they train.
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_int, check_optional_int, check_rank, check_real
+from .._checks import check_choice, check_int, check_optional_int, check_real
 from .._rsvd import row_signs, rsvd
-from ._budget import default_budget
-from .base import AdapterParam
+from .base import AdapterParam, matrix_dims, matrix_view
 
 _MODES = ("pissa", "svfit", "lora_xs")
 _SVD_METHODS = ("exact", "randomized")
 _INITS = ("zero", "normal")
-_DEFAULT_RANK = 8
 # LoRA-XS's released code draws R from N(0, sigma^2) with sigma = 1e-5 (init_module_weights).
 _LORA_XS_INIT_STD = 1e-5
 
@@ -133,12 +130,8 @@ class SVDParam(AdapterParam):
 
     @classmethod
     def _resolve_rank(cls, shape: tuple[int, ...], rank: int | None, mode: str) -> int:
-        smaller_side = min(shape[0], math.prod(shape[1:]))
-        if rank is not None:
-            return check_rank(rank, "rank", smaller_side)
-        candidates = range(min(_DEFAULT_RANK, smaller_side), 0, -1)
-        return default_budget(
-            cls.__name__, "rank", shape, candidates, lambda r: _count_at_rank(shape, r, mode)
+        return cls._resolved_rank(
+            shape, rank, high=min(matrix_dims(shape)), count=lambda r: _count_at_rank(shape, r, mode)
         )
 
     @classmethod
@@ -172,7 +165,7 @@ class SVDParam(AdapterParam):
         return U[:, :rank].to(matrix.dtype), S[:rank].to(matrix.dtype), Vh[:rank].to(matrix.dtype)
 
     def _build(self, weight: torch.Tensor) -> None:
-        matrix = weight.reshape(weight.shape[0], -1)
+        matrix = matrix_view(weight)
         rank = self._resolve_rank(tuple(weight.shape), self.rank, self.mode)
         # LAPACK hands back column-major factors: row-major copies are what FSDP2 can shard.
         U, S, Vh = (
@@ -220,7 +213,7 @@ class SVDParam(AdapterParam):
 
 def _count_at_rank(shape: tuple[int, ...], rank: int, mode: str) -> int:
     if mode == "pissa":
-        return rank * (shape[0] + math.prod(shape[1:]))
+        return rank * sum(matrix_dims(shape))
     if mode == "svfit":
         return rank
     return rank * rank

@@ -15,26 +15,12 @@ import torch
 from torch import nn
 
 from .. import Tucker, tucker
-from .._checks import check_choice, check_optional_int, check_rank, check_real
-from ._budget import default_budget
-from .base import AdapterParam, check_weight_shape
+from .._checks import check_choice, check_optional_int, check_real
+from .base import AdapterParam
 
 _INITS = ("tucker", "random")
-DEFAULT_RANK = 8
 # the official code draws both factors from N(0, 0.02) (Subspace-Tuning loralib layers_flora.py)
 OFFICIAL_FACTOR_STD = 0.02
-
-
-def resolve_channel_rank(shape: Sequence[int], rank: int | None, name: str = "rank") -> int:
-    """The rank of both channel modes: ``rank`` checked in ``[1, min(shape[0], shape[1])]``.
-
-    ``None`` is the default budget :data:`DEFAULT_RANK`, clamped to what the layer allows.
-    """
-    check_weight_shape(shape)
-    limit = min(shape[0], shape[1])
-    if rank is None:
-        return min(DEFAULT_RANK, limit)
-    return check_rank(rank, f"{name} (weight shape {tuple(shape)})", limit)
 
 
 class TuckerParam(AdapterParam):
@@ -148,16 +134,7 @@ class TuckerParam(AdapterParam):
     def _mode_ranks(cls, shape: Sequence[int], rank: int | None, spatial_rank: int | None) -> list[int | None]:
         """The rank of each mode, ``None`` for a spatial mode kept full (no factor)."""
         spatial = [None if spatial_rank is None else min(spatial_rank, size) for size in shape[2:]]
-        if rank is not None:
-            channel_rank = resolve_channel_rank(shape, rank)
-        else:
-            channel_rank = default_budget(
-                cls.__name__,
-                "rank",
-                shape,
-                range(resolve_channel_rank(shape, None), 0, -1),
-                lambda r: _tucker_count(shape, [r, r, *spatial]),
-            )
+        channel_rank = cls._resolved_channel_rank(shape, rank, lambda r: _tucker_count(shape, [r, r, *spatial]))
         return [channel_rank, channel_rank, *spatial]
 
     @classmethod
