@@ -140,11 +140,20 @@ def test_frequent_directions_is_exact_while_the_stream_fits(dim, seed, data):
 
 @given(streams(), st.sampled_from([-100, 100]))
 def test_frequent_directions_commutes_with_power_of_two_scales(stream, exponent):
-    """Rows near fp32's limits (2**100 squares to inf) give the scaled sketch, bit for bit."""
+    """Rows near fp32's limits (2**100 squares to inf) give the scaled sketch.
+
+    Not asserted bit for bit: inside the full suite the two runs differed in their last bits
+    (the LAPACK path is not fixed there), and rows' signs are free. Without the rescaling the
+    sketch of the scaled rows is inf or NaN, far outside this tolerance.
+    """
     A, size, batch = stream
     A = A.float()
     scale = 2.0**exponent
-    assert torch.equal(sketch_of(A * scale, size, batch), sketch_of(A, size, batch) * scale)
+    # Compared as Gram matrices (in float64, where scale**2 is finite): rows' signs are free.
+    sketch, scaled = sketch_of(A, size, batch).double(), sketch_of(A * scale, size, batch).double()
+    assert torch.isfinite(scaled).all()
+    gram = sketch.T @ sketch
+    torch.testing.assert_close(scaled.T @ scaled / scale**2, gram, rtol=1e-5, atol=1e-6 * float(gram.abs().max()))
 
 
 # ----------------------------------------------------------------------------------------------
