@@ -1,7 +1,7 @@
 """AtomParam: the update formulas (level 1, level 2, linear block view), defaults, counts, errors.
 
-The shared properties (identity at init over drawn layers, merge, save/load, deepcopy, bf16)
-run in tests/contracts/test_adapter_contract.py.
+The shared properties (identity at init over drawn layers, merge, save/load, deepcopy,
+bf16/fp16 layers) run in tests/contracts/test_adapter_contract.py.
 """
 
 from __future__ import annotations
@@ -117,12 +117,6 @@ def test_registration_on_conv_is_identity_in_float64():
     before = conv(x)
     parametrize.register_parametrization(conv, "weight", AtomParam(num_atoms=4, levels=2))
     assert torch.equal(conv(x), before)
-
-
-def test_parameters_follow_the_weight_dtype():
-    adapter = AtomParam.from_weight(torch.randn(4, 2, 3, 3, dtype=torch.bfloat16), levels=2)
-    assert {p.dtype for p in adapter.parameters()} == {torch.bfloat16}
-    assert adapter(torch.zeros(4, 2, 3, 3, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 def test_training_only_the_atoms_fits_a_target_update():

@@ -55,36 +55,16 @@ def test_closed_form_against_scipy_lu(layer_and_input, scale):
     torch.testing.assert_close(layer.weight, expected, rtol=1e-8, atol=1e-8)
 
 
-@given(layers())
-def test_training_step_merge_and_gradients(layer_and_input):
-    layer, x = layer_and_input
-    assume(default_fits(LDUParam(), layer))
+def test_pivots_and_scale_are_the_trainable_tensors_and_both_get_a_gradient():
+    """(Gradients reaching only adapter tensors, a training step and merge are the adapter
+    contract's.)"""
+    layer = nn.Conv2d(4, 6, 3, groups=2)
     parametrize.register_parametrization(layer, "weight", LDUParam())
-    layer.parametrizations.weight.original.requires_grad_(False)
     adapter = adapter_of(layer)
     assert dict(adapter.named_parameters()).keys() == {"pivots", "scale"}
-    assert not any(b.requires_grad for b in adapter.buffers())
-    before = layer(x).detach()
-    layer(x).square().sum().backward()
-    assert layer.parametrizations.weight.original.grad is None
+    assert not any(buffer.requires_grad for buffer in adapter.buffers())
+    layer(torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(0))).square().sum().backward()
     assert adapter.scale.grad.abs() > 0 and adapter.pivots.grad.abs().sum() > 0
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p -= 1e-2 * p.grad
-    after = layer(x).detach()
-    assert not torch.allclose(after, before)
-    parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
-    torch.testing.assert_close(layer(x), after, rtol=1e-6, atol=1e-9)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_weights_keep_dtype_and_identity(dtype):
-    torch.manual_seed(0)
-    layer = nn.Conv2d(4, 6, 3, dilation=2, groups=2).to(dtype)
-    W = layer.weight.detach().clone()
-    parametrize.register_parametrization(layer, "weight", LDUParam())
-    assert layer.weight.dtype == dtype and torch.equal(layer.weight, W)
-    assert all(p.dtype == dtype for p in adapter_of(layer).parameters())
 
 
 def test_zero_pivot_raises_and_leaves_layer_untouched():

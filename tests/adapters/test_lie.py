@@ -118,32 +118,15 @@ def test_linear_init_matches_the_official_code():
     assert float(in_factor.abs().max()) <= bound and float(in_factor.abs().max()) > 0.9 * bound
 
 
-@given(layers(dtype=torch.float32), ORDERS)
-def test_gradients_reach_only_adapter_tensors_and_a_step_changes_the_output(case, order):
-    layer, x = case
-    for parameter in layer.parameters():
-        parameter.requires_grad_(False)
-    adapter = LieParam(order=order)
-    assume(default_fits(adapter, layer))
+@pytest.mark.parametrize("order", [None, 1])
+def test_the_zero_out_factor_gets_the_first_gradient(order):
+    """B = 0 at init is what moves first. (Gradients reaching only adapter tensors and a step
+    changing the output are the adapter contract's.)"""
+    layer = nn.Linear(6, 4)
+    adapter = LieParam(rank=2, order=order)
     parametrize.register_parametrization(layer, "weight", adapter)
-    before = layer(x).detach()
-    optimizer = torch.optim.Adam(adapter.parameters(), lr=1e-2)
-    (layer(x) * torch.randn_like(before)).sum().backward()
-    assert layer.parametrizations.weight.original.grad is None
-    assert all(parameter.grad is not None for parameter in adapter.parameters())
-    assert bool(adapter.out_factor.grad.abs().sum() > 0)  # B = 0 is what moves first
-    optimizer.step()
-    assert not torch.allclose(layer(x), before)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_weight_keeps_its_dtype_and_identity(dtype):
-    layer = nn.Linear(6, 4).to(dtype)
-    weight = layer.weight.detach().clone()
-    adapter = LieParam(rank=2)
-    parametrize.register_parametrization(layer, "weight", adapter)
-    assert layer.weight.dtype == dtype and torch.equal(layer.weight, weight)
-    assert adapter.in_factor.dtype == dtype
+    layer(torch.randn(3, 6, generator=torch.Generator().manual_seed(0))).square().sum().backward()
+    assert bool(adapter.out_factor.grad.abs().sum() > 0)
 
 
 @pytest.mark.parametrize(

@@ -160,6 +160,19 @@ def test_a_model_that_is_not_a_module_is_refused(call):
         call({"fc.weight": torch.zeros(2, 2)})
 
 
+@pytest.mark.parametrize(
+    "layer", [nn.Embedding(10, 4), nn.ConvTranspose2d(4, 4, 3)], ids=["embedding", "conv_transpose"]
+)
+def test_a_targeted_unsupported_layer_is_refused_before_any_registration(layer):
+    """(An adapter's own refusal of a weight it cannot take is the adapter contract's.)"""
+    model = nn.Sequential(pretrained(), copy.deepcopy(layer))
+    message = rf"'1' of type {type(layer).__name__}; adapters support nn.Linear and nn.Conv1d/2d/3d"
+    with pytest.raises(TypeError, match=message):
+        apply(model, AtomParam, target=r".*")
+    assert adapted_names(model) == []
+    assert all(parameter.requires_grad for parameter in model.parameters())
+
+
 def test_failure_after_some_registrations_rolls_them_back():
     # The 3x3 convs features.0 and features.2 ignore block=3; the 1x1 features.4, an 8x8 matrix
     # in the block view, rejects it.

@@ -61,40 +61,15 @@ def test_closed_forms_against_numpy_svd(layer_and_input, mode, scale):
     torch.testing.assert_close(layer.weight, expected, rtol=1e-9, atol=1e-9)
 
 
-@given(layers(), st.sampled_from(MODES))
-def test_training_step_merge_and_gradients(layer_and_input, mode):
-    layer, x = layer_and_input
-    assume(default_fits(SVDParam(mode=mode), layer))
-    parametrize.register_parametrization(layer, "weight", SVDParam(mode=mode))
-    layer.parametrizations.weight.original.requires_grad_(False)
-    adapter = adapter_of(layer)
-    trainable = [p for p in layer.parameters() if p.requires_grad]
-    # bias + the mode's own tensors; buffers never require grad
-    bias = {id(layer.bias)} if layer.bias is not None else set()
-    assert {id(p) for p in trainable} == bias | {id(p) for p in adapter.parameters()}
-    before = layer(x).detach()
-    layer(x).square().sum().backward()
-    assert layer.parametrizations.weight.original.grad is None
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p -= 1e-2 * p.grad
-    after = layer(x).detach()
-    assert not torch.allclose(after, before)
-    parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
-    torch.testing.assert_close(layer(x), after, rtol=1e-6, atol=1e-9)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
-def test_half_weights_keep_dtype_and_identity(dtype, mode):
-    torch.manual_seed(0)
-    layer = nn.Conv2d(4, 6, 3, groups=2).to(dtype)
-    W = layer.weight.detach().clone()
-    parametrize.register_parametrization(layer, "weight", SVDParam(rank=3, mode=mode))
+def test_every_trainable_tensor_of_each_mode_gets_a_gradient(mode):
+    """(Gradients reaching only adapter tensors, a training step and merge are the adapter
+    contract's; here every tensor of the mode moves, not only some.)"""
+    layer = nn.Conv2d(4, 6, 3, groups=2)
+    parametrize.register_parametrization(layer, "weight", SVDParam(mode=mode))
     adapter = adapter_of(layer)
-    assert layer.weight.dtype == dtype and torch.equal(layer.weight, W)
-    assert all(p.dtype == dtype for p in adapter.parameters())
+    layer(torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(0))).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
 
 
 def test_lora_xs_normal_init_is_documented_non_identity():

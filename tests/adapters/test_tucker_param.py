@@ -97,31 +97,21 @@ def test_linear_count_is_lora_plus_core():
     assert TuckerParam.trainable_count((64, 32), rank=4) == 4 * (64 + 32) + 4 * 4
 
 
-@given(layers(dtype=torch.float32), st.sampled_from(["tucker", "random"]))
-def test_gradients_reach_only_adapter_tensors_and_a_step_changes_the_output(case, init):
-    layer, x = case
-    for parameter in layer.parameters():
-        parameter.requires_grad_(False)
+@pytest.mark.parametrize("init", ["tucker", "random"])
+def test_the_zero_core_gets_the_first_gradient_and_a_step_moves_the_update(init):
+    """(Gradients reaching only adapter tensors and a step changing the output are the adapter
+    contract's, with the default init.) The official N(0, 0.02) factors move W by only
+    ~0.02**2 * lr per core step, so the update is checked in float64."""
+    layer = nn.Conv2d(3, 4, 2)
     adapter = TuckerParam(init=init)
-    assume(default_fits(adapter, layer))
     parametrize.register_parametrization(layer, "weight", adapter)
-    before = layer(x).detach()
     optimizer = torch.optim.Adam(adapter.parameters(), lr=1e-2)
-    (layer(x) * torch.randn_like(before)).sum().backward()
-    assert layer.parametrizations.weight.original.grad is None
-    assert all(parameter.grad is not None for parameter in adapter.parameters())
-    assert bool(adapter.core.grad.abs().sum() > 0)  # the zero core is what moves first
+    layer(torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))).square().sum().backward()
+    assert bool(adapter.core.grad.abs().sum() > 0)
     optimizer.step()
-    after = layer(x).detach()
-    if init == "tucker":
-        assert not torch.allclose(after, before)
-    else:
-        # the official N(0, 0.02) factors: a core step moves W by only ~0.02**2 * lr, which a
-        # float32 output can round away on a rank-1 layer (a (1, 3, 2, 2) conv); the update
-        # itself, in float64, is not zero
-        weight = layer.parametrizations.weight.original.detach().double()
-        with torch.no_grad():
-            assert bool(adapter.delta(weight).abs().sum() > 0)
+    weight = layer.parametrizations.weight.original.detach().double()
+    with torch.no_grad():
+        assert bool(adapter.delta(weight).abs().sum() > 0)
 
 
 def test_tucker_init_factors_are_orthonormal_and_span_the_weights_subspace():
@@ -139,16 +129,6 @@ def test_random_init_uses_the_official_std():
     adapter = TuckerParam.from_weight(torch.randn(512, 256), rank=8, init="random")
     assert abs(float(adapter.factors[0].detach().std()) - 0.02) < 2e-3
     assert torch.count_nonzero(adapter.core) == 0
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_weight_keeps_its_dtype_and_identity(dtype):
-    layer = nn.Conv2d(6, 4, 3).to(dtype)
-    adapter = TuckerParam(rank=2)
-    weight = layer.weight.detach().clone()
-    parametrize.register_parametrization(layer, "weight", adapter)
-    assert layer.weight.dtype == dtype and torch.equal(layer.weight, weight)
-    assert adapter.core.dtype == dtype
 
 
 def test_assigning_a_weight_is_inverted_under_the_current_update():

@@ -3,7 +3,9 @@
 torch.optim behaviour (closure, zero_grad, grad-less parameters, param groups), tensor-only state
 that ``torch.load(weights_only=True)`` reads, a bit-identical continuation after save -> load in
 the middle of a run, a load cast to another dtype, half-precision parameters with fp32 state,
-AdamW on 1-D parameters, typed errors for bad parameters and options, and progress on a problem.
+AdamW on 1-D and 0-D parameters, typed errors for bad parameters and for each case's
+``error_inputs`` (at construction and in ``add_param_group``), bitwise-equal steps with
+``foreach=True`` and ``False``, and progress on a problem.
 """
 
 from __future__ import annotations
@@ -14,9 +16,15 @@ import io
 import pytest
 import torch
 
-from .optimizers import OPTIMIZER_CASES, OptimizerCase
+from .optimizers import OPTIMIZER_CASES, OptimizerCase, assert_same, snapshot
 
 CASES = [pytest.param(case, id=case.name) for case in OPTIMIZER_CASES]
+ERROR_INPUTS = [
+    pytest.param(case, option, id=f"{case.name}-{option}")
+    for case in OPTIMIZER_CASES
+    for option in case.error_inputs
+]
+FOREACH_CASES = [pytest.param(case, id=case.name) for case in OPTIMIZER_CASES if case.foreach]
 
 
 def _model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -56,26 +64,29 @@ def _reload(state: dict) -> dict:
     return torch.load(buffer, weights_only=True)
 
 
+@pytest.mark.parametrize("split", [4, 5], ids=["at-refresh", "between-refreshes"])
 @pytest.mark.parametrize("case", CASES)
-def test_state_is_tensors_only_and_resume_is_bit_identical(case: OptimizerCase) -> None:
+def test_state_is_tensors_only_and_resume_is_bit_identical(case: OptimizerCase, split: int) -> None:
+    """The cases refresh every 2 steps: the step after ``split=4`` steps refreshes, after 5 not."""
     reference = _model()
-    reference_opt = case.factory(reference.parameters(), 1e-2)
-    _train(reference, reference_opt, range(10))
+    reference_opt = case.factory(reference.parameters(), 1e-2, weight_decay=0.01)
+    _train(reference, reference_opt, range(8))
 
     model = _model()
-    optimizer = case.factory(model.parameters(), 1e-2)
-    _train(model, optimizer, range(5))
+    optimizer = case.factory(model.parameters(), 1e-2, weight_decay=0.01)
+    _train(model, optimizer, range(split))
     for values in optimizer.state_dict()["state"].values():
         assert all(isinstance(value, torch.Tensor) for value in values.values())
     saved_model, saved_state = copy.deepcopy(model.state_dict()), _reload(optimizer.state_dict())
 
     resumed = _model()
     resumed.load_state_dict(saved_model)
-    resumed_opt = case.factory(resumed.parameters(), 1e-2)
+    resumed_opt = case.factory(resumed.parameters(), 1e-2, weight_decay=0.01)
     resumed_opt.load_state_dict(saved_state)
-    _train(resumed, resumed_opt, range(5, 10))
+    _train(resumed, resumed_opt, range(split, 8))
     for ours, theirs in zip(resumed.parameters(), reference.parameters()):
         assert torch.equal(ours, theirs)
+    assert_same(resumed_opt.state_dict(), reference_opt.state_dict())
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -84,6 +95,7 @@ def test_load_casts_floating_state_and_keeps_integers(case: OptimizerCase) -> No
     optimizer = case.factory(model.parameters(), 1e-2)
     _train(model, optimizer, range(3))
     wide = _model(torch.float64)
+    wide.load_state_dict(model.state_dict())
     wide_opt = case.factory(wide.parameters(), 1e-2)
     wide_opt.load_state_dict(_reload(optimizer.state_dict()))
     for param in wide.parameters():
@@ -120,25 +132,40 @@ def test_closure_zero_grad_and_parameters_without_gradient(case: OptimizerCase) 
         loss.backward()
         return loss
 
-    loss = optimizer.step(closure)
+    with torch.no_grad():  # step runs the closure with grad enabled, as torch.optim
+        start = _loss(model, 0)
+        loss = optimizer.step(closure)
     assert isinstance(loss, torch.Tensor) and loss.requires_grad
+    assert torch.equal(loss.detach(), start)  # the loss before the step
     assert torch.equal(frozen, before) and frozen not in optimizer.state
     optimizer.zero_grad()
     assert all(param.grad is None for param in model.parameters())
 
+    # a parameter with state but no gradient this step: neither it nor its state moves
+    conv = model[0].weight
+    conv_before, state_before = conv.detach().clone(), copy.deepcopy(optimizer.state[conv])
+    _loss(model, 1).backward()
+    conv.grad = None
+    optimizer.step()
+    assert torch.equal(conv, conv_before)
+    assert_same(dict(optimizer.state[conv]), dict(state_before))
+
 
 @pytest.mark.parametrize("case", CASES)
-def test_one_dimensional_parameters_take_adamw(case: OptimizerCase) -> None:
-    bias = torch.nn.Parameter(torch.randn(7))
-    twin = torch.nn.Parameter(bias.detach().clone())
-    optimizer = case.factory([bias], 1e-2)
-    reference = torch.optim.AdamW([twin], lr=1e-2, weight_decay=optimizer.defaults["weight_decay"])
+def test_vectors_and_scalars_take_adamw(case: OptimizerCase) -> None:
+    adam = {"betas": (0.85, 0.99), "eps": 1e-6, "weight_decay": 0.05}
+    params = [torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.randn(()))]
+    twins = [torch.nn.Parameter(param.detach().clone()) for param in params]
+    optimizer = case.factory(params, 1e-2, **adam)
+    reference = torch.optim.AdamW(twins, lr=1e-2, **adam)
     for step in range(4):
-        gradient = torch.randn(7, generator=torch.Generator().manual_seed(step))
-        bias.grad, twin.grad = gradient.clone(), gradient.clone()
+        generator = torch.Generator().manual_seed(step)
+        for param, twin in zip(params, twins):
+            param.grad = torch.randn(param.shape, generator=generator)
+            twin.grad = param.grad.clone()
         optimizer.step()
         reference.step()
-    assert torch.equal(bias, twin)
+    assert all(torch.equal(param, twin) for param, twin in zip(params, twins))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -148,11 +175,13 @@ def test_half_parameters_keep_their_dtype_with_fp32_state(
 ) -> None:
     model = _model(dtype)
     optimizer = case.factory(model.parameters(), 1e-2)
-    _train(model, optimizer, range(3))
+    first = _loss(model, 0).item()
+    _train(model, optimizer, [0] * 20)
     for param in model.parameters():
         assert param.dtype == dtype and torch.isfinite(param).all()
         for value in optimizer.state[param].values():
             assert not value.is_floating_point() or value.dtype == torch.float32
+    assert _loss(model, 0).item() < 0.8 * first  # the half-precision steps are not rounded away
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -172,6 +201,38 @@ def test_rejected_param_group_leaves_the_optimizer_unchanged(case: OptimizerCase
     assert len(optimizer.param_groups) == groups
     with pytest.raises(ValueError, match="lr"):
         case.factory(model.parameters(), -1.0)
+
+
+@pytest.mark.parametrize(("case", "option"), ERROR_INPUTS)
+def test_bad_option_is_refused_at_construction_and_in_add_param_group(
+    case: OptimizerCase, option: str
+) -> None:
+    bad = case.error_inputs[option]
+    with pytest.raises(bad.error, match=bad.match):
+        case.factory([torch.nn.Parameter(torch.zeros(3, 3))], 1e-2, **{option: bad.value})
+    if option not in case.factory([torch.nn.Parameter(torch.zeros(1))], 1e-2).defaults:
+        return  # not an option of this optimizer: nothing a param group could set
+    optimizer = case.factory(_model().parameters(), 1e-2)
+    before = snapshot(optimizer)
+    new_group = {"params": [torch.nn.Parameter(torch.zeros(3, 3))], option: bad.value}
+    with pytest.raises(bad.group_error or bad.error, match=bad.match):
+        optimizer.add_param_group(new_group)
+    assert_same(snapshot(optimizer), before)
+
+
+@pytest.mark.parametrize("case", FOREACH_CASES)
+def test_foreach_and_for_loop_steps_are_bitwise_equal(case: OptimizerCase) -> None:
+    runs = []
+    for foreach in (False, True):
+        model = _model()
+        optimizer = case.factory(model.parameters(), 1e-2, foreach=foreach)
+        _train(model, optimizer, range(5))
+        runs.append((list(model.parameters()), list(optimizer.state.values())))
+    (params, states), (foreach_params, foreach_states) = runs
+    assert all(torch.equal(a, b) for a, b in zip(params, foreach_params))
+    for state, foreach_state in zip(states, foreach_states):
+        assert state.keys() == foreach_state.keys()
+        assert all(torch.equal(state[key], foreach_state[key]) for key in state)
 
 
 @pytest.mark.parametrize("case", CASES)

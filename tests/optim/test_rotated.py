@@ -7,8 +7,6 @@ steps on fixed gradient sequences and compared with the optimizers on float64 pa
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import scipy.fft
@@ -439,87 +437,14 @@ def test_eigen_adam_first_step_only_accumulates():
     assert not torch.equal(weight.detach(), before[0])
 
 
-# --- both optimizers: checkpoints, fallbacks, dtypes, options, training ------------------------
-
-OPTIMIZERS = [
-    pytest.param(ARO, {"lr": 0.05}, id="aro-sinkhorn"),
-    pytest.param(ARO, {"lr": 0.05, "base": "row_norm", "adjust_lr": "spectral_norm"}, id="aro-row"),
-    pytest.param(ARO, {"lr": 0.05, "base": "sign"}, id="aro-sign"),
-    pytest.param(RotatedAdam, {"basis": "dct", "lr": 0.05}, id="rotated-dct"),
-    pytest.param(RotatedAdam, {"basis": "eigen", "lr": 0.05, "update_gap": 2}, id="rotated-eigen"),
-]
-SHAPES = [(5, 3), (3,), (4, 2, 3), ()]
-
-
-@pytest.mark.parametrize("cls, options", OPTIMIZERS)
-def test_state_dict_round_trip_continues_bit_identically(cls, options):
-    params = parameters(SHAPES, 12, torch.float32)
-    grads = gradients(params, 7, 12)
-    opt = cls(params, **options)
-    run(opt, params, grads[:3])
-
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    resumed = cls(clones, **options)
-    resumed.load_state_dict(torch.load(buffer, weights_only=True))
-
-    run(opt, params, grads[3:])
-    run(resumed, clones, grads[3:])
-    for param, clone in zip(params, clones):
-        assert torch.equal(param, clone)
-        state, resumed_state = opt.state[param], resumed.state[clone]
-        assert state.keys() == resumed_state.keys()
-        for key, value in state.items():
-            assert (
-                torch.equal(value, resumed_state[key]) and value.dtype == resumed_state[key].dtype
-            )
-        assert state["step"].device.type == "cpu" and state["step"].dtype == torch.int64
-
-
-@pytest.mark.parametrize("cls, options", OPTIMIZERS)
-def test_vectors_and_scalars_take_torch_adamw(cls, options):
-    adam = {"lr": 0.02, "betas": (0.85, 0.99), "eps": 1e-6, "weight_decay": 0.05}
-    params = parameters([(6,), ()], 13)
-    references = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    grads = gradients(params, 4, 13)
-    run(cls(params, **{**options, **adam}), params, grads)
-    run(torch.optim.AdamW(references, **adam), references, grads)
-    for param, reference in zip(params, references):
-        torch.testing.assert_close(param.detach(), reference.detach(), rtol=0, atol=1e-14)
-
-
-@pytest.mark.parametrize("cls, options", OPTIMIZERS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_parameters_keep_their_dtype_with_fp32_state(cls, options, dtype):
-    params = parameters(SHAPES[:3], 14, dtype)
-    starts = [p.detach().clone() for p in params]
-    opt = cls(params, **options)
-    run(opt, params, gradients(params, 3, 14))
-    for param, start in zip(params, starts):
-        assert param.dtype == dtype and torch.all(torch.isfinite(param))
-        assert not torch.equal(param.detach(), start)
-        for key, value in opt.state[param].items():
-            assert value.dtype == (torch.int64 if key == "step" else torch.float32), key
-
+# --- both optimizers: edge values of options ---------------------------------------------------
+# (the optimizer contract runs one error input per option, the checkpoints, dtypes, AdamW
+# fallback and training of every configuration: tests/contracts/optimizers.py)
 
 BAD_OPTIONS = [
-    (ARO, {"lr": -0.1}),
-    (ARO, {"momentum": 1.0}),
     (ARO, {"momentum": -0.5}),
-    (ARO, {"weight_decay": -1.0}),
-    (ARO, {"base": "newton_schulz"}),
-    (ARO, {"sinkhorn_iters": 0}),
-    (ARO, {"adjust_lr": "max"}),
     (ARO, {"betas": (1.0, 0.9)}),
     (ARO, {"betas": (0.9,)}),
-    (ARO, {"eps": -1e-8}),
-    (RotatedAdam, {"lr": -1.0}),
-    (RotatedAdam, {"basis": "svd"}),
-    (RotatedAdam, {"update_gap": 0}),
-    (RotatedAdam, {"max_dim": 0}),
-    (RotatedAdam, {"shampoo_beta": 1.0}),
     (RotatedAdam, {"betas": (0.9, -0.1)}),
     (RotatedAdam, {"weight_decay": float("nan")}),
 ]
@@ -534,32 +459,3 @@ def test_bad_options_raise_value_error(cls, options):
     with pytest.raises(ValueError, match=name):
         opt.add_param_group({"params": parameters([(2, 2)], 1), **options})
     assert len(opt.param_groups) == 1
-
-
-@pytest.mark.parametrize("cls", [ARO, RotatedAdam])
-@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64])
-def test_complex_and_integer_parameters_raise_type_error(cls, dtype):
-    with pytest.raises(TypeError, match="real floating dtype"):
-        cls([torch.zeros(3, 2, dtype=dtype)])
-
-
-@pytest.mark.parametrize("cls, options", OPTIMIZERS)
-def test_least_squares_loss_decreases(cls, options):
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 6, generator=generator)
-    y = x @ torch.randn(6, 8, generator=generator) + 0.3
-    weight = torch.nn.Parameter(torch.zeros(8, 6))
-    bias = torch.nn.Parameter(torch.zeros(8))
-    opt = cls([weight, bias], **options)
-
-    def closure():
-        opt.zero_grad()
-        loss = ((x @ weight.T + bias - y) ** 2).mean()
-        loss.backward()
-        return loss
-
-    start = float(closure().detach())
-    with torch.no_grad():  # step must re-enable grad for the closure
-        losses = [float(opt.step(closure).detach()) for _ in range(60)]
-    assert losses[0] == pytest.approx(start)
-    assert losses[-1] < 0.3 * start
