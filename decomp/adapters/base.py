@@ -354,6 +354,30 @@ def rebuild_tolerance(*dtypes: torch.dtype) -> float:
     return max(REBUILD_RTOL, 2 * max(epsilons))
 
 
+def rebuild_mismatch(
+    saved_fingerprint: Sequence[float], rebuilt: torch.Tensor, saved_dtype: torch.dtype | None = None
+) -> str | None:
+    r"""Why a rebuilt buffer is not the one a file fingerprinted, or ``None`` when it is.
+
+    The :func:`fingerprint_difference` of ``rebuilt`` from ``saved_fingerprint`` against the
+    :func:`rebuild_tolerance` of ``rebuilt``'s dtype (and ``saved_dtype``, the dtype it was saved
+    in, where known).
+
+    Example:
+        >>> x = torch.linspace(-1, 1, 64)
+        >>> rebuild_mismatch(buffer_fingerprint(x), x) is None
+        True
+        >>> rebuild_mismatch(buffer_fingerprint(x), -x)
+        'relative difference 2.09 > 0.001'
+    """
+    dtypes = (rebuilt.dtype,) if saved_dtype is None else (saved_dtype, rebuilt.dtype)
+    difference = fingerprint_difference(saved_fingerprint, buffer_fingerprint(rebuilt))
+    tolerance = rebuild_tolerance(*dtypes)
+    if difference <= tolerance:
+        return None
+    return f"relative difference {difference:.3g} > {tolerance:.3g}"
+
+
 class AdapterParam(nn.Module):
     r"""Base class of every adapter: :math:`W' = \mathrm{compose}(W, \Delta W)`, default :math:`W + \Delta W`.
 

@@ -63,9 +63,8 @@ from .base import (
     buffer_fingerprint,
     copy_whole_into,
     dtype_kind,
-    fingerprint_difference,
     legacy_scalars_reshaped,
-    rebuild_tolerance,
+    rebuild_mismatch,
     same_kind_and_shape,
     whole_tensor,
 )
@@ -1138,10 +1137,8 @@ def _rebuild_problems(root: nn.Module, rebuilt: list[dict[str, Any]]) -> list[st
                 f"file, {list(buffer.shape)} and {buffer.dtype} in the model"
             )
             continue
-        difference = fingerprint_difference(entry["fingerprint"], buffer_fingerprint(buffer))
-        tolerance = rebuild_tolerance(saved_dtype, buffer.dtype)
-        if not difference <= tolerance:
-            differing.append(f"{key!r} (relative difference {difference:.3g} > {tolerance:.3g})")
+        if mismatch := rebuild_mismatch(entry["fingerprint"], buffer, saved_dtype):
+            differing.append(f"{key!r} ({mismatch})")
     if differing:
         problems.append(
             "the frozen factors rebuilt from the model's weight differ from those the adapter was "
@@ -1179,26 +1176,9 @@ def _parse_rebuilt(
     """The file's list of left-out buffers (empty for a file that stores every factor)."""
     if _REBUILT not in metadata:
         return []
-    try:
-        described = json.loads(metadata[_REBUILT])
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"adapter file {path}: metadata {_REBUILT!r} is not valid JSON ({error})"
-        ) from error
-    if not isinstance(described, list):
-        raise ValueError(
-            f"adapter file {path}: metadata {_REBUILT!r} must be a list, "
-            f"got {type(described).__name__}"
-        )
-    problems, seen = [], set()
-    for position, entry in enumerate(described):
-        label = f"entry {position}"
-        if not isinstance(entry, dict) or sorted(entry) != sorted(_REBUILT_FIELDS):
-            problems.append(
-                f"{label} must be an object with exactly the keys {list(_REBUILT_FIELDS)}, "
-                f"got {entry!r}"
-            )
-            continue
+    entries, problems = _metadata_objects(metadata, _REBUILT, _REBUILT_FIELDS, "rebuilt buffers", path)
+    seen: set[str] = set()
+    for label, entry in entries:
         key, shape, dtype, fingerprint = (entry[field] for field in _REBUILT_FIELDS)
         if not isinstance(key, str) or key in saved or key in seen:
             problems.append(
@@ -1223,7 +1203,30 @@ def _parse_rebuilt(
         raise ValueError(
             f"adapter file {path}: malformed metadata {_REBUILT!r}: " + "; ".join(problems)
         )
-    return described
+    return [entry for _, entry in entries]
+
+
+def _metadata_objects(
+    metadata: dict[str, str], name: str, fields: Sequence[str], what: str, path: str | Path
+) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """The JSON list ``metadata[name]``: its ``(label, entry)`` objects with exactly ``fields``, and
+    what is wrong with the others (a list of ``what`` expected). Invalid JSON raises at once."""
+    try:
+        described = json.loads(metadata[name])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"adapter file {path}: metadata {name!r} is not valid JSON ({error})") from error
+    if not isinstance(described, list):
+        return [], [f"expected a list of {what}, got {type(described).__name__}"]
+    entries, problems = [], []
+    for position, entry in enumerate(described):
+        label = f"entry {position}"
+        if isinstance(entry, dict) and sorted(entry) == sorted(fields):
+            entries.append((label, entry))
+        else:
+            problems.append(
+                f"{label} must be an object with exactly the keys {list(fields)}, got {entry!r}"
+            )
+    return entries, problems
 
 
 def _parse_extra(
@@ -1232,25 +1235,9 @@ def _parse_extra(
     """The file's ``"decomp.adapters.extra"`` list, checked against its tensors (none: ``[]``)."""
     if _EXTRA not in metadata:
         return []  # written before save_adapter stored extra tensors, or with extra=False
-    try:
-        described = json.loads(metadata[_EXTRA])
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"adapter file {path}: metadata {_EXTRA!r} is not valid JSON ({error})"
-        ) from error
-    problems = []
-    if not isinstance(described, list):
-        problems.append(f"expected a list of tensor entries, got {type(described).__name__}")
-        described = []
+    entries, problems = _metadata_objects(metadata, _EXTRA, _EXTRA_FIELDS, "tensor entries", path)
     seen: set[str] = set()
-    for position, entry in enumerate(described):
-        label = f"entry {position}"
-        if not isinstance(entry, dict) or sorted(entry) != sorted(_EXTRA_FIELDS):
-            problems.append(
-                f"{label} must be an object with exactly the keys {list(_EXTRA_FIELDS)}, "
-                f"got {entry!r}"
-            )
-            continue
+    for label, entry in entries:
         key, shape, trainable = entry["key"], entry["shape"], entry["trainable"]
         if not isinstance(key, str) or key not in saved:
             problems.append(f"{label}: key {key!r} is not a tensor of the file")
@@ -1268,7 +1255,7 @@ def _parse_extra(
         raise ValueError(
             f"adapter file {path}: malformed metadata {_EXTRA!r}: " + "; ".join(problems)
         )
-    return described
+    return [entry for _, entry in entries]
 
 
 def _extra_targets(root: nn.Module) -> dict[str, torch.Tensor]:

@@ -79,7 +79,7 @@ from torch import nn
 from .. import adapters as _adapters
 from .._checks import _all_finite
 from .._select import SUPPORTED_LAYERS, output_layer
-from .base import AdapterParam, buffer_fingerprint, fingerprint_difference, rebuild_tolerance
+from .base import AdapterParam, buffer_fingerprint, rebuild_mismatch
 from .registry import registered
 
 __all__ = ["PEFT_TYPE", "DecompConfig", "DecompLayer", "DecompModel", "adapter_class"]
@@ -437,10 +437,8 @@ class DecompModel(BaseTuner):
                 continue  # not an adapter buffer of this model: peft reports it as unexpected
             fingerprint = state_dict.pop(saved_key).tolist()
             key, buffer = rebuilt[buffer_key]
-            difference = fingerprint_difference(fingerprint, buffer_fingerprint(buffer))
-            tolerance = rebuild_tolerance(buffer.dtype)
-            if not difference <= tolerance:
-                differing.append(f"{key!r} (relative difference {difference:.3g} > {tolerance:.3g})")
+            if mismatch := rebuild_mismatch(fingerprint, buffer):
+                differing.append(f"{key!r} ({mismatch})")
             state_dict[buffer_key] = buffer
         if differing:
             raise ValueError(

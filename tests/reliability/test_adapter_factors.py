@@ -468,6 +468,17 @@ def test_malformed_rebuilt_metadata_is_refused(tmp_path, edit, message):
         snapshot.assert_unchanged(target)
 
 
+def test_rebuilt_metadata_that_is_not_a_list_is_refused(tmp_path):
+    pretrained, path = _ldu_file(tmp_path)
+    tensors, metadata = read_file(path)
+    save_file(tensors, str(path), metadata={**metadata, REBUILT: json.dumps({"entries": []})})
+    target = copy.deepcopy(pretrained)
+    snapshot = Snapshot(target)
+    with pytest.raises(ValueError, match="expected a list of rebuilt buffers, got dict"):
+        load_adapter(target, path)
+    snapshot.assert_unchanged(target)
+
+
 def test_a_left_out_tensor_its_adapter_does_not_rebuild_is_refused(tmp_path):
     pretrained, path = _ldu_file(tmp_path)
     tensors, metadata = read_file(path)
