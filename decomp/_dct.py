@@ -245,6 +245,17 @@ def _along(vector: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
     return vector.view(-1, *([1] * (ndim - dim - 1)))
 
 
+def _makhoul_setup(
+    x3: torch.Tensor,
+) -> tuple[int, int, _MakhoulPlan, torch.Tensor, _Scratch]:
+    """What both directions of the fast transform of ``(batch, n, inner)`` ``x3`` start from:
+    ``n``, the number of rfft bins ``n // 2 + 1``, the cached plan, an empty contiguous output
+    and the call's scratch buffers."""
+    n = x3.shape[1]
+    out = torch.empty_like(x3, memory_format=torch.contiguous_format)
+    return n, n // 2 + 1, _makhoul_plan(n, x3.dtype, x3.device), out, _Scratch(x3.device)
+
+
 def _fast_dct(x3: torch.Tensor, block_elements: int | None) -> torch.Tensor:
     r"""DCT-II along dim 1 of a ``(batch, n, inner)`` tensor by Makhoul's rfft algorithm.
 
@@ -256,11 +267,7 @@ def _fast_dct(x3: torch.Tensor, block_elements: int | None) -> torch.Tensor:
     conjugated too, the product is :math:`\overline{s_k W_k V_k}`, whose imaginary part is the
     mirrored coefficient itself, with no negation pass.
     """
-    n = x3.shape[1]
-    half = n // 2 + 1
-    plan = _makhoul_plan(n, x3.dtype, x3.device)
-    out = torch.empty_like(x3, memory_format=torch.contiguous_format)
-    scratch = _Scratch(x3.device)
+    n, half, plan, out, scratch = _makhoul_setup(x3)
     for block, out_block, dim in _blocks(x3, out, block_elements):
         v_reversed = scratch(block.shape, x3.dtype, "v")
         torch.index_select(block, dim, plan.reversed_v, out=v_reversed)
@@ -290,11 +297,7 @@ def _fast_idct(x3: torch.Tensor, block_elements: int | None) -> torch.Tensor:
     Bin 0 is fed :math:`X_0` as its imaginary part by the mirror gather; irfft ignores it, as
     documented.
     """
-    n = x3.shape[1]
-    half = n // 2 + 1
-    plan = _makhoul_plan(n, x3.dtype, x3.device)
-    out = torch.empty_like(x3, memory_format=torch.contiguous_format)
-    scratch = _Scratch(x3.device)
+    n, half, plan, out, scratch = _makhoul_setup(x3)
     for block, out_block, dim in _blocks(x3, out, block_elements):
         half_shape = _with_size(block.shape, dim, half)
         mirrored = scratch(half_shape, x3.dtype, "mirrored")
@@ -403,22 +406,8 @@ def idct(x: torch.Tensor, dim: int = -1, *, check_finite: bool = True) -> torch.
 
     i.e. :math:`D^\top X`, batched over every other dimension. Equal to
     ``scipy.fft.idct(X, axis=dim, norm="ortho")``. Cost, precision and autograd as for
-    :func:`dct` (the backward is :func:`dct`).
-
-    Args:
-        x: real floating tensor, any shape with ``x.shape[dim] = n >= 1``.
-        dim: the transformed dimension, in ``[-x.ndim, x.ndim - 1]``.
-        check_finite: check ``x`` for NaN/Inf and the result for overflow of ``x``'s dtype
-            (one device sync; under ``torch.func.vmap`` the whole batch is checked); pass
-            ``False`` in hot loops.
-
-    Returns:
-        Tensor of ``x``'s shape, dtype and device.
-
-    Raises:
-        TypeError: ``x`` is not a real floating tensor, or ``dim`` is not an int.
-        ValueError: ``x`` is 0-dim, empty or (with ``check_finite``) has NaN/Inf or a result
-            beyond its dtype's range, or ``dim`` is out of range.
+    :func:`dct` (the backward is :func:`dct`); so are the arguments ``x``, ``dim`` and
+    ``check_finite``, the result (``x``'s shape, dtype and device) and what it raises.
 
     Example:
         >>> x = torch.randn(4, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

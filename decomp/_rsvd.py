@@ -23,6 +23,7 @@ from ._checks import (
     randn,
     unit_scaled,
 )
+from ._sides import transposes
 
 # The fixed-precision basis grows in blocks, the first of at least this many columns: small enough
 # not to overshoot a low target rank by much, large enough that the per-block host sync is rare.
@@ -203,7 +204,7 @@ def rsvd(
 
     X, scale = unit_scaled(A, (-2, -1))
     # Sketch the smaller side: for a wide matrix factor its (free, transposed-view) transpose.
-    wide = m < n
+    wide = transposes(m, n)
     if wide:
         X = X.mT
     if rank is not None:

@@ -51,7 +51,9 @@ __all__ = [
     "integer",
     "first_nonfinite",
     "local",
+    "matrix_shape",
     "optional",
+    "options_of",
     "real",
     "state_dtype",
     "whole",
@@ -69,6 +71,35 @@ def state_dtype(param: torch.Tensor) -> torch.dtype:
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
     """The 2-D view an optimizer works on: ``(shape[0], -1)`` for N-D tensors (conv kernels)."""
     return tensor if tensor.ndim == 2 else tensor.reshape(tensor.shape[0], -1)
+
+
+def matrix_shape(tensor: torch.Tensor) -> tuple[int, int]:
+    """``as_matrix(tensor).shape`` without the reshape (a dispatched op on an N-D DTensor).
+
+    Example:
+        >>> matrix_shape(torch.zeros(8, 3, 2, 2))
+        (8, 12)
+    """
+    return tensor.shape[0], math.prod(tensor.shape[1:])
+
+
+_NOT_OPTIONS = ("self", "params", "__class__")
+
+
+def options_of(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """A constructor's options from its ``locals()``, in signature order.
+
+    Every argument but ``self`` and ``params`` (and the ``__class__`` cell that ``super()``
+    adds), so each optimizer declares its options once, in its signature; call it first thing,
+    before the constructor binds any other name.
+
+    Example:
+        >>> def construct(params, lr=1e-3, *, eps=1e-8):
+        ...     return options_of(locals())
+        >>> construct([], lr=0.1)
+        {'lr': 0.1, 'eps': 1e-08}
+    """
+    return {key: value for key, value in arguments.items() if key not in _NOT_OPTIONS}
 
 
 def check_param(param: torch.Tensor) -> None:

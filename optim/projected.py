@@ -40,7 +40,6 @@ shards; the random one needs no scores. 1-D parameters take AdamW on their local
 from __future__ import annotations
 
 import difflib
-import math
 import numbers
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -50,6 +49,7 @@ import torch.distributed as dist
 
 from decomp._checks import check_int, check_real
 from decomp._deprecation import renamed_arguments, renamed_value
+from decomp._sides import transposes
 
 from . import continual
 from ._adam import adam_directions, apply_update
@@ -64,7 +64,9 @@ from ._base import (
     floating,
     integer,
     local,
+    matrix_shape,
     optional,
+    options_of,
     real,
     state_dtype,
     whole,
@@ -206,10 +208,11 @@ class _Orientation(NamedTuple):
 
 
 def _orientation(param: torch.Tensor, reduce: Callable | None) -> _Orientation:
-    # From the shape, not as_matrix(param): a reshape of an N-D DTensor is a dispatched op.
-    rows, cols = param.shape[0], math.prod(param.shape[1:])
+    """The library's side rule (compress the smaller side, :func:`decomp._sides.transposes`),
+    except on row shards (``reduce`` given), which always compress the columns."""
+    rows, cols = matrix_shape(param)
     # Row shards must compress the (whole) columns so each rank projects its own rows.
-    transposed = rows < cols and reduce is None
+    transposed = transposes(rows, cols) and reduce is None
     if transposed:
         return _Orientation(cols, rows, cols, True)
     return _Orientation(local(param).shape[0], cols, cols, False)
@@ -224,6 +227,43 @@ def _finite_on_every_rank(
     """
     nonfinite = (~torch.isfinite(tensor)).sum(dtype=torch.float32).reshape(1)
     return bool(reduce(nonfinite) == 0)
+
+
+def _refresh(
+    group: dict[str, Any],
+    projector: Projector,
+    state: dict[str, torch.Tensor],
+    oriented: torch.Tensor,
+    rank: int,
+    reduce: Callable[..., torch.Tensor] | None,
+    transposed: bool,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    r"""A refresh of the subspace of ``oriented`` (:math:`k \times d`); writes nothing.
+
+    Returns the projected gradient :math:`X P_{new}` (:math:`k \times r`), :math:`P_{new}`
+    (:math:`d \times r`), the projector's new state (with the Frequent Directions sketch under
+    ``protect``) and, for ``moments="rotate"`` after the first step, :math:`P_{old}^\top P_{new}`.
+    """
+    dim = oriented.shape[-1]
+    # A rank without rows still joins the score all-reduce: a zero row adds no score.
+    scored = oriented if oriented.shape[0] else oriented.new_zeros(1, dim)
+    low, refreshed = projector.select(
+        scored,
+        {key: state[key] for key in projector.keys},
+        rank,
+        reduce,
+        transposed=transposed,
+    )
+    basis = projector.basis(refreshed, dim, rank, oriented)
+    rotation = None
+    if group["moments"] == "rotate" and int(state["step"]) > 0:
+        rotation = projector.basis(state, dim, rank, oriented).mT @ basis
+    if group["protect"]:
+        # Scale-free: the squares of a 1e20 (1e-25) gradient overflow (underflow) float32.
+        norms, norm_scale = column_norms(low, "l2", reduce)
+        rows = (norms[:, None] * basis.mT) * norm_scale
+        refreshed = {**refreshed, "sketch": continual.frequent_directions(state["sketch"], rows)}
+    return low[: oriented.shape[0]], basis, refreshed, rotation
 
 
 class _Plan(NamedTuple):
@@ -334,37 +374,13 @@ class ProjectedAdam(TensorStateOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            rank=rank,
-            projector=projector,
-            update_gap=update_gap,
-            scale=scale,
-            moments=moments,
-            score_norm=score_norm,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            max_dim=max_dim,
-            foreach=foreach,
-            protect=protect,
-            protect_energy=protect_energy,
-            seed=seed,
-            svd=svd,
-            dct_method=dct_method,
-            check_finite=check_finite,
-            maximize=maximize,
-            fused=fused,
-            capturable=capturable,
-            differentiable=differentiable,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, options_of(locals()))
 
     def _takes_adamw(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
         return (
             super()._takes_adamw(param, group)
             or group["rank"] is None
-            or max(param.shape[0], math.prod(param.shape[1:])) >= group["max_dim"]
+            or max(matrix_shape(param)) >= group["max_dim"]
         )
 
     def _matrix_layout(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
@@ -521,33 +537,10 @@ class ProjectedAdam(TensorStateOptimizer):
         if int(state["step"]) % group["update_gap"]:
             basis = projector.basis(state, dim, rank, oriented)
             return _Plan(oriented @ basis, basis, transposed, fresh, {}, None, False)
-        # A rank without rows still joins the score all-reduce: a zero row adds no score.
-        scored = oriented if oriented.shape[0] else oriented.new_zeros(1, dim)
-        low, refreshed = projector.select(
-            scored,
-            {key: state[key] for key in projector.keys},
-            rank,
-            reduce,
-            transposed=transposed,
+        low, basis, refreshed, rotation = _refresh(
+            group, projector, state, oriented, rank, reduce, transposed
         )
-        basis = projector.basis(refreshed, dim, rank, oriented)
-        rotation = None
-        if group["moments"] == "rotate" and int(state["step"]) > 0:
-            rotation = projector.basis(state, dim, rank, oriented).mT @ basis
-        if group["protect"]:
-            # Scale-free: the squares of a 1e20 (1e-25) gradient overflow (underflow) float32.
-            norms, norm_scale = column_norms(low, "l2", reduce)
-            rows = (norms[:, None] * basis.mT) * norm_scale
-            refreshed = {**refreshed, "sketch": continual.frequent_directions(state["sketch"], rows)}
-        return _Plan(
-            low[: oriented.shape[0]],
-            basis,
-            transposed,
-            fresh,
-            refreshed,
-            rotation,
-            group["moments"] == "reset",
-        )
+        return _Plan(low, basis, transposed, fresh, refreshed, rotation, group["moments"] == "reset")
 
     def _fresh_state(
         self,
@@ -557,6 +550,9 @@ class ProjectedAdam(TensorStateOptimizer):
         oriented: torch.Tensor,
         rank: int,
     ) -> dict[str, torch.Tensor]:
+        """The state of ``param``'s first step: zero counters and moments, the projector's fresh
+        state (seeded by the parameter's position) and, under ``protect``, an empty sketch and
+        protected basis."""
         dim = oriented.shape[-1]
         seed = group["seed"] + self._param_index(param)
         state = {

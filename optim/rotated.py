@@ -26,6 +26,7 @@ import torch
 from decomp import dct, idct
 from decomp._checks import unit_scaled
 from decomp._qr import signed_qr
+from decomp._sides import transposes
 
 from ._adam import adam_direction, apply_update, init_moments
 from ._base import (
@@ -38,7 +39,9 @@ from ._base import (
     flag,
     floating,
     integer,
+    matrix_shape,
     optional,
+    options_of,
     real,
     state_dtype,
     whole,
@@ -98,11 +101,6 @@ _BASE_MAPS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "row_norm": _row_norm,
     "sign": _sign,
 }
-
-
-def _matrix_shape(param: torch.Tensor) -> tuple[int, int]:
-    """``as_matrix(param).shape`` without the reshape."""
-    return param.shape[0], math.prod(param.shape[1:])
 
 
 class _MatrixOrAdamW(TensorStateOptimizer):
@@ -294,25 +292,10 @@ class ARO(_MatrixOrAdamW):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "weight_decay": weight_decay,
-            "base": base,
-            "sinkhorn_iters": sinkhorn_iters,
-            "adjust_lr": adjust_lr,
-            "betas": betas,
-            "eps": eps,
-            "check_finite": check_finite,
-            "maximize": maximize,
-            "fused": fused,
-            "capturable": capturable,
-            "differentiable": differentiable,
-        }
-        super().__init__(params, defaults)
+        super().__init__(params, options_of(locals()))
 
     def _matrix_layout(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
-        rows, cols = _matrix_shape(param)
+        rows, cols = matrix_shape(param)
         side = min(rows, cols)
         return {
             "step": integer(),
@@ -342,7 +325,8 @@ class ARO(_MatrixOrAdamW):
 
         base_map = _BASE_MAPS[group["base"]]
         iters = group["sinkhorn_iters"]
-        tall = rows > cols
+        # Rotate the smaller side: R is min(m, n) square.
+        tall = transposes(rows, cols, smaller="rows")
         framed = momentum.T if tall else momentum
         cross = framed @ base_map(rotation.T @ framed, iters).T
         rotation.copy_(signed_qr(unit_scaled(cross, (-2, -1))[0])[0])
@@ -491,25 +475,10 @@ class RotatedAdam(_MatrixOrAdamW):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "basis": basis,
-            "update_gap": update_gap,
-            "shampoo_beta": shampoo_beta,
-            "max_dim": max_dim,
-            "check_finite": check_finite,
-            "maximize": maximize,
-            "fused": fused,
-            "capturable": capturable,
-            "differentiable": differentiable,
-        }
-        super().__init__(params, defaults)
+        super().__init__(params, options_of(locals()))
 
     def _matrix_layout(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
-        shape = _matrix_shape(param)
+        shape = matrix_shape(param)
         layout = {"step": integer(), "exp_avg": floating(*shape), "exp_avg_sq": floating(*shape)}
         if group["basis"] == "eigen":
             for side, size in zip(_SIDES, shape):

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from decomp import _checks
+from decomp import _checks, _sides
 
 
 @pytest.mark.parametrize(
@@ -173,3 +175,18 @@ def test_numpy_arrays_of_options_are_sequences():
         tucker(T, torch.tensor([2, 2, 2]))
     with pytest.raises(TypeError, match=r"b_shape\[0\] must be an int, got float"):
         kpsvd(A, np.array([2.0, 3.0]), (3, 2), 1)
+
+
+@given(rows=st.integers(0, 64), cols=st.integers(0, 64), smaller=st.sampled_from(["cols", "rows"]))
+def test_the_side_rule_puts_the_smaller_side_where_asked_and_leaves_ties(rows, cols, smaller):
+    transposed = _sides.transposes(rows, cols, smaller)
+    oriented = (cols, rows) if transposed else (rows, cols)
+    axis = 1 if smaller == "cols" else 0
+    assert oriented[axis] == min(rows, cols)
+    # transposing only when needed: a square matrix, or one already oriented, stays as it is
+    assert transposed == ((rows, cols)[axis] > min(rows, cols))
+
+
+def test_the_side_rule_rejects_an_unknown_side():
+    with pytest.raises(ValueError, match="smaller must be 'cols' or 'rows', got 'left'"):
+        _sides.transposes(2, 3, "left")

@@ -12,6 +12,7 @@ independent implementation.
 
 from __future__ import annotations
 
+import inspect
 import io
 
 import numpy as np
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 from decomp import dct_matrix
 from optim import DCTProjectedAdam, ProjectedAdam, SVDProjectedAdam
 from optim.projectors import DCTProjector, RandomProjector
+from optim.rotated import ARO, RotatedAdam
 from tests.strategies import SEEDS, gaussian
 
 PROJECTORS = ("dct", "svd", "random")
@@ -631,3 +633,27 @@ def test_seed_offsets_follow_parameters_added_after_a_step():
     stepwise.step()
     together.step()
     assert int(stepwise.state[second]["seed"]) == int(together.state[second]["seed"]) == 2
+
+
+# what the wrappers pin or default differently
+_FIXED = {
+    DCTProjectedAdam: {"projector": "dct", "moments": "rotate"},
+    SVDProjectedAdam: {"projector": "svd"},
+}
+
+
+@pytest.mark.parametrize(
+    "cls", [ProjectedAdam, DCTProjectedAdam, SVDProjectedAdam, ARO, RotatedAdam]
+)
+def test_defaults_are_the_signature_defaults_in_signature_order(cls):
+    # The constructors build their defaults from their own arguments (options_of(locals())).
+    lr = 0.25
+    optimizer = cls([torch.nn.Parameter(torch.zeros(2, 2))], lr=lr)
+    signature = inspect.signature(ProjectedAdam.__init__ if cls in _FIXED else cls.__init__)
+    expected = {
+        name: parameter.default
+        for name, parameter in signature.parameters.items()
+        if name not in ("self", "params")
+    }
+    expected.update(lr=lr, **_FIXED.get(cls, {}))
+    assert list(optimizer.defaults.items()) == list(expected.items())
