@@ -9,7 +9,7 @@ layer's own forward is untouched). :mod:`decomp.adapters.model` adds the model-l
 
 from .._deprecation import deprecated_attributes
 from .atom import AtomParam
-from .base import AdapterParam
+from .base import AdapterParam, option
 from .dct import DCTParam
 from .export import merged_state_dict
 from .kron import KronParam
@@ -23,6 +23,7 @@ from .tucker import TuckerParam
 
 __all__ = [
     "AdapterParam",
+    "option",
     "AtomParam",
     "SNELLParam",
     "SNELLAParam",

@@ -9,7 +9,7 @@ its pretrained weight and the update lives in a tiny space (``m * K`` numbers pe
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from torch import nn
 from .. import atoms
 from .._checks import check_int, check_optional_int
 from ._budget import default_budget
-from .base import AdapterParam
+from .base import AdapterParam, option
 
 _DEFAULT_NUM_ATOMS = 9
 _DEFAULT_SUB_ATOMS = 3
@@ -115,44 +115,21 @@ class AtomParam(AdapterParam):
         204
     """
 
-    budget_option: ClassVar[str] = "num_atoms"
-    """The constructor argument that sets the trainable budget (first positional)."""
     # The coefficients on the weight's top right singular directions (signs fixed by decomp.atoms).
     rebuilt_buffers: ClassVar[tuple[str, ...]] = ("coeffs",)
 
-    def __init__(
-        self,
-        num_atoms: int | None = None,
-        levels: int = 1,
-        sub_atoms: int | None = None,
-        block: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.num_atoms = check_optional_int(num_atoms, "num_atoms", low=1)
-        self.levels = check_int(levels, "levels", low=1, high=2)
-        self.sub_atoms = check_optional_int(sub_atoms, "sub_atoms", low=1)
+    num_atoms: int | None = option(None, check_optional_int, low=1)
+    levels: int = option(1, check_int, low=1, high=2)
+    sub_atoms: int | None = option(None, check_optional_int, low=1)
+    block: int | None = option(None, check_optional_int, low=1)
+
+    def _check_options(self) -> None:
         if self.sub_atoms is not None and self.levels != 2:
             raise ValueError(f"sub_atoms is only used with levels=2, got levels={self.levels}")
-        self.block = check_optional_int(block, "block", low=1)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "num_atoms": self.num_atoms,
-            "levels": self.levels,
-            "sub_atoms": self.sub_atoms,
-            "block": self.block,
-        }
 
     # ------------------------------------------------------------------ layout
-    @classmethod
-    def _layout(
-        cls,
-        shape: tuple[int, ...],
-        num_atoms: int | None = None,
-        levels: int = 1,
-        sub_atoms: int | None = None,
-        block: int | None = None,
-    ) -> _FilterLayout:
+    def _layout(self, shape: tuple[int, ...]) -> _FilterLayout:
+        num_atoms, levels, sub_atoms, block = self.num_atoms, self.levels, self.sub_atoms, self.block
         if math.prod(shape[2:]) == 1:  # a linear or pointwise (1x1) conv weight: the block view
             d_out, d_in = shape[0], shape[1]
             if block is None:
@@ -173,7 +150,7 @@ class AtomParam(AdapterParam):
             if levels == 2:
                 resolved_sub = _atom_count(sub_atoms, "sub_atoms", _DEFAULT_SUB_ATOMS, kernel)
         else:
-            resolved_atoms, resolved_sub = cls._default_atoms(shape, kernel, c_in_g, levels, sub_atoms)
+            resolved_atoms, resolved_sub = self._default_atoms(shape, kernel, c_in_g, levels, sub_atoms)
         return _FilterLayout(c_out, c_in_g, kernel, block, resolved_atoms, resolved_sub)
 
     @classmethod
@@ -207,8 +184,7 @@ class AtomParam(AdapterParam):
             describe=lambda pair: f"num_atoms={pair[0]} with sub_atoms={pair[1]}",
         )
 
-    @classmethod
-    def _count(cls, shape: tuple[int, ...], **config: Any) -> int:
+    def _count(self, shape: tuple[int, ...]) -> int:
         r""":math:`mK` at level 1, :math:`m\, m_1 (K + c_{in,g})` at level 2 (linear: block view).
 
         Example:
@@ -220,7 +196,7 @@ class AtomParam(AdapterParam):
         """
         if not 2 <= len(shape) <= 5:
             raise ValueError(f"shape must have 2 (linear) to 5 (conv3d) dims, got {tuple(shape)}")
-        layout = cls._layout(shape, **config)
+        layout = self._layout(shape)
         if layout.sub_atoms is None:
             return layout.num_atoms * layout.kernel_size
         return layout.num_atoms * layout.sub_atoms * (layout.kernel_size + layout.c_in_g)
@@ -240,7 +216,7 @@ class AtomParam(AdapterParam):
         return filters.permute(0, 2, 1, 3).reshape(self.weight_shape)
 
     def _build(self, weight: torch.Tensor) -> None:
-        self.filter_layout = layout = self._layout(tuple(weight.shape), **self.config())
+        self.filter_layout = layout = self._layout(tuple(weight.shape))
         filters = self._as_filters(weight)
         decomposition = atoms(
             filters,

@@ -9,11 +9,14 @@ An adapter is an ``nn.Module`` used as
 ``register_parametrization`` calls :meth:`AdapterParam.right_inverse` with the pretrained weight,
 which builds the adapter's frozen buffers and trainable ``Parameter``\ s from it (lazily, so
 ``XParam()`` needs no shapes), and then :meth:`AdapterParam.forward` maps the frozen weight
-:math:`W` to the adapted one. Subclasses implement three small hooks:
+:math:`W` to the adapted one. A subclass declares its constructor options once, as class
+attributes made by :func:`option` (name, type, default, check), from which the constructor, its
+signature, the checks, :meth:`AdapterParam.config`, ``repr`` and ``trainable_count`` all follow,
+and implements three small hooks:
 
 * ``_build(weight)`` -- create buffers and Parameters from the (detached) pretrained weight;
 * ``delta(weight)`` -- the update :math:`\Delta W` (zero at init for methods that define one);
-* ``trainable_count(shape, **config)`` -- the closed-form number of trainable parameters.
+* ``_count(shape)`` -- the closed-form number of trainable parameters under the options.
 
 and may override ``compose``/``decompose`` for a non-additive update (Lie: :math:`W \odot
 \exp(\Delta W)`), and declare in ``rebuilt_buffers`` the frozen buffers that ``_build`` computes
@@ -44,6 +47,7 @@ the tensor) use it. An unknown constructor keyword raises ``TypeError`` naming t
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -92,12 +96,95 @@ def matrix_view(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def _unknown_keywords_named(init: Callable[..., None]) -> Callable[..., None]:
-    """``init`` that refuses an unknown keyword naming the nearest option (``TypeError``).
+@dataclasses.dataclass
+class Option:
+    """One constructor option of an adapter class, declared as a class attribute by :func:`option`.
+
+    The attribute's name is where the checked value is kept on each adapter (a plain instance
+    attribute, read as fast as any); :attr:`name` is the constructor keyword and the
+    :meth:`AdapterParam.config` key, the same unless the attribute name is taken by a Parameter,
+    buffer or property of the adapter. On the class the attribute is this declaration.
+    """
+
+    default: Any
+    check: Callable[..., Any] | None
+    check_options: dict[str, Any]
+    keyword_only: bool
+    keyword: str | None
+    attribute: str = ""  # the class attribute's name, set when the class is created
+
+    def __set_name__(self, owner: type, attribute: str) -> None:
+        self.attribute = attribute
+
+    @property
+    def name(self) -> str:
+        return self.keyword or self.attribute
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        # Only reached while the instance holds no value yet (its __dict__ entry wins).
+        raise AttributeError(f"{type(instance).__name__}.{self.attribute} is set by its constructor")
+
+    def checked(self, value: Any) -> Any:
+        """``value`` as the adapter keeps it: through ``check(value, name, **check_options)``."""
+        return value if self.check is None else self.check(value, self.name, **self.check_options)
+
+    def parameter(self, annotation: Any = inspect.Parameter.empty) -> inspect.Parameter:
+        """The constructor's parameter for this option (what ``inspect.signature`` shows)."""
+        kind = inspect.Parameter.KEYWORD_ONLY if self.keyword_only else inspect.Parameter.POSITIONAL_OR_KEYWORD
+        return inspect.Parameter(self.name, kind, default=self.default, annotation=annotation)
+
+
+def option(
+    default: Any = None,
+    check: Callable[..., Any] | None = None,
+    /,
+    *,
+    keyword_only: bool = False,
+    keyword: str | None = None,
+    **check_options: Any,
+) -> Any:
+    """Declare a constructor option of an :class:`AdapterParam` subclass (a class attribute).
+
+    Options are the constructor's parameters in declaration order (base classes' first), the
+    first one the trainable budget (:attr:`AdapterParam.budget_option`); ``keyword_only`` ones
+    come after the others. The constructor passes each value, the ``default`` included, through
+    ``check(value, name, **check_options)`` (``None``: kept as given), stores the result under the
+    attribute's name and then runs the class's cross-option rules
+    (:meth:`AdapterParam._check_options`). ``keyword`` names the constructor keyword and config
+    key where the attribute's own name is taken (LDU's ``scale`` is its trainable Parameter, so
+    the option is the attribute ``scale_argument`` with ``keyword="scale"``). Returns ``Any``, as
+    :func:`dataclasses.field` does, so ``rank: int | None = option(...)`` type-checks.
+
+    Example:
+        >>> from decomp._checks import check_optional_int
+        >>> class RowScaleParam(AdapterParam):
+        ...     rows: int | None = option(None, check_optional_int, low=1)
+        >>> RowScaleParam(4).config(), RowScaleParam.budget_option
+        ({'rows': 4}, 'rows')
+    """
+    return Option(default, check, check_options, keyword_only, keyword)
+
+
+def _refuse_unknown_keywords(owner: str, keywords: Sequence[str], options: Sequence[str]) -> None:
+    """``TypeError`` for the first of ``keywords`` not in ``options``, naming the nearest option.
 
     Python's own error says only "unexpected keyword argument"; a typo (``num_atom=4``) deserves
     "did you mean 'num_atoms'?", as the optimizers' param-group keys get.
     """
+    for key in keywords:
+        if key not in options:
+            close = difflib.get_close_matches(key, options, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            listed = ", ".join(options) or "none"
+            raise TypeError(
+                f"{owner}.__init__() got an unexpected keyword argument {key!r}{hint} (options: {listed})"
+            )
+
+
+def _unknown_keywords_named(init: Callable[..., None]) -> Callable[..., None]:
+    """A hand-written ``__init__`` that refuses an unknown keyword naming the nearest option."""
     parameters = inspect.signature(init).parameters.values()
     if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
         return init  # passes unknown keywords on: the class that finally takes them checks
@@ -106,18 +193,15 @@ def _unknown_keywords_named(init: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(init)
     def checked(self: AdapterParam, *args: Any, **kwargs: Any) -> None:
-        for key in kwargs:
-            if key not in options:
-                close = difflib.get_close_matches(key, options, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                listed = ", ".join(options) or "none"
-                raise TypeError(
-                    f"{type(self).__name__}.__init__() got an unexpected keyword argument "
-                    f"{key!r}{hint} (options: {listed})"
-                )
+        _refuse_unknown_keywords(type(self).__name__, list(kwargs), options)
         init(self, *args, **kwargs)
 
     return checked
+
+
+def _config_value(value: Any) -> Any:
+    """An option's value as configs hold it: a tuple as the list JSON gives back, else as it is."""
+    return [_config_value(item) for item in value] if isinstance(value, (tuple, list)) else value
 
 
 def _check_loaded_state(
@@ -381,12 +465,18 @@ def rebuild_mismatch(
 class AdapterParam(nn.Module):
     r"""Base class of every adapter: :math:`W' = \mathrm{compose}(W, \Delta W)`, default :math:`W + \Delta W`.
 
-    Subclasses set ``min_ndim``/``max_ndim`` (2 = linear, 3..5 = conv 1-3 D) and implement
-    ``_build``, ``delta`` and ``trainable_count``.
+    Subclasses declare their options with :func:`option`, may set ``min_ndim``/``max_ndim``
+    (2 = linear, 3..5 = conv 1-3 D) and implement ``_build``, ``delta`` and ``_count``. A
+    subclass that writes its own ``__init__`` (calling ``super().__init__()``) and ``config``
+    instead still gets the unknown-keyword check.
     """
 
     min_ndim: ClassVar[int] = 2
     max_ndim: ClassVar[int] = 5
+    #: The declared options, in constructor order (collected from the class body and its bases).
+    _options: ClassVar[tuple[Option, ...]] = ()
+    #: The constructor keyword that sets the trainable budget: the first declared option.
+    budget_option: ClassVar[str | None] = None
     #: Names of the persistent buffers that ``_build`` computes from the pretrained weight and the
     #: config alone, reproducibly (frozen factors, chosen locations), and that training never
     #: changes: :func:`~decomp.adapters.save_adapter` leaves them out of the file and
@@ -397,13 +487,52 @@ class AdapterParam(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        declared: dict[str, Option] = {}
+        for klass in reversed(cls.__mro__):  # a redeclared option keeps its base's place
+            declared.update((o.attribute, o) for o in vars(klass).values() if isinstance(o, Option))
+        cls._options = tuple(declared.values())
         if "__init__" in vars(cls):
             cls.__init__ = _unknown_keywords_named(vars(cls)["__init__"])
+            cls.__signature__ = None  # inspect reads the hand-written __init__
+            return
+        annotations: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            annotations.update(vars(klass).get("__annotations__", {}))
+        cls.__signature__ = inspect.Signature(
+            [o.parameter(annotations.get(o.attribute, inspect.Parameter.empty)) for o in cls._options]
+        )
+        if cls._options and "budget_option" not in vars(cls):
+            cls.budget_option = cls._options[0].name
 
-    def __init__(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Take the declared options (positional in declaration order, or by keyword) and check them."""
         super().__init__()
         self.weight_shape: torch.Size | None = None
         self.register_load_state_dict_pre_hook(_check_loaded_state)
+        owner = type(self).__name__
+        options = type(self)._options
+        _refuse_unknown_keywords(owner, list(kwargs), [o.name for o in options])
+        positional = [o.name for o in options if not o.keyword_only]
+        if len(args) > len(positional):
+            raise TypeError(
+                f"{owner}.__init__() takes {len(positional)} positional arguments "
+                f"({', '.join(positional) or 'none'}) but {len(args)} were given"
+            )
+        given = dict(zip(positional, args))
+        repeated = [key for key in given if key in kwargs]
+        if repeated:
+            raise TypeError(f"{owner}.__init__() got multiple values for argument {repeated[0]!r}")
+        given.update(kwargs)
+        for declared in options:
+            setattr(self, declared.attribute, declared.checked(given.get(declared.name, declared.default)))
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """The rules between options, run once each holds its checked value (none here).
+
+        A subclass raises ``ValueError`` for a combination its method does not define, and may
+        resolve one option from another (SNELL's default sparsity).
+        """
 
     # ------------------------------------------------------------------ subclass hooks
     def _build(self, weight: torch.Tensor) -> None:
@@ -420,12 +549,16 @@ class AdapterParam(nn.Module):
 
         ``config`` takes the constructor's keyword arguments and is validated by the constructor
         (no weight is needed); each method's formula is its ``_count``.
-        """
-        return cls._count(tuple(shape), **cls(**config).config())
 
-    @classmethod
-    def _count(cls, shape: tuple[int, ...], **config: Any) -> int:
-        """The closed form, from a weight shape and a validated :meth:`config`."""
+        Example:
+            >>> from decomp.adapters import LDUParam
+            >>> LDUParam.trainable_count((16, 8), rank=4)
+            5
+        """
+        return cls(**config)._count(tuple(shape))
+
+    def _count(self, shape: tuple[int, ...]) -> int:
+        """The closed form for a weight of ``shape``, from this (unbuilt) adapter's checked options."""
         raise NotImplementedError
 
     @classmethod
@@ -504,8 +637,17 @@ class AdapterParam(nn.Module):
         return value - delta
 
     def config(self) -> dict[str, Any]:
-        """The constructor arguments (shown by ``repr`` and used to rebuild the adapter)."""
-        return {}
+        """The constructor arguments (shown by ``repr`` and used to rebuild the adapter).
+
+        The declared options by keyword, as checked (a tuple as a list, what JSON gives back), so
+        ``type(adapter)(**adapter.config())`` is the same adapter.
+
+        Example:
+            >>> from decomp.adapters import KronParam
+            >>> KronParam(2, b_shape=(4, 6), c_shape=(5, 8)).config()
+            {'rank': 2, 'b_shape': [4, 6], 'c_shape': [5, 8]}
+        """
+        return {o.name: _config_value(getattr(self, o.attribute)) for o in type(self)._options}
 
     # ------------------------------------------------------------------ shared behaviour
     @property

@@ -8,7 +8,7 @@ maps them back with :func:`decomp.idct` along both dims.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Mapping
+from typing import ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from torch import nn
 from .._checks import check_choice, check_int, check_optional_int, check_real
 from .._dct import dct, idct
 from .._deprecation import renamed_arguments
-from .base import AdapterParam, matrix_dims, matrix_view
+from .base import AdapterParam, matrix_dims, matrix_view, option
 
 _LOCATION_RULES = ("magnitude", "low", "random")
 
@@ -92,33 +92,16 @@ class DCTParam(AdapterParam):
         (10, 18)
     """
 
-    budget_option: ClassVar[str] = "num_coefficients"
-    """The constructor argument that sets the trainable budget (first positional)."""
     # Chosen by magnitude, by rule or by the seeded generator: a function of weight and config.
     rebuilt_buffers: ClassVar[tuple[str, ...]] = ("locations",)
 
-    def __init__(
-        self,
-        num_coefficients: int | None = None,
-        locations: str = "magnitude",
-        scale: float = 1.0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.num_coefficients = check_optional_int(num_coefficients, "num_coefficients", low=1)
-        self.locations_rule = check_choice(locations, "locations", _LOCATION_RULES)
-        self.scale = check_real(scale, "scale", low=0.0)
-        self.seed = check_int(seed, "seed", low=0)
+    num_coefficients: int | None = option(None, check_optional_int, low=1)
+    # the rule's keyword is "locations"; the attribute of that name is the chosen-locations buffer
+    locations_rule: str = option("magnitude", check_choice, keyword="locations", choices=_LOCATION_RULES)
+    scale: float = option(1.0, check_real, low=0.0)
+    seed: int = option(0, check_int, low=0)
 
-    @staticmethod
-    def _resolve_count(shape: tuple[int, ...], num_coefficients: int | None) -> int:
-        rows, columns = matrix_dims(shape)
-        if num_coefficients is None:
-            return min(rows + columns, rows * columns)
-        return check_int(num_coefficients, "num_coefficients", low=1, high=rows * columns)
-
-    @classmethod
-    def _count(cls, shape: tuple[int, ...], *, num_coefficients: int | None, **_: Any) -> int:
+    def _count(self, shape: tuple[int, ...]) -> int:
         """``n``: ``num_coefficients``, default ``min(m + n_in, m * n_in)``.
 
         Example:
@@ -127,15 +110,10 @@ class DCTParam(AdapterParam):
             >>> DCTParam.trainable_count((64, 32), num_coefficients=100)
             100
         """
-        return cls._resolve_count(shape, num_coefficients)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "num_coefficients": self.num_coefficients,
-            "locations": self.locations_rule,
-            "scale": self.scale,
-            "seed": self.seed,
-        }
+        rows, columns = matrix_dims(shape)
+        if self.num_coefficients is None:
+            return min(rows + columns, rows * columns)
+        return check_int(self.num_coefficients, "num_coefficients", low=1, high=rows * columns)
 
     def _choose_locations(self, matrix: torch.Tensor, count: int) -> torch.Tensor:
         rows, columns = matrix.shape
@@ -155,7 +133,7 @@ class DCTParam(AdapterParam):
 
     def _build(self, weight: torch.Tensor) -> None:
         matrix = matrix_view(weight)
-        count = self._resolve_count(tuple(weight.shape), self.num_coefficients)
+        count = self._count(tuple(weight.shape))
         self.register_buffer("locations", self._choose_locations(matrix, count))
         self.coefficients = nn.Parameter(torch.zeros(count, dtype=weight.dtype, device=weight.device))
 

@@ -9,7 +9,7 @@ exactly zero at init.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -18,9 +18,13 @@ from .. import kpsvd, kron_shapes
 from .._checks import check_optional_int
 from .._kron import _check_pair
 from .._rsvd import row_signs
-from .base import AdapterParam, check_weight_shape, matrix_dims, matrix_view
+from .base import AdapterParam, check_weight_shape, matrix_dims, matrix_view, option
 
 DEFAULT_RANK = 4
+
+
+def _check_optional_pair(value: object, name: str) -> tuple[int, int] | None:
+    return None if value is None else _check_pair(value, name)
 
 
 class KronParam(AdapterParam):
@@ -88,50 +92,27 @@ class KronParam(AdapterParam):
         (torch.Size([2, 4, 6]), torch.Size([2, 5, 8]), 130)
     """
 
-    budget_option: ClassVar[str] = "rank"
-    """The constructor argument that sets the trainable budget (first positional)."""
     # The start: kpsvd of the weight with a fixed seed, signs fixed in _build.
     rebuilt_buffers: ClassVar[tuple[str, ...]] = ("S0", "B0", "C0")
 
-    def __init__(
-        self,
-        rank: int | None = None,
-        *,
-        b_shape: Sequence[int] | None = None,
-        c_shape: Sequence[int] | None = None,
-    ) -> None:
-        super().__init__()
-        self.rank = check_optional_int(rank, "rank", low=1)
-        self.b_shape = None if b_shape is None else _check_pair(b_shape, "b_shape")
-        self.c_shape = None if c_shape is None else _check_pair(c_shape, "c_shape")
+    rank: int | None = option(None, check_optional_int, low=1)
+    b_shape: Sequence[int] | None = option(None, _check_optional_pair, keyword_only=True)
+    c_shape: Sequence[int] | None = option(None, _check_optional_pair, keyword_only=True)
+
+    def _check_options(self) -> None:
         if (self.b_shape is None) != (self.c_shape is None):
             raise ValueError("b_shape and c_shape must be given together (or both None)")
 
-    def config(self) -> dict[str, Any]:
-        # the shapes as lists: what JSON (saved adapter metadata) gives back
-        return {
-            "rank": self.rank,
-            "b_shape": None if self.b_shape is None else list(self.b_shape),
-            "c_shape": None if self.c_shape is None else list(self.c_shape),
-        }
-
-    @classmethod
-    def _resolve(
-        cls,
-        shape: Sequence[int],
-        rank: int | None,
-        b_shape: Sequence[int] | None,
-        c_shape: Sequence[int] | None,
-    ) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    def _resolve(self, shape: Sequence[int]) -> tuple[int, tuple[int, int], tuple[int, int]]:
         """``(rank, b_shape, c_shape)`` for a weight of ``shape``, defaults filled in and checked."""
         check_weight_shape(shape)
+        b_shape, c_shape = self.b_shape, self.c_shape
         rows, cols = matrix_dims(shape)
         kernel = math.prod(shape[2:])
         if b_shape is None:
             (m1, n1), (m2, n2) = kron_shapes(shape[0], shape[1])
             b_shape, c_shape = (m1, n1), (m2, n2 * kernel)
         else:
-            b_shape, c_shape = tuple(b_shape), tuple(c_shape)
             if b_shape[0] * c_shape[0] != rows or b_shape[1] * c_shape[1] != cols:
                 raise ValueError(
                     f"b_shape and c_shape must multiply to the weight's matrix view (d_out, d_in*K) = "
@@ -139,9 +120,9 @@ class KronParam(AdapterParam):
                 )
         max_rank = min(b_shape[0] * b_shape[1], c_shape[0] * c_shape[1])
         terms = b_shape[0] * b_shape[1] + c_shape[0] * c_shape[1] + 1
-        rank = cls._resolved_rank(
+        rank = self._resolved_rank(
             shape,
-            rank,
+            self.rank,
             high=max_rank,
             count=lambda r: r * terms,
             default=DEFAULT_RANK,
@@ -149,25 +130,17 @@ class KronParam(AdapterParam):
         )
         return rank, b_shape, c_shape
 
-    @classmethod
-    def _count(
-        cls,
-        shape: tuple[int, ...],
-        *,
-        rank: int | None,
-        b_shape: list[int] | None,
-        c_shape: list[int] | None,
-    ) -> int:
+    def _count(self, shape: tuple[int, ...]) -> int:
         """Closed form :math:`r (m_1 n_1 + m_2 n_2 + 1)`.
 
         >>> KronParam.trainable_count((20, 48), rank=1)   # LoKr's 4*6 + 5*8, plus S
         65
         """
-        r, (m1, n1), (m2, n2) = cls._resolve(shape, rank, b_shape, c_shape)
+        r, (m1, n1), (m2, n2) = self._resolve(shape)
         return r * (m1 * n1 + m2 * n2 + 1)
 
     def _build(self, weight: torch.Tensor) -> None:
-        rank, b_shape, c_shape = self._resolve(weight.shape, self.rank, self.b_shape, self.c_shape)
+        rank, b_shape, c_shape = self._resolve(weight.shape)
         self.term_shapes = (b_shape, c_shape)
         # A fixed seed (kpsvd may sketch randomly) and fixed signs make the start a function of
         # the weight alone, so load_adapter can rebuild it instead of reading it from the file.

@@ -8,7 +8,7 @@ trains the ``r`` pivots :math:`z` and a scalar :math:`s`; see :class:`LDUParam`.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from torch import nn
 from .._checks import check_optional_int, check_real
 from .._ldu import ldu
 from .._deprecation import renamed_arguments
-from .base import AdapterParam, matrix_dims, matrix_view
+from .base import AdapterParam, matrix_dims, matrix_view, option
 
 
 @renamed_arguments(alpha="scale")
@@ -87,40 +87,31 @@ class LDUParam(AdapterParam):
         (5, 5)
     """
 
-    budget_option: ClassVar[str] = "rank"
-    """The constructor argument that sets the trainable budget (first positional)."""
     # Partial-pivoting LDU of the weight and scale / rank: no sign or seed to fix.
     rebuilt_buffers: ClassVar[tuple[str, ...]] = ("left", "right", "initial_pivots", "initial_scale")
 
-    def __init__(self, rank: int | None = None, scale: float = 1.0) -> None:
-        super().__init__()
-        self.rank = check_optional_int(rank, "rank", low=1)
-        # the argument, not the trainable Parameter ``scale`` that _build creates from it
-        self.scale_argument = check_real(scale, "scale", low=0.0)
+    rank: int | None = option(None, check_optional_int, low=1)
+    # the argument c; the attribute ``scale`` is the trainable Parameter _build creates from it
+    scale_argument: float = option(1.0, check_real, keyword="scale", low=0.0)
 
-    @classmethod
-    def _resolve_rank(cls, shape: tuple[int, ...], rank: int | None) -> int:
-        return cls._resolved_rank(
-            shape, rank, high=min(matrix_dims(shape)), count=lambda r: r + 1, default=None
+    def _rank(self, shape: tuple[int, ...]) -> int:
+        return self._resolved_rank(
+            shape, self.rank, high=min(matrix_dims(shape)), count=lambda r: r + 1, default=None
         )
 
-    @classmethod
-    def _count(cls, shape: tuple[int, ...], *, rank: int | None, **_: Any) -> int:
+    def _count(self, shape: tuple[int, ...]) -> int:
         """``r + 1``: the ``r`` pivots and the scale.
 
         Example:
             >>> LDUParam.trainable_count((16, 8)), LDUParam.trainable_count((16, 8, 3), rank=5)
             (9, 6)
         """
-        return cls._resolve_rank(shape, rank) + 1
-
-    def config(self) -> dict[str, Any]:
-        return {"rank": self.rank, "scale": self.scale_argument}
+        return self._rank(shape) + 1
 
     def _build(self, weight: torch.Tensor) -> None:
         matrix = matrix_view(weight)
         m, n = matrix.shape
-        rank = self._resolve_rank(tuple(weight.shape), self.rank)
+        rank = self._rank(tuple(weight.shape))
         try:
             # In float64: the factors are rebuilt from the weight when an adapter file is loaded
             # (rebuilt_buffers), and a float32 elimination's rounding depends on the BLAS thread

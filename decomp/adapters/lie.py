@@ -10,17 +10,26 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .. import Tucker
 from .._checks import check_optional_int, check_real
-from .base import AdapterParam
+from .base import AdapterParam, option
 
 # below this |1 + dW| the first-order update has (nearly) zeroed an entry, which no weight inverts
 _FIRST_ORDER_PIVOT = 1e-6
+
+
+def _check_order(order: object, name: str) -> int | None:
+    # A choice between two values, not a range: anything else, a bool or the float 1.0 included,
+    # is an unknown choice (ValueError); a numpy 1 is stored as the Python int.
+    if order is None:
+        return None
+    if isinstance(order, numbers.Integral) and not isinstance(order, bool) and order == 1:
+        return 1
+    raise ValueError(f"{name} must be None (exact exp) or 1 (first order), got {order!r}")
 
 
 class LieParam(AdapterParam):
@@ -91,27 +100,18 @@ class LieParam(AdapterParam):
         36
     """
 
-    budget_option: ClassVar[str] = "rank"
-    """The constructor argument that sets the trainable budget (first positional)."""
+    rank: int | None = option(None, check_optional_int, low=1)
+    scale: float = option(1.0, check_real, keyword_only=True)
+    order: int | None = option(None, _check_order, keyword_only=True)
 
-    def __init__(self, rank: int | None = None, *, scale: float = 1.0, order: int | None = None) -> None:
-        super().__init__()
-        self.rank = check_optional_int(rank, "rank", low=1)
-        self.scale = check_real(scale, "scale")
-        self.order = _check_order(order)
-
-    def config(self) -> dict[str, Any]:
-        return {"rank": self.rank, "scale": self.scale, "order": self.order}
-
-    @classmethod
-    def _count(cls, shape: tuple[int, ...], *, rank: int | None, **_: Any) -> int:
+    def _count(self, shape: tuple[int, ...]) -> int:
         """Closed form: :math:`r(d_0 + d_1)`, plus :math:`r^2 \\prod_j k_j` for a conv kernel
         (``scale`` and ``order`` do not change it).
 
         >>> LieParam.trainable_count((64, 32), rank=4), LieParam.trainable_count((64, 32, 3, 3), rank=4)
         (384, 528)
         """
-        return cls._count_at_rank(shape, cls._resolve_rank(shape, rank))
+        return self._count_at_rank(shape, self._rank(shape))
 
     @staticmethod
     def _count_at_rank(shape: tuple[int, ...], r: int) -> int:
@@ -120,12 +120,11 @@ class LieParam(AdapterParam):
             count += r * r * math.prod(shape[2:])
         return count
 
-    @classmethod
-    def _resolve_rank(cls, shape: tuple[int, ...], rank: int | None) -> int:
-        return cls._resolved_channel_rank(shape, rank, lambda r: cls._count_at_rank(shape, r))
+    def _rank(self, shape: tuple[int, ...]) -> int:
+        return self._resolved_channel_rank(shape, self.rank, lambda r: self._count_at_rank(shape, r))
 
     def _build(self, weight: torch.Tensor) -> None:
-        r = self._resolve_rank(tuple(weight.shape), self.rank)
+        r = self._rank(tuple(weight.shape))
         like = {"dtype": weight.dtype, "device": weight.device}
         self.out_factor = nn.Parameter(torch.zeros(weight.shape[0], r, **like))
         if weight.ndim == 2:
@@ -160,16 +159,6 @@ class LieParam(AdapterParam):
                 )
             return value / multiplier
         return value * torch.exp(-delta)
-
-
-def _check_order(order: object) -> int | None:
-    # A choice between two values, not a range: anything else, a bool or the float 1.0 included,
-    # is an unknown choice (ValueError); a numpy 1 is stored as the Python int.
-    if order is None:
-        return None
-    if isinstance(order, numbers.Integral) and not isinstance(order, bool) and order == 1:
-        return 1
-    raise ValueError(f"order must be None (exact exp) or 1 (first order), got {order!r}")
 
 
 def _kaiming_uniform(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -1176,19 +1176,16 @@ def _parse_rebuilt(
     """The file's list of left-out buffers (empty for a file that stores every factor)."""
     if _REBUILT not in metadata:
         return []
-    entries, problems = _metadata_objects(metadata, _REBUILT, _REBUILT_FIELDS, "rebuilt buffers", path)
-    seen: set[str] = set()
-    for label, entry in entries:
+
+    def problem(label: str, entry: dict[str, Any], seen: set[str]) -> str | None:
         key, shape, dtype, fingerprint = (entry[field] for field in _REBUILT_FIELDS)
         if not isinstance(key, str) or key in saved or key in seen:
-            problems.append(
-                f"{label}: key {key!r} must be a string, not stored in the file, listed once"
-            )
-        elif not isinstance(shape, list) or not all(_is_int(size) and size >= 0 for size in shape):
-            problems.append(f"{label}: shape must be a list of ints >= 0, got {shape!r}")
-        elif not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
-            problems.append(f"{label}: dtype must name a torch dtype, got {dtype!r}")
-        elif (
+            return f"{label}: key {key!r} must be a string, not stored in the file, listed once"
+        if not isinstance(shape, list) or not all(_is_int(size) and size >= 0 for size in shape):
+            return f"{label}: shape must be a list of ints >= 0, got {shape!r}"
+        if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+            return f"{label}: dtype must name a torch dtype, got {dtype!r}"
+        if (
             not isinstance(fingerprint, list)
             or len(fingerprint) != FINGERPRINT_PROJECTIONS + 1
             or not all(
@@ -1196,37 +1193,51 @@ def _parse_rebuilt(
                 for value in fingerprint
             )
         ):
-            problems.append(f"{label}: fingerprint must be a list of numbers, got {fingerprint!r}")
-        if isinstance(key, str):
-            seen.add(key)
-    if problems:
-        raise ValueError(
-            f"adapter file {path}: malformed metadata {_REBUILT!r}: " + "; ".join(problems)
-        )
-    return [entry for _, entry in entries]
+            return f"{label}: fingerprint must be a list of numbers, got {fingerprint!r}"
+        return None
+
+    return _metadata_list(metadata, _REBUILT, _REBUILT_FIELDS, "rebuilt buffers", path, problem)
 
 
-def _metadata_objects(
-    metadata: dict[str, str], name: str, fields: Sequence[str], what: str, path: str | Path
-) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
-    """The JSON list ``metadata[name]``: its ``(label, entry)`` objects with exactly ``fields``, and
-    what is wrong with the others (a list of ``what`` expected). Invalid JSON raises at once."""
+def _metadata_list(
+    metadata: dict[str, str],
+    name: str,
+    fields: Sequence[str],
+    what: str,
+    path: str | Path,
+    problem: Callable[[str, dict[str, Any], set[str]], str | None],
+) -> list[dict[str, Any]]:
+    """The JSON list ``metadata[name]`` of ``what``: objects with exactly ``fields``, each of which
+    ``problem(label, entry, keys listed before it)`` finds nothing wrong with (``None``).
+
+    Raises ``ValueError`` naming every entry that is wrong (invalid JSON: at once).
+    """
     try:
         described = json.loads(metadata[name])
     except json.JSONDecodeError as error:
         raise ValueError(f"adapter file {path}: metadata {name!r} is not valid JSON ({error})") from error
+    entries: list[dict[str, Any]] = []
+    problems: list[str] = []
+    seen: set[str] = set()
     if not isinstance(described, list):
-        return [], [f"expected a list of {what}, got {type(described).__name__}"]
-    entries, problems = [], []
+        problems.append(f"expected a list of {what}, got {type(described).__name__}")
+        described = []
     for position, entry in enumerate(described):
         label = f"entry {position}"
-        if isinstance(entry, dict) and sorted(entry) == sorted(fields):
-            entries.append((label, entry))
-        else:
+        if not (isinstance(entry, dict) and sorted(entry) == sorted(fields)):
             problems.append(
                 f"{label} must be an object with exactly the keys {list(fields)}, got {entry!r}"
             )
-    return entries, problems
+            continue
+        found = problem(label, entry, seen)
+        if found is not None:
+            problems.append(found)
+        if isinstance(entry["key"], str):
+            seen.add(entry["key"])
+        entries.append(entry)
+    if problems:
+        raise ValueError(f"adapter file {path}: malformed metadata {name!r}: " + "; ".join(problems))
+    return entries
 
 
 def _parse_extra(
@@ -1235,27 +1246,20 @@ def _parse_extra(
     """The file's ``"decomp.adapters.extra"`` list, checked against its tensors (none: ``[]``)."""
     if _EXTRA not in metadata:
         return []  # written before save_adapter stored extra tensors, or with extra=False
-    entries, problems = _metadata_objects(metadata, _EXTRA, _EXTRA_FIELDS, "tensor entries", path)
-    seen: set[str] = set()
-    for label, entry in entries:
+
+    def problem(label: str, entry: dict[str, Any], seen: set[str]) -> str | None:
         key, shape, trainable = entry["key"], entry["shape"], entry["trainable"]
         if not isinstance(key, str) or key not in saved:
-            problems.append(f"{label}: key {key!r} is not a tensor of the file")
-        elif key in seen:
-            problems.append(f"{label} repeats the key {key!r}")
-        elif not isinstance(shape, list) or list(saved[key].shape) != shape:
-            problems.append(
-                f"{label}: shape {shape!r} differs from the tensor's {list(saved[key].shape)}"
-            )
-        elif not isinstance(trainable, bool):
-            problems.append(f"{label}: trainable must be true or false, got {trainable!r}")
-        if isinstance(key, str):
-            seen.add(key)
-    if problems:
-        raise ValueError(
-            f"adapter file {path}: malformed metadata {_EXTRA!r}: " + "; ".join(problems)
-        )
-    return [entry for _, entry in entries]
+            return f"{label}: key {key!r} is not a tensor of the file"
+        if key in seen:
+            return f"{label} repeats the key {key!r}"
+        if not isinstance(shape, list) or list(saved[key].shape) != shape:
+            return f"{label}: shape {shape!r} differs from the tensor's {list(saved[key].shape)}"
+        if not isinstance(trainable, bool):
+            return f"{label}: trainable must be true or false, got {trainable!r}"
+        return None
+
+    return _metadata_list(metadata, _EXTRA, _EXTRA_FIELDS, "tensor entries", path, problem)
 
 
 def _extra_targets(root: nn.Module) -> dict[str, torch.Tensor]:

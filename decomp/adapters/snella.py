@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import ClassVar, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from .._checks import check_bool, check_choice, check_int, check_optional_int, check_real
 from .._deprecation import deprecated_attributes
-from .base import AdapterParam, matrix_dims
+from .base import AdapterParam, matrix_dims, option
 
 __all__ = ["SNELLParam", "SNELLAParam", "Allocator", "capped_allocation", "keep_largest_mask"]
 
@@ -66,12 +66,12 @@ def _max_rank(shape: tuple[int, ...], num_kernels: int) -> int:
     return num_kernels * max(1, min(matrix_dims(shape)) // num_kernels)
 
 
-def _check_kernel_scale(kernel_scale: object) -> float:
+def _check_kernel_scale(kernel_scale: object, name: str) -> float:
     # check_real's checks, worded "positive" as the SNELL/SNELLA docs are
     if isinstance(kernel_scale, bool) or not isinstance(kernel_scale, numbers.Real):
-        raise TypeError(f"kernel_scale must be a positive float, got {type(kernel_scale).__name__}")
+        raise TypeError(f"{name} must be a positive float, got {type(kernel_scale).__name__}")
     if not 0.0 < float(kernel_scale) < math.inf:
-        raise ValueError(f"kernel_scale must be a positive finite float, got {kernel_scale}")
+        raise ValueError(f"{name} must be a positive finite float, got {kernel_scale}")
     return float(kernel_scale)
 
 
@@ -80,34 +80,28 @@ class _KernelAdapter(AdapterParam):
 
     default_sparsity: ClassVar[float] = 0.5
     num_scalars: ClassVar[int] = 0
-    budget_option: ClassVar[str] = "rank"
-    """The constructor argument that sets the trainable budget (first positional)."""
 
-    def __init__(
-        self,
-        rank: int | None = None,
-        *,
-        num_kernels: int = 2,
-        kernel_scale: float = 0.1,
-        sparsity: float | None = None,
-        mask: str = "binary",
-        zero_start: bool = False,
-    ) -> None:
-        super().__init__()
-        self.num_kernels = check_int(num_kernels, "num_kernels", low=1)
-        self.rank = check_optional_int(rank, "rank", low=self.num_kernels)
+    # rank's range depends on num_kernels: checked in _check_options, after num_kernels
+    rank: int | None = option(None)
+    num_kernels: int = option(2, check_int, keyword_only=True, low=1)
+    kernel_scale: float = option(0.1, _check_kernel_scale, keyword_only=True)
+    # None is the class's default_sparsity, resolved in _check_options; the attribute ``sparsity``
+    # is the current fraction (a property)
+    _initial_sparsity: float | None = option(None, keyword="sparsity", keyword_only=True)
+    mask: str = option("binary", check_choice, keyword_only=True, choices=_MASK_MODES)
+    zero_start: bool = option(False, check_bool, keyword_only=True)
+
+    def _check_options(self) -> None:
+        self.rank = check_optional_int(self.rank, "rank", low=self.num_kernels)
         if self.rank is not None and self.rank % self.num_kernels:
             raise ValueError(f"rank must be a multiple of num_kernels={self.num_kernels}, got {self.rank}")
-        self.kernel_scale = _check_kernel_scale(kernel_scale)
         self._initial_sparsity = check_real(
-            self.default_sparsity if sparsity is None else sparsity,
+            self.default_sparsity if self._initial_sparsity is None else self._initial_sparsity,
             "sparsity",
             low=0.0,
             high=1.0,
             low_inclusive=True,
         )
-        self.mask = check_choice(mask, "mask", _MASK_MODES)
-        self.zero_start = check_bool(zero_start, "zero_start")
         if self.zero_start and self.mask == "magnitude":
             # The weighting |D| is zero at a zero start, so every gradient would be zero forever.
             raise ValueError(
@@ -115,23 +109,20 @@ class _KernelAdapter(AdapterParam):
                 "D * |D| has zero gradient at D = 0 and would never train"
             )
 
-    @classmethod
-    def _resolve_rank(cls, shape: tuple[int, ...], rank: int | None, num_kernels: int) -> int:
-        # an explicit rank is a multiple of num_kernels: checked by the constructor, which every
-        # rank here went through
-        return cls._resolved_rank(
+    def _rank(self, shape: tuple[int, ...]) -> int:
+        return self._resolved_rank(
             shape,
-            rank,
-            high=_max_rank(shape, num_kernels),
-            count=lambda q: cls._count_at_rank(shape, q),
-            default=num_kernels * max(1, _DEFAULT_RANK // num_kernels),
-            step=num_kernels,
+            self.rank,
+            high=_max_rank(shape, self.num_kernels),
+            count=lambda q: self._count_at_rank(shape, q),
+            default=self.num_kernels * max(1, _DEFAULT_RANK // self.num_kernels),
+            step=self.num_kernels,
         )
 
     # ------------------------------------------------------------------ build
     def _build(self, weight: torch.Tensor) -> None:
         d_out, d_in = matrix_dims(weight.shape)
-        rank = self._resolve_rank(tuple(weight.shape), self.rank, self.num_kernels)
+        rank = self._rank(tuple(weight.shape))
         point_dim = rank // self.num_kernels
         # The official kaiming_uniform_(a=sqrt(5)) on the 3-D (H, d, q/H) tensors: U(-b, b) with
         # b = 1/sqrt(d * q/H).
@@ -228,22 +219,9 @@ class _KernelAdapter(AdapterParam):
         self.kept_entries.fill_(check_int(keep, "keep", low=0, high=self.num_entries))
 
     # ------------------------------------------------------------------ contract
-    def config(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "num_kernels": self.num_kernels,
-            "kernel_scale": self.kernel_scale,
-            "sparsity": self._initial_sparsity,
-            "mask": self.mask,
-            "zero_start": self.zero_start,
-        }
-
-    @classmethod
-    def _count(
-        cls, shape: tuple[int, ...], *, rank: int | None, num_kernels: int, **_: Any
-    ) -> int:
+    def _count(self, shape: tuple[int, ...]) -> int:
         r""":math:`q\,(d_{in} + d_{out})`, plus SNELLA's trainable scalars."""
-        return cls._count_at_rank(shape, cls._resolve_rank(shape, rank, num_kernels))
+        return self._count_at_rank(shape, self._rank(shape))
 
     @classmethod
     def _count_at_rank(cls, shape: tuple[int, ...], rank: int) -> int:

@@ -7,14 +7,14 @@ factors they train.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from .._checks import check_choice, check_int, check_optional_int, check_real
 from .._rsvd import row_signs, rsvd
-from .base import AdapterParam, matrix_dims, matrix_view
+from .base import AdapterParam, matrix_dims, matrix_view, option
 
 _MODES = ("pissa", "svfit", "lora_xs")
 _SVD_METHODS = ("exact", "randomized")
@@ -101,58 +101,36 @@ class SVDParam(AdapterParam):
         (88, 4, 16)
     """
 
-    budget_option: ClassVar[str] = "rank"
-    """The constructor argument that sets the trainable budget (first positional)."""
     # The frozen SVD factors of each mode (PiSSA's left/right are Parameters, so not these);
     # signs fixed in _build, the randomized SVD seeded.
     rebuilt_buffers: ClassVar[tuple[str, ...]] = (
         "initial_left", "initial_right", "left", "right", "initial_singular_values"
     )
 
-    def __init__(
-        self,
-        rank: int | None = None,
-        mode: str = "pissa",
-        svd: str = "exact",
-        scale: float = 1.0,
-        init: str = "zero",
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.rank = check_optional_int(rank, "rank", low=1)
-        self.mode = check_choice(mode, "mode", _MODES)
-        self.svd = check_choice(svd, "svd", _SVD_METHODS)
-        self.scale = check_real(scale, "scale", low=0.0)
-        self.init = check_choice(init, "init", _INITS)
+    rank: int | None = option(None, check_optional_int, low=1)
+    mode: str = option("pissa", check_choice, choices=_MODES)
+    svd: str = option("exact", check_choice, choices=_SVD_METHODS)
+    scale: float = option(1.0, check_real, low=0.0)
+    init: str = option("zero", check_choice, choices=_INITS)
+    seed: int = option(0, check_int, low=0)
+
+    def _check_options(self) -> None:
         if self.init == "normal" and self.mode != "lora_xs":
             raise ValueError(f"init='normal' is only defined for mode='lora_xs', got mode={self.mode!r}")
-        self.seed = check_int(seed, "seed", low=0)
 
-    @classmethod
-    def _resolve_rank(cls, shape: tuple[int, ...], rank: int | None, mode: str) -> int:
-        return cls._resolved_rank(
-            shape, rank, high=min(matrix_dims(shape)), count=lambda r: _count_at_rank(shape, r, mode)
+    def _rank(self, shape: tuple[int, ...]) -> int:
+        return self._resolved_rank(
+            shape, self.rank, high=min(matrix_dims(shape)), count=lambda r: _count_at_rank(shape, r, self.mode)
         )
 
-    @classmethod
-    def _count(cls, shape: tuple[int, ...], *, rank: int | None, mode: str, **_: Any) -> int:
+    def _count(self, shape: tuple[int, ...]) -> int:
         """``r (m + n)`` for PiSSA, ``r`` for SVFit, ``r^2`` for LoRA-XS.
 
         Example:
             >>> SVDParam.trainable_count((64, 32, 3, 3)), SVDParam.trainable_count((64, 32), mode="lora_xs")
             (2816, 64)
         """
-        return _count_at_rank(shape, cls._resolve_rank(shape, rank, mode), mode)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "mode": self.mode,
-            "svd": self.svd,
-            "scale": self.scale,
-            "init": self.init,
-            "seed": self.seed,
-        }
+        return _count_at_rank(shape, self._rank(shape), self.mode)
 
     def _truncated_svd(
         self, matrix: torch.Tensor, rank: int
@@ -166,7 +144,7 @@ class SVDParam(AdapterParam):
 
     def _build(self, weight: torch.Tensor) -> None:
         matrix = matrix_view(weight)
-        rank = self._resolve_rank(tuple(weight.shape), self.rank, self.mode)
+        rank = self._rank(tuple(weight.shape))
         # LAPACK hands back column-major factors: row-major copies are what FSDP2 can shard.
         U, S, Vh = (
             factor.clone(memory_format=torch.contiguous_format)

@@ -9,18 +9,25 @@ keeps the kernel's own modes instead of flattening them into a matrix.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from .. import Tucker, tucker
 from .._checks import check_choice, check_optional_int, check_real
-from .base import AdapterParam
+from .base import AdapterParam, option
 
 _INITS = ("tucker", "random")
 # the official code draws both factors from N(0, 0.02) (Subspace-Tuning loralib layers_flora.py)
 OFFICIAL_FACTOR_STD = 0.02
+
+
+def _check_std(value: object, name: str) -> float:
+    std = check_real(value, name)
+    if std <= 0:
+        raise ValueError(f"{name} must be > 0, got {std}")
+    return std
 
 
 class TuckerParam(AdapterParam):
@@ -100,57 +107,29 @@ class TuckerParam(AdapterParam):
         (torch.Size([4, 4, 3, 3]), True)
     """
 
-    budget_option: ClassVar[str] = "rank"
-    """The constructor argument that sets the trainable budget (first positional)."""
+    rank: int | None = option(None, check_optional_int, low=1)
+    spatial_rank: int | None = option(None, check_optional_int, keyword_only=True, low=1)
+    scale: float = option(1.0, check_real, keyword_only=True)
+    init: str = option("tucker", check_choice, keyword_only=True, choices=_INITS)
+    std: float = option(OFFICIAL_FACTOR_STD, _check_std, keyword_only=True)
 
-    def __init__(
-        self,
-        rank: int | None = None,
-        *,
-        spatial_rank: int | None = None,
-        scale: float = 1.0,
-        init: str = "tucker",
-        std: float = OFFICIAL_FACTOR_STD,
-    ) -> None:
-        super().__init__()
-        self.rank = check_optional_int(rank, "rank", low=1)
-        self.spatial_rank = check_optional_int(spatial_rank, "spatial_rank", low=1)
-        self.scale = check_real(scale, "scale")
-        self.init = check_choice(init, "init", _INITS)
-        self.std = check_real(std, "std")
-        if self.std <= 0:
-            raise ValueError(f"std must be > 0, got {self.std}")
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "spatial_rank": self.spatial_rank,
-            "scale": self.scale,
-            "init": self.init,
-            "std": self.std,
-        }
-
-    @classmethod
-    def _mode_ranks(cls, shape: Sequence[int], rank: int | None, spatial_rank: int | None) -> list[int | None]:
+    def _mode_ranks(self, shape: Sequence[int]) -> list[int | None]:
         """The rank of each mode, ``None`` for a spatial mode kept full (no factor)."""
-        spatial = [None if spatial_rank is None else min(spatial_rank, size) for size in shape[2:]]
-        channel_rank = cls._resolved_channel_rank(shape, rank, lambda r: _tucker_count(shape, [r, r, *spatial]))
+        spatial = [None if self.spatial_rank is None else min(self.spatial_rank, size) for size in shape[2:]]
+        channel_rank = self._resolved_channel_rank(shape, self.rank, lambda r: _tucker_count(shape, [r, r, *spatial]))
         return [channel_rank, channel_rank, *spatial]
 
-    @classmethod
-    def _count(
-        cls, shape: tuple[int, ...], *, rank: int | None, spatial_rank: int | None, **_: Any
-    ) -> int:
+    def _count(self, shape: tuple[int, ...]) -> int:
         """Closed form: core size plus factor sizes (see the class docstring); ``scale``, ``init``
         and ``std`` do not change it.
 
         >>> TuckerParam.trainable_count((64, 32), rank=4)          # 4*4 + 4*(64 + 32)
         400
         """
-        return _tucker_count(shape, cls._mode_ranks(shape, rank, spatial_rank))
+        return _tucker_count(shape, self._mode_ranks(shape))
 
     def _build(self, weight: torch.Tensor) -> None:
-        ranks = self._mode_ranks(weight.shape, self.rank, self.spatial_rank)
+        ranks = self._mode_ranks(weight.shape)
         factored = [mode for mode, r in enumerate(ranks) if r is not None]
         if self.init == "tucker":
             start = tucker(weight, [ranks[mode] for mode in factored], modes=factored, method="hosvd").factors

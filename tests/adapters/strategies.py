@@ -30,7 +30,7 @@ def default_fits(adapter: AdapterParam, layer: nn.Module | torch.Tensor) -> bool
     (tests/test_vocabulary.py states that property). Properties of built adapters drawn over tiny
     layers ``assume`` this, so every other error still fails them.
     """
-    if getattr(adapter, adapter.budget_option) is not None:
+    if adapter.config()[adapter.budget_option] is not None:
         return True
     try:
         weight = layer.weight if isinstance(layer, nn.Module) else layer

@@ -18,28 +18,20 @@ import torch
 from torch import nn
 
 import decomp.adapters as adapters
-from decomp.adapters import AdapterParam, apply, load_adapter, register, registered, save_adapter
+from decomp._checks import check_int, check_real
+from decomp.adapters import AdapterParam, apply, load_adapter, option, register, registered, save_adapter
 
 
 @register
 class ScaledLowRank(AdapterParam):
     r"""A low-rank update of the matrix view, :math:`\Delta W = \frac{s}{r} B A`, :math:`B = 0` at init."""
 
-    budget_option = "rank"
+    rank: int = option(2, check_int, low=1)
+    scale: float = option(1.0, check_real)
 
-    def __init__(self, rank: int = 2, scale: float = 1.0) -> None:
-        super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
-        self.rank, self.scale = rank, float(scale)
-
-    def config(self) -> dict:
-        return {"rank": self.rank, "scale": self.scale}
-
-    @classmethod
-    def _count(cls, shape: tuple[int, ...], rank: int, scale: float) -> int:
+    def _count(self, shape: tuple[int, ...]) -> int:
         rows, columns = shape[0], math.prod(shape[1:])
-        return min(rank, rows, columns) * (rows + columns)
+        return min(self.rank, rows, columns) * (rows + columns)
 
     def _build(self, weight: torch.Tensor) -> None:
         rows, columns = weight.shape[0], weight[0].numel()

@@ -1,8 +1,8 @@
 """The adapters under the shared contract suite (``test_adapter_contract.py``).
 
-A new adapter gets the whole suite by appending one ``AdapterCase`` line to ``ADAPTER_CASES``
-(the built-in classes, which the reliability and distributed suites also run) or, for a class
-defined outside the package, to ``OUTSIDE_CASES`` (the contract suite only). Every class in
+A new adapter gets the whole suite, and the reliability and distributed suites too, by appending
+one ``AdapterCase`` line to ``ADAPTER_CASES``, whether the class is built in or defined outside
+the package (``ScaledLowRank``, registered in ``tests/adapters/test_registry.py``). Every class in
 :func:`decomp.adapters.registered` needs a case.
 ``factory`` returns a new, unbuilt adapter each call; ``layers`` names the layer kinds it
 supports (a subset of ``ALL_LAYERS``); ``expect_identity_at_init`` is False for methods whose
@@ -59,8 +59,5 @@ ADAPTER_CASES: list[AdapterCase] = [
     AdapterCase("snella-zero-start", lambda: SNELLAParam(zero_start=True)),
     AdapterCase("snell", lambda: SNELLParam(), expect_identity_at_init=False),
     AdapterCase("snella-magnitude", lambda: SNELLAParam(mask="magnitude"), expect_identity_at_init=False),
-]
-
-OUTSIDE_CASES: list[AdapterCase] = [
     AdapterCase("scaled-low-rank-outside", lambda: ScaledLowRank()),
 ]

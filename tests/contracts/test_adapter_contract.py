@@ -1,5 +1,5 @@
-"""The contract every adapter meets, run over every entry of ``registry.ADAPTER_CASES`` and
-``registry.OUTSIDE_CASES``, which together cover every registered adapter class.
+"""The contract every adapter meets, run over every entry of ``registry.ADAPTER_CASES``, which
+covers every registered adapter class.
 
 Identity at init (and, where documented, its absence) over hypothesis-drawn layers (Linear,
 Conv1d/2d/3d with groups, dilation, stride and every padding mode), the closed-form trainable
@@ -38,10 +38,9 @@ from decomp.adapters import (
 
 from tests.adapters.strategies import adapter_of, default_fits, layers, seeded
 
-from .registry import ADAPTER_CASES, OUTSIDE_CASES, AdapterCase
+from .registry import ADAPTER_CASES, AdapterCase
 
-CASES = ADAPTER_CASES + OUTSIDE_CASES
-IDS = [case.name for case in CASES]
+IDS = [case.name for case in ADAPTER_CASES]
 
 
 class LayerBank(nn.Module):
@@ -85,7 +84,7 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def test_every_registered_adapter_class_has_a_case():
-    covered = {type(case.factory()) for case in CASES}
+    covered = {type(case.factory()) for case in ADAPTER_CASES}
     assert sorted(name for name, cls in registered().items() if cls not in covered) == []
 
 
@@ -93,7 +92,7 @@ def test_every_registered_adapter_class_has_a_case():
 # Properties over drawn layers
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
 @settings(max_examples=20)
 @given(data=st.data())
 def test_identity_at_init_exactly_where_documented(case, data):
@@ -112,7 +111,7 @@ def test_identity_at_init_exactly_where_documented(case, data):
         assert relative_error(after, before) > identity_tolerance
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
 @settings(max_examples=10)
 @given(data=st.data())
 def test_trainable_count_equals_closed_form(case, data):
@@ -134,7 +133,7 @@ class Wrapped(nn.Module):
         return self.layer(self.x)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
 @settings(max_examples=8)
 @given(data=st.data())
 def test_training_step_changes_output_and_merge_keeps_it(case, data):
@@ -151,7 +150,7 @@ def test_training_step_changes_output_and_merge_keeps_it(case, data):
         assert relative_error(model(), trained) <= 1e-5
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
 @settings(max_examples=8)
 @given(data=st.data())
 def test_gradients_reach_only_adapter_tensors(case, data):
@@ -174,7 +173,7 @@ def test_gradients_reach_only_adapter_tensors(case, data):
 # Model-level behaviour on a bank of every supported layer kind
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
 def test_save_then_load_into_fresh_model_reproduces_outputs(case, tmp_path):
     pretrained = LayerBank(case.layers)
     model = adapt(copy.deepcopy(pretrained), case)
@@ -190,7 +189,7 @@ def test_save_then_load_into_fresh_model_reproduces_outputs(case, tmp_path):
 
 
 @pytest.mark.parametrize("adapted", [False, True], ids=["into-plain", "into-adapted"])
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
 def test_loading_a_file_missing_a_tensor_changes_nothing(case, adapted, tmp_path):
     pretrained = LayerBank(case.layers)
     model = adapt(copy.deepcopy(pretrained), case)
@@ -213,7 +212,7 @@ def test_loading_a_file_missing_a_tensor_changes_nothing(case, adapted, tmp_path
     assert all(torch.equal(target.state_dict()[key], value) for key, value in state.items())
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
 def test_state_dict_round_trip(case):
     pretrained = LayerBank(case.layers)
     model = adapt(copy.deepcopy(pretrained), case)
@@ -223,7 +222,7 @@ def test_state_dict_round_trip(case):
     torch.testing.assert_close(fresh(), model(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
 def test_deepcopy_is_independent(case):
     model = adapt(LayerBank(case.layers), case)
     train_step(model)
@@ -242,7 +241,7 @@ def test_deepcopy_is_independent(case):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
 def test_half_layer_keeps_its_dtype(case, dtype):
     """Adapter tensors take the layer's dtype; identity cases keep the half weight bit for bit."""
     pretrained = LayerBank(case.layers, dtype=dtype)
@@ -260,7 +259,7 @@ def test_half_layer_keeps_its_dtype(case, dtype):
 
 
 @pytest.mark.parametrize("shape", [(6,), (2,) * 6], ids=["1d", "6d"])
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=IDS)
 def test_adapter_refuses_a_weight_outside_its_ndim_range_and_stays_unbuilt(case, shape):
     """The adapter's own check; ``apply`` refuses unsupported layer types before building any
     adapter (tests/adapters/test_model.py)."""

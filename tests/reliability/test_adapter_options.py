@@ -2,8 +2,9 @@
 
 Every public option of every adapter class is described once in ``OPTIONS`` (kind, range,
 whether ``None`` is allowed, which other options make it apply); a test checks that the table
-lists exactly the classes :mod:`decomp.adapters` exports and exactly their constructor arguments,
-so a new class or option cannot slip past the suite.
+lists exactly the classes :mod:`decomp.adapters` exports (and ``ScaledLowRank``, declared outside
+the package) and exactly their constructor arguments, so a new class or option cannot slip past
+the suite.
 
 * Bad values: for every (class, option) pair hypothesis draws a fault class (wrong type -- a str,
   a float for an int, a bool for an int or a float, ``None`` where not allowed, a list --,
@@ -12,8 +13,9 @@ so a new class or option cannot slip past the suite.
   ``ValueError`` for a wrong value) with a message that starts with the option's name.
 * Good values, drawn as Python, numpy (``np.int64``, ``np.float32``, ...) or other
   ``numbers.Integral``/``numbers.Real`` values: ``config()`` holds them as plain JSON values,
-  rebuilds an equal config, survives ``json.dumps``/``json.loads`` unchanged, and
-  ``trainable_count`` agrees with the plain config.
+  rebuilds an adapter with an equal config and repr, survives ``json.dumps``/``json.loads``
+  unchanged, ``trainable_count`` agrees with the plain config, and the adapter built on a weight
+  trains exactly that many numbers (or both refuse the weight alike).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import decomp.adapters as adapters
+from decomp._checks import check_real
 from decomp.adapters import (
     SNELLParam,
     SNELLAParam,
@@ -49,8 +52,11 @@ from decomp.adapters import (
     TuckerParam,
     apply,
     load_adapter,
+    option,
     save_adapter,
 )
+
+from tests.adapters.test_registry import ScaledLowRank
 
 
 @dataclass
@@ -129,6 +135,7 @@ OPTIONS: dict[type[AdapterParam], dict[str, Option]] = {
     },
     SNELLParam: KERNEL_ADAPTER_OPTIONS,
     SNELLAParam: KERNEL_ADAPTER_OPTIONS,
+    ScaledLowRank: {"rank": positive_int(), "scale": FINITE_REAL},  # registered from outside
 }
 
 CLASSES = sorted(OPTIONS, key=lambda cls: cls.__name__)
@@ -142,12 +149,12 @@ def test_the_table_covers_every_exported_adapter_and_every_option():
         for value in (getattr(adapters, name) for name in adapters.__all__)
         if isinstance(value, type) and issubclass(value, AdapterParam) and value is not AdapterParam
     }
-    assert set(OPTIONS) == exported
+    assert set(OPTIONS) == exported | {ScaledLowRank}
     for cls, options in OPTIONS.items():
-        parameters = inspect.signature(cls.__init__).parameters
-        assert set(parameters) - {"self"} == set(options), cls.__name__
+        parameters = inspect.signature(cls).parameters
+        assert set(parameters) == set(options), cls.__name__
         # every option has a default, so a config with any subset of options is constructible
-        assert all(p.default is not inspect.Parameter.empty for n, p in parameters.items() if n != "self")
+        assert all(p.default is not inspect.Parameter.empty for p in parameters.values())
 
 
 # ----------------------------------------------------------------------------------- bad values
@@ -282,6 +289,38 @@ def test_a_subclass_of_your_own_gets_the_same_check():
     assert inspect.signature(ScaleParam).parameters.keys() == {"init_scale"}
 
 
+class GatedLowRank(ScaledLowRank):
+    """A declared subclass: its options follow the base's, a renamed attribute keeps its keyword."""
+
+    gate_value: float = option(0.0, check_real, keyword="gate", keyword_only=True)
+
+
+def test_declared_options_are_the_constructor_in_declaration_order():
+    assert str(inspect.signature(GatedLowRank)) == "(rank: 'int' = 2, scale: 'float' = 1.0, *, gate: 'float' = 0.0)"
+    adapter = GatedLowRank(3, 0.5, gate=2)
+    assert (adapter.rank, adapter.scale, adapter.gate_value) == (3, 0.5, 2.0)
+    assert adapter.config() == {"rank": 3, "scale": 0.5, "gate": 2.0}
+    assert repr(adapter) == "GatedLowRank(rank=3, scale=0.5, gate=2.0)"
+    assert GatedLowRank.budget_option == "rank" and isinstance(GatedLowRank.gate_value, adapters.base.Option)
+    with pytest.raises(TypeError, match=r"GatedLowRank.__init__\(\) takes 2 positional arguments \(rank, scale\) but 3 were given"):
+        GatedLowRank(3, 0.5, 2.0)  # gate is keyword-only
+    with pytest.raises(TypeError, match=r"GatedLowRank.__init__\(\) got multiple values for argument 'rank'"):
+        GatedLowRank(3, rank=3)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'gate_value' \(options: rank, scale, gate\)"):
+        GatedLowRank(gate_value=1.0)  # the attribute is not a keyword
+    with pytest.raises(ValueError, match="gate must be a finite float, got nan"):
+        GatedLowRank(gate=math.nan)
+
+
+def test_an_option_named_like_a_parameter_keeps_both():
+    # LDUParam's keyword scale is the argument c (config, repr); the attribute scale is the
+    # trainable Parameter s, started at c / r.
+    adapter = LDUParam.from_weight(torch.randn(6, 4, dtype=torch.float64), rank=2, scale=3.0)
+    assert adapter.config() == {"rank": 2, "scale": 3.0} and adapter.scale_argument == 3.0
+    assert isinstance(adapter.scale, nn.Parameter) and adapter.scale.tolist() == [1.5]
+    assert repr(adapter).startswith("LDUParam(rank=2, scale=3.0, weight_shape=(6, 4)")
+
+
 # ---------------------------------------------------------------------------------- good values
 
 
@@ -367,12 +406,15 @@ def test_good_options_are_stored_as_plain_values_and_round_trip(drawn, shape):
     for name, value in kwargs.items():
         if value is not None:
             assert config[name] == plain(value), name
-    assert type(adapter)(**config).config() == config
+    rebuilt = type(adapter)(**config)
+    assert rebuilt.config() == config and repr(rebuilt) == repr(adapter)
     assert json.loads(json.dumps(config)) == config
     assert json.loads(json.dumps(config)) == cls(**json.loads(json.dumps(config))).config()
-    assert outcome(lambda: cls.trainable_count(shape, **kwargs)) == outcome(
-        lambda: cls.trainable_count(shape, **config)
-    )
+    counted = outcome(lambda: cls.trainable_count(shape, **kwargs))
+    assert counted == outcome(lambda: cls.trainable_count(shape, **config))
+    # the closed form is what the adapter built on such a weight trains (or the same refusal)
+    weight = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert outcome(lambda: cls.from_weight(weight, **config).num_trainable()) == counted
 
 
 # ---------------------------------------------------------------------------------- regressions

@@ -31,6 +31,7 @@ from decomp.adapters import (
     adapter_state_dict,
     apply,
     load_adapter,
+    option,
     save_adapter,
 )
 
@@ -139,22 +140,16 @@ def test_an_adapter_refuses_index_state_its_forward_cannot_use(tmp_path, route, 
 class ScaleParam(AdapterParam):
     """A user's own adapter: W' = W + s W with one trainable scalar."""
 
-    def __init__(self, init: float = 0.0) -> None:
-        super().__init__()
-        self.init = init
+    init: float = option(0.0)
+
+    def _count(self, shape: tuple[int, ...]) -> int:
+        return 1
 
     def _build(self, weight: torch.Tensor) -> None:
         self.s = nn.Parameter(torch.full((1,), self.init, dtype=weight.dtype, device=weight.device))
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         return self.s * weight
-
-    def config(self) -> dict[str, float]:
-        return {"init": self.init}
-
-    @classmethod
-    def _count(cls, shape: tuple[int, ...], **config: float) -> int:
-        return 1
 
 
 def test_an_adapter_class_of_your_own_loads_into_a_model_carrying_it(tmp_path):

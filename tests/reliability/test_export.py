@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 
 from decomp.adapters import LieParam, SVDParam, apply, merge, merged_state_dict, trainable_parameters
 
+from tests.adapters.strategies import default_fits
 from tests.contracts.registry import ADAPTER_CASES
 
 from .adapter_helpers import tiny_llama
@@ -46,7 +47,9 @@ def _trained(case_index: int, seed: int) -> tuple[nn.Module, torch.Tensor]:
     model = apply(
         _network(),
         lambda name, module: case.factory(),
-        target=lambda name, module: kinds.get(type(module)) in case.layers,
+        # a default budget may not fit the 5 -> 4 head (SNELLA: 21 numbers for 20): left out
+        target=lambda name, module: kinds.get(type(module)) in case.layers
+        and default_fits(case.factory(), module),
     )
     with torch.no_grad():
         generator = torch.Generator().manual_seed(seed)
