@@ -48,12 +48,11 @@ test: setup-test
 test-fast: setup-test
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
-# Every benchmark area; each script writes its own section of docs/benchmarks.md.
-# make bench BENCH_FLAGS=--quick runs each one on tiny sizes and writes nothing.
+# Every benchmark area; each writes docs/results/<area>.json and renders its section of
+# docs/benchmarks.md from it. make bench BENCH_FLAGS=--quick runs each on tiny sizes, writing nothing.
 BENCH_FLAGS ?=
 bench: setup-bench
 	$(PY) benchmarks/decomp_bench.py $(BENCH_FLAGS)
-	$(PY) benchmarks/adapters_bench.py --pretrain $(BENCH_FLAGS)
 	$(PY) benchmarks/adapters_bench.py $(BENCH_FLAGS)
 	$(PY) benchmarks/optim_bench.py $(BENCH_FLAGS)
 	$(PY) benchmarks/adapter_files_bench.py $(BENCH_FLAGS)

@@ -1,41 +1,26 @@
-r"""Adapter file bytes against trainable bytes, and ``apply`` wall time, for every adapter class.
+r"""Adapter files and ``apply``: one case per registered adapter class, at its default options.
 
-For every adapter class of :mod:`decomp.adapters` with its default options, on transformers'
-``ConvNextForImageClassification(ConvNextConfig())`` (ConvNeXt-T) and
-``ViTForImageClassification(ViTConfig())`` (ViT-B/16), randomly initialised (nothing is
-downloaded), adapted with ``decomp.adapters.apply(model, cls)`` (the default target: every linear
-and conv layer but the classifier):
-
-* *trainable bytes*: the bytes of ``trainable_parameters(model)``;
-* *file bytes*: the size of ``save_adapter(model, path)`` (frozen factors left out, rebuilt at
-  load) and of ``save_adapter(model, path, factors=True)`` (every factor stored), each with its
-  ratio to the trainable bytes;
-* on ViT-B only, the wall time of ``apply`` (building every adapter from its weight): the median
-  of ``--repeats`` calls, each on a fresh copy of the pretrained model (the copy is not timed),
-  with ``--threads`` threads for torch and the native pools;
-* on ViT-B only, how reproducible the rebuild is: the largest relative difference
-  :math:`\lVert a - b \rVert / \lVert a \rVert` (float64) between the rebuilt buffers of two
-  ``apply`` calls, one with 1 thread and one with 2 (LAPACK and BLAS split their work differently,
-  as another machine would), against the tolerance ``load_adapter`` allows.
-
-A class that raises is reported as failed with its error; no row is filled in by other means.
-The figures are written to the ``adapter files`` section of ``docs/benchmarks.md``.
+Each case adapts randomly initialised transformers ConvNeXt-T and ViT-B/16 with
+``decomp.adapters.apply(model, cls)`` and measures the trainable bytes against the bytes of
+``save_adapter`` (frozen factors left out, and ``factors=True``); on ViT-B it also times ``apply``
+(median of ``--repeats`` calls, each on a fresh copy) and compares the buffers rebuilt with 1 and
+with 2 threads (:math:`\lVert a - b \rVert / \lVert a \rVert` in float64) against the tolerance
+``load_adapter`` allows. A class that raises is a row with its error.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/adapter_files_bench.py --threads 1
-    python benchmarks/adapter_files_bench.py --quick          # tiny configs, writes nothing
+    python benchmarks/adapter_files_bench.py [--threads 1] [--repeats 3] [--only 'LDU*'] [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
+import functools
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,36 +32,29 @@ import torch
 from torch import nn
 
 import decomp.adapters
-from benchmarks.harness import Timing, environment, set_threads, write_section
+from benchmarks.harness import Area, Context, Part, Timing, cases, main, set_threads
 from decomp.adapters import apply, save_adapter, trainable_parameters
 from decomp.adapters.base import AdapterParam, rebuild_tolerance
 from decomp.adapters.model import adapted_layers
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks.md"
-SECTION = "adapter files"
-TITLE = "Adapter files: bytes on disk against trainable bytes, and apply time"
 TIMED_MODEL = "ViT-B/16"
-
-
-def adapter_classes() -> list[type[AdapterParam]]:
-    """Every adapter class :mod:`decomp.adapters` exports, once each (aliases dropped), by name."""
-    classes = {
-        value
-        for value in vars(decomp.adapters).values()
-        if isinstance(value, type) and issubclass(value, AdapterParam) and value is not AdapterParam
-    }
-    return sorted(classes, key=lambda cls: cls.__name__)
+FILES = "bytes on disk against trainable bytes"
+FILES_HEADER = (
+    "Model", "Method", "Layers", "Trainable bytes", "File bytes", "File / trainable",
+    "File bytes, factors=True", "factors=True / trainable",
+)  # fmt: skip
+APPLY = f"apply(model, cls) wall time on {TIMED_MODEL}, seconds"
+APPLY_HEADER = ("Method", "apply median s", "IQR s", "Runs")
+SPREAD = f"rebuilt buffers with 1 against 2 threads, on {TIMED_MODEL}"
+SPREAD_HEADER = (
+    "Method", "Rebuilt buffers", "Largest relative difference, 1 vs 2 threads",
+    "Bit-identical", "Tolerance of load_adapter",
+)  # fmt: skip
 
 
 def models(quick: bool = False) -> dict[str, Callable[[], nn.Module]]:
     """Builders of the randomly initialised models; ``quick``: tiny configs of the same classes."""
-    from transformers import (
-        ConvNextConfig,
-        ConvNextForImageClassification,
-        ViTConfig,
-        ViTForImageClassification,
-    )
+    from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
 
     if quick:
         convnext = ConvNextConfig(hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1], num_labels=3)
@@ -201,154 +179,62 @@ def rebuild_spread(pretrained: nn.Module, cls: type[AdapterParam], threads: int)
     return SpreadRow(cls.__name__, len(first), largest, identical, tolerance)
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
+@functools.cache
+def pretrained(model_name: str, quick: bool) -> nn.Module:
+    """The randomly initialised model (seed 0), built once per run."""
+    torch.manual_seed(0)
+    return models(quick)[model_name]()
 
 
-def files_table(rows: Sequence[FileRow]) -> str:
-    header = (
-        "Model", "Method", "Layers", "Trainable bytes", "File bytes", "File / trainable",
-        "File bytes, factors=True", "factors=True / trainable",
+def files_cells(row: FileRow) -> tuple[str, ...]:
+    if row.error is not None:
+        return (row.model, row.method, "-", "-", f"failed: {row.error}", "-", "-", "-")
+    return (
+        row.model, row.method, str(row.layers), f"{row.trainable_bytes:,}", f"{row.file_bytes:,}",
+        f"{row.ratio:.2f}", f"{row.factors_bytes:,}", f"{row.factors_ratio:.2f}",
     )  # fmt: skip
-    cells = []
-    for row in rows:
-        if row.error is not None:
-            cells.append((row.model, row.method, "-", "-", f"failed: {row.error}", "-", "-", "-"))
-            continue
-        cells.append(
-            (
-                row.model, row.method, str(row.layers), f"{row.trainable_bytes:,}",
-                f"{row.file_bytes:,}", f"{row.ratio:.2f}", f"{row.factors_bytes:,}",
-                f"{row.factors_ratio:.2f}",
-            )  # fmt: skip
-        )
-    return markdown_table(header, cells)
 
 
-def apply_table(rows: Sequence[ApplyRow]) -> str:
-    cells = [
-        (row.method, f"failed: {row.error}", "-", "-")
-        if row.timing is None
-        else (
-            row.method,
-            f"{row.timing.median_ms / 1e3:.2f}",
-            f"{row.timing.iqr_ms / 1e3:.2f}",
-            str(row.timing.repeats),
-        )
-        for row in rows
-    ]
-    return markdown_table(("Method", "apply median s", "IQR s", "Runs"), cells)
+def apply_cells(row: ApplyRow) -> tuple[str, ...]:
+    if row.timing is None:
+        return (row.method, f"failed: {row.error}", "-", "-")
+    timing = row.timing
+    return (row.method, f"{timing.median_ms / 1e3:.2f}", f"{timing.iqr_ms / 1e3:.2f}", str(timing.repeats))
 
 
-def spread_table(rows: Sequence[SpreadRow]) -> str:
-    header = (
-        "Method", "Rebuilt buffers", "Largest relative difference, 1 vs 2 threads",
-        "Bit-identical", "Tolerance of load_adapter",
-    )  # fmt: skip
-    cells = [
-        (row.method, "-", f"failed: {row.error}", "-", "-")
-        if row.error is not None
-        else (row.method, "0", "-", "-", "-")
-        if row.buffers == 0
-        else (
-            row.method, str(row.buffers), f"{row.largest:.2e}", "yes" if row.identical else "no",
-            f"{row.tolerance:.0e}",
-        )  # fmt: skip
-        for row in rows
-    ]
-    return markdown_table(header, cells)
+def spread_cells(row: SpreadRow) -> tuple[str, ...]:
+    if row.error is not None:
+        return (row.method, "-", f"failed: {row.error}", "-", "-")
+    if row.buffers == 0:
+        return (row.method, "0", "-", "-", "-")
+    identical = "yes" if row.identical else "no"
+    return (row.method, str(row.buffers), f"{row.largest:.2e}", identical, f"{row.tolerance:.0e}")
 
 
-def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1, help="threads for every library (default 1)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed apply calls per class (default 3)")
-    parser.add_argument(
-        "--only", default=None, help="comma-separated class names to run (default: every class)"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny configs, 1 repeat; writes nothing unless --out"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=None,
-        help=f"page to write to (default {DEFAULT_OUT}; none with --quick)",
-    )  # fmt: skip
-    arguments = parser.parse_args(argv)
-    if arguments.threads < 1 or arguments.repeats < 1:
-        parser.error("--threads and --repeats must be >= 1")
-    known = {cls.__name__: cls for cls in adapter_classes()}
-    names = list(known) if arguments.only is None else arguments.only.split(",")
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        parser.error(f"--only names unknown classes {unknown} (known: {sorted(known)})")
-    arguments.classes = [known[name] for name in names]
-    if arguments.quick:
-        arguments.repeats = 1
-    elif arguments.out is None:
-        arguments.out = DEFAULT_OUT
-    return arguments
-
-
-def main(argv: list[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
-    library_threads = set_threads(arguments.threads)
-    file_rows: list[FileRow] = []
-    apply_rows: list[ApplyRow] = []
-    spread_rows: list[SpreadRow] = []
+def measure(class_name: str, context: Context) -> Part:
+    """The registered adapter class ``class_name``: its files on every model; ``apply`` time and
+    rebuild spread on the timed one."""
+    cls = decomp.adapters.registered()[class_name]
+    part = Part()
     with tempfile.TemporaryDirectory() as scratch:
-        for model_name, builder in models(arguments.quick).items():
-            torch.manual_seed(0)
-            pretrained = builder()
-            for cls in arguments.classes:
-                file_rows.append(measure_files(model_name, pretrained, cls, Path(scratch)))
-                print(files_table(file_rows[-1:]).splitlines()[-1], flush=True)
-                if model_name == TIMED_MODEL:
-                    apply_rows.append(time_apply(pretrained, cls, arguments.repeats))
-                    print(apply_table(apply_rows[-1:]).splitlines()[-1], flush=True)
-                    spread_rows.append(rebuild_spread(pretrained, cls, arguments.threads))
-                    print(spread_table(spread_rows[-1:]).splitlines()[-1], flush=True)
-            del pretrained
-    env = environment(library_threads)
-    title = f"{TITLE} (quick smoke test)" if arguments.quick else TITLE
-    body = "\n".join(
-        [
-            f"## {title}",
-            "",
-            f"Run: {env.describe()}.",
-            "",
-            f"Command: `{env.command}`",
-            "",
-            "Every adapter class with its default options and `apply`'s default target (every "
-            "linear and conv layer but the classifier), on randomly initialised transformers "
-            "`ConvNextForImageClassification(ConvNextConfig())` and "
-            "`ViTForImageClassification(ViTConfig())`. *File bytes*: `save_adapter(model, path)`, "
-            "which leaves out the frozen factors an adapter rebuilds from the weight at load; "
-            "*factors=True*: every factor stored. Both include the safetensors header (the JSON "
-            "metadata of every layer).",
-            "",
-            files_table(file_rows),
-            "",
-            f"`apply(model, cls)` wall time on {TIMED_MODEL}, in seconds: the median of the runs, "
-            "each on a fresh copy of the pretrained model (the copy is not timed).",
-            "",
-            apply_table(apply_rows),
-            "",
-            f"How reproducible the rebuild is, on {TIMED_MODEL}: the rebuilt buffers of `apply` "
-            "with 1 thread against those with 2 (another split of the LAPACK/BLAS work, as on "
-            "another machine), the largest relative difference over the buffers in float64; "
-            "`load_adapter` accepts a rebuild within the tolerance.",
-            "",
-            spread_table(spread_rows),
+        rows = [
+            measure_files(model, pretrained(model, context.quick), cls, Path(scratch))
+            for model in models(context.quick)
         ]
-    )
-    print(f"\n{body}")
-    if arguments.out is not None:
-        write_section(arguments.out, SECTION, body)
-        print(f"\nwrote section {SECTION!r} of {arguments.out}")
-    return 0
+    part.table(FILES, FILES_HEADER, [files_cells(row) for row in rows])
+    timed = pretrained(TIMED_MODEL, context.quick)
+    part.table(APPLY, APPLY_HEADER, [apply_cells(time_apply(timed, cls, context.repeats))])
+    part.table(SPREAD, SPREAD_HEADER, [spread_cells(rebuild_spread(timed, cls, context.threads))])
+    return part
 
+
+AREA = Area(
+    section="adapter files",
+    title="Adapter files: bytes on disk against trainable bytes, and apply time",
+    cases=cases(measure, decomp.adapters.registered()),
+    threads=1,
+    repeats=3,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(AREA))

@@ -1,83 +1,31 @@
-"""Few-shot fine-tuning with every adapter of ``decomp.adapters`` against peft and full fine-tuning.
+"""Few-shot fine-tuning with every registered adapter against peft and full fine-tuning.
 
-The task (:mod:`benchmarks.adapters_data`): a small ResNet-style CNN pretrained on sklearn's digits
-0-4 is fine-tuned on ``--shots`` examples per class of digits 5-9 (a new 5-way head) and scored on
-a fixed held-out test set of 5-9. Methods, all trained the same way (AdamW, full-batch, ``--steps``
-steps, weight decay 0, BatchNorm statistics frozen in eval mode; the new head is always trained):
-
-* full fine-tuning; head only;
-* peft LoRA r=4 and r=8, LoKr r=8 and LoHa r=8 (``inject_adapter_in_model``, peft's other
-  defaults) on every conv and linear layer except the head and the depthwise conv (peft's LoRA
-  requires ``r % groups == 0`` and cannot merge grouped convs; LoKr and LoHa accept the depthwise
-  conv but are kept on LoRA's layers so the peft rows compare the same layers);
-* every adapter of ``decomp.adapters`` with its defaults (SNELLA once more with
-  ``zero_start=True``), through ``decomp.adapters.apply(model, XParam, target=<every layer but
-  the head>, train_heads="head")``. An adapter (or ``apply``) that is still a placeholder is
-  reported as "not available"; one that raises is reported as "failed" with the error. No row is
-  ever filled in by other means.
-
-Learning rate, per method, chosen without the test set: the first seed's few-shot set is cut
-into ``--folds`` stratified folds (:func:`benchmarks.adapters_data.shot_folds`); for every rate of
-``--lr-grid`` the method is trained on each fold's complement (same steps, same seed) and scored
-on the held-out fold. The rate with the best mean validation accuracy wins (ties: the lower mean
-validation cross-entropy; a diverged run's NaN loss counts as infinite), and every seed's final
-run trains on all of its shots at that rate and is scored on the test set. ``--select-per-seed``
-repeats the choice on every seed's own shots instead (``--seeds`` times the validation runs).
-Every method, baselines included, goes through the same procedure.
-
-SNELLA's bi-level allocation: when the adapted model holds :class:`decomp.adapters.SNELLAParam`
-layers, the loop builds an :class:`decomp.adapters.Allocator` over them (target sparsity
-``--snella-sparsity``, ``total_steps`` = ``--steps``, no warmups, the official scripts' settings)
-and calls ``allocator.step()`` after every ``backward()`` (the |p * grad| importance EMAs) and
-``allocator.update_budget(t)`` after every optimizer step (the cubic budget schedule and the
-cross-layer split; the official code updates once per epoch, and here every full-batch step is an
-epoch). Both calls are part of the timed step.
-
-Per method: test accuracy mean ± std over ``--seeds`` seeds (a seed fixes the few-shot draw, the
-new head and the adapter's random init), the learning rate of each seed's final run, trainable
-parameters, median step time (forward, backward and optimizer step, every step but each run's
-first), peak memory of one training step, and the largest relative deviation of the logits at
-init from the pretrained model's (0 for a method that starts at the identity). Only the final
-runs (all shots) are timed and measured; the validation runs only score.
-
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the first training step (after a
-peak reset). On CPU, the bytes of the model's parameters and buffers (and of SNELLA's Allocator
-state) plus the peak of the net bytes the CPU allocator hands out during the first training step,
-read from ``torch.profiler`` memory events (``profile_memory=True``); the first step is used
-because it allocates the gradients and optimizer state, so both definitions count model,
-gradients, optimizer state and activations. The process RSS is not used: its high-water mark
-cannot be reset between methods.
-
-Then a paper-style table: trainable parameters of every adapter (its closed-form
-``trainable_count`` summed over every conv and linear layer, the head included) and of peft LoRA
-r=8 on ResNet-50, ConvNeXt-T and ViT-B/16 built from transformers' default configs on the meta
-device (no weights allocated, nothing downloaded).
-
-Targets: AtomParam within 1 point of full fine-tuning with under 1% of its trainable
-parameters; every adapter's step time <= 1.3x and peak memory <= 1.1x peft LoRA r=8's. Step-time
-and peak-memory ratios against peft LoKr and LoHa are reported as information (no target). Misses
-are reported as measured; the script exits 0 (it is a report, not a test).
+The task (:mod:`benchmarks.adapters_data`): a small ResNet-style CNN pretrained on digits 0-4 is
+fine-tuned on a few examples per class of digits 5-9 (a new 5-way head) and scored on a fixed
+held-out test set. One case per method of :func:`all_methods` (full fine-tuning, head only, peft
+LoRA/LoKr/LoHa, and every class of ``decomp.adapters.registered()`` at its defaults, through
+``apply(model, cls, target=<every layer but the head>, train_heads="head")``), plus
+``parameters``: each adapter's trainable count on standard architectures. Every method is trained
+the same way (AdamW, full batch, weight decay 0, BatchNorm in eval mode) at a learning rate chosen
+by cross-validation on the first seed's shots (:func:`select_lr`), never on the test set. The
+protocol, in full, is on the page; targets are in :mod:`benchmarks.targets`.
 
 Usage::
 
-    python benchmarks/adapters_bench.py --pretrain            # write the checkpoint (about 1 min)
-    python benchmarks/adapters_bench.py --threads 2 --seeds 3 --shots 10 --steps 100
-    python benchmarks/adapters_bench.py --only AtomParam,full --seeds 1 --lr-grid 1e-3,1e-2
-    python benchmarks/adapters_bench.py --quick               # smoke test, writes nothing
+    python benchmarks/adapters_bench.py --threads 2
+    python benchmarks/adapters_bench.py --only 'AtomParam,full' --quick
 """
 
 from __future__ import annotations
 
-import argparse
-import inspect
+import functools
 import itertools
 import math
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -89,50 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import decomp.adapters
-from benchmarks.adapters_data import (
-    Dataset,
-    DigitsSplit,
-    SmallResNet,
-    few_shot,
-    load_checkpoint,
-    load_digits_split,
-    pretrain,
-    save_checkpoint,
-    shot_folds,
-)
-from benchmarks.harness import (
-    Comparison,
-    Target,
-    Timing,
-    environment,
-    format_text_table,
-    plot_ratios,
-    render_section,
-    set_threads,
-    write_section,
-)
+from benchmarks.adapters_data import Dataset, few_shot, fine_tuning_model, load_digits_split, shot_folds
+from benchmarks.harness import Area, Case, Check, Comparison, Context, Part, Timing, cases, main
+from benchmarks.targets import target
 from decomp.adapters.base import AdapterParam
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks.md"
-RESULTS = REPO_ROOT / "benchmarks" / "results"
-CHECKPOINT = RESULTS / "adapters_pretrained.pt"
-QUICK_CHECKPOINT = RESULTS / "adapters_pretrained_quick.pt"
-SECTION = "adapters"
-TITLE = "Adapters: few-shot fine-tuning on digits"
 
 HEAD = "head"
 FINETUNE_CLASSES = 5
-ADAPTERS = (
-    "AtomParam",
-    "LDUParam",
-    "SVDParam",
-    "DCTParam",
-    "TuckerParam",
-    "KronParam",
-    "LieParam",
-    "SNELLAParam",
-)
 # Extra rows: (adapter, constructor arguments). SNELLA's default starts away from the pretrained
 # weights (its kernel is non-zero at init), so its zero-start option gets a row of its own.
 ADAPTER_VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
@@ -140,24 +51,34 @@ ADAPTER_VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
 }
 LORA_RANKS = (4, 8)
 # peft's LyCORIS methods at peft's default rank 8: key -> (row name, config class name).
-LYCORIS_METHODS = {
-    "lokr8": ("peft LoKr r=8", "LoKrConfig"),
-    "loha8": ("peft LoHa r=8", "LoHaConfig"),
-}
+LYCORIS_METHODS = {"lokr8": ("peft LoKr r=8", "LoKrConfig"), "loha8": ("peft LoHa r=8", "LoHaConfig")}
 LYCORIS_RANK = 8
 ANCHOR_KEY, ANCHOR = "lora8", "peft LoRA r=8"
-MAX_STEP_RATIO = 1.3
-MAX_MEMORY_RATIO = 1.1
-ATOM_MAX_ACCURACY_DROP = 1.0
-ATOM_MAX_PARAMETER_FRACTION = 0.01
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# 1e-4 to 1e-1 in half-decade steps. In a 1-seed side run on the 3e-4..3e-2 grid the choices
-# spanned the whole grid (full fine-tuning 3e-4; head, atoms, LDU, DCT, Lie, LoKr, LoHa 3e-2), and
-# LDUParam's validation accuracy still rose from 3e-2 to 0.1: hence a decade more on each side.
-LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-FOLDS = 2
-# The middle of the official SNELLA scripts' per-task target sparsities (0 to 0.93).
-SNELLA_TARGET_SPARSITY = 0.5
+ACCURACY = "Accuracy, parameters, time and memory"
+SELECTION = "Learning-rate choice (mean accuracy on the validation folds of the shots)"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The fine-tuning protocol every method shares."""
+
+    seeds: int = 3
+    shots: int = 10
+    steps: int = 100
+    # 1e-4 to 1e-1 in half-decade steps. In a 1-seed side run on the 3e-4..3e-2 grid the choices
+    # spanned the whole grid, and LDUParam's validation accuracy still rose from 3e-2 to 0.1.
+    lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    folds: int = 2
+    # The middle of the official SNELLA scripts' per-task target sparsities (0 to 0.93).
+    snella_sparsity: float = 0.5
+
+
+QUICK = Settings(seeds=1, shots=2, steps=4, lr_grid=(1e-3, 1e-2))
+
+
+def settings(context: Context) -> Settings:
+    return QUICK if context.quick else Settings()
 
 
 # --------------------------------------------------------------------------- methods
@@ -204,27 +125,13 @@ def prepare_peft(config_name: str, rank: int) -> Callable[[nn.Module], None]:
     return prepare
 
 
-def adapter_class(name: str) -> type[AdapterParam] | None:
-    """The adapter class ``decomp.adapters.<name>``, or None while it is a placeholder."""
-    candidate = getattr(decomp.adapters, name)
-    is_adapter = isinstance(candidate, type) and issubclass(candidate, AdapterParam)
-    return candidate if is_adapter else None
-
-
-def apply_is_available() -> bool:
-    """Whether ``decomp.adapters.apply`` is the real function (its placeholder is a class)."""
-    return inspect.isfunction(decomp.adapters.apply)
-
-
 def prepare_adapter(cls: type[AdapterParam], **config: object) -> Callable[[nn.Module], None]:
     def prepare(model: nn.Module) -> None:
         decomp.adapters.apply(model, cls, target=is_backbone_layer, train_heads=HEAD, **config)
         head = model.get_submodule(HEAD)
         frozen_head = [name for name, p in head.named_parameters() if not p.requires_grad]
         if frozen_head:
-            raise RuntimeError(
-                f"apply(..., train_heads={HEAD!r}) left the head frozen: {frozen_head}"
-            )
+            raise RuntimeError(f"apply(..., train_heads={HEAD!r}) left the head frozen: {frozen_head}")
 
     return prepare
 
@@ -239,30 +146,29 @@ class Method:
     unavailable: str = ""
 
 
+@dataclass(frozen=True)
+class Method:
+    """One fine-tuning method: ``prepare`` makes a fresh model trainable its way, in place."""
+
+    name: str
+    prepare: Callable[[nn.Module], None]
+    ours: bool
+
+
 def all_methods() -> dict[str, Method]:
-    """Every method, keyed by its ``--only`` name; unavailable adapters carry the reason."""
+    """Every method by case name: the baselines, then every registered adapter class."""
     methods = {
         "full": Method("full fine-tuning", prepare_full, ours=False),
         "head": Method("head only", freeze_all_but_head, ours=False),
     }
     for rank in LORA_RANKS:
-        methods[f"lora{rank}"] = Method(
-            f"peft LoRA r={rank}", prepare_peft("LoraConfig", rank), ours=False
-        )
+        methods[f"lora{rank}"] = Method(f"peft LoRA r={rank}", prepare_peft("LoraConfig", rank), ours=False)
     for key, (name, config_name) in LYCORIS_METHODS.items():
         methods[key] = Method(name, prepare_peft(config_name, LYCORIS_RANK), ours=False)
-    adapters = {name: (name, {}) for name in ADAPTERS} | ADAPTER_VARIANTS
+    adapters = {name: (name, {}) for name in decomp.adapters.registered()} | ADAPTER_VARIANTS
     for key, (name, config) in adapters.items():
         label = name + "".join(f" ({option}={value!r})" for option, value in config.items())
-        cls = adapter_class(name)
-        if cls is None:
-            reason = f"decomp.adapters.{name} is a placeholder"
-            methods[key] = Method(label, None, ours=True, unavailable=reason)
-        elif not apply_is_available():
-            reason = "decomp.adapters.apply is a placeholder"
-            methods[key] = Method(label, None, ours=True, unavailable=reason)
-        else:
-            methods[key] = Method(label, prepare_adapter(cls, **config), ours=True)
+        methods[key] = Method(label, prepare_adapter(decomp.adapters.registered()[name], **config), ours=True)
     return methods
 
 
@@ -285,19 +191,13 @@ def profiled_peak_bytes(step: Callable[[], object]) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         step()
     events = sorted(
-        (
-            event
-            for event in profiler.profiler.kineto_results.events()
-            if event.name() == "[memory]"
-        ),
+        (event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"),
         key=lambda event: event.start_ns(),
     )
     return max(itertools.accumulate((event.nbytes() for event in events), initial=0))
 
 
-def step_peak_bytes(
-    resident: Iterable[torch.Tensor], step: Callable[[], object], device: torch.device
-) -> int:
+def step_peak_bytes(resident: Iterable[torch.Tensor], step: Callable[[], object], device: torch.device) -> int:
     """Peak memory of one training ``step`` (see the module docstring for the definition).
 
     ``resident`` are the tensors alive across steps (parameters, buffers, allocator state),
@@ -317,9 +217,7 @@ def logits(model: nn.Module, data: Dataset, device: torch.device) -> torch.Tenso
     return model(data.images.to(device)).float().cpu()
 
 
-def snella_allocator(
-    model: nn.Module, steps: int, target_sparsity: float
-) -> decomp.adapters.Allocator | None:
+def snella_allocator(model: nn.Module, steps: int, target_sparsity: float) -> decomp.adapters.Allocator | None:
     """SNELLA's :class:`~decomp.adapters.Allocator` over the model's SNELLA (and SNELL) layers.
 
     None when the model has none. One budget update per full-batch step (``total_steps =
@@ -327,7 +225,8 @@ def snella_allocator(
     ``mask_interval = 1``, with every full-batch step an epoch. The budget decays from the layers'
     initial kept counts to ``target_sparsity`` zeroed entries at step ``steps``.
     """
-    kernel_adapters = tuple(filter(None, (adapter_class("SNELLParam"), adapter_class("SNELLAParam"))))
+    classes = decomp.adapters.registered()
+    kernel_adapters = (classes["SNELLParam"], classes["SNELLAParam"])
     layers = [module for module in model.modules() if isinstance(module, kernel_adapters)]
     if not layers:
         return None
@@ -353,8 +252,7 @@ class Run:
 
 def fine_tune(
     method: Method,
-    pretrained: dict[str, torch.Tensor],
-    width: int,
+    quick: bool,
     train: Dataset,
     evaluate: Dataset,
     *,
@@ -371,17 +269,11 @@ def fine_tune(
     adapted model has SNELLA layers, the Allocator of :func:`snella_allocator` runs inside every
     step: ``allocator.step()`` right after the backward, ``allocator.update_budget(t)`` right
     after the ``t``-th optimizer step (``t`` from 1 to ``steps``). Every step but the first is
-    timed; with ``measure_memory`` the first step is measured (:func:`step_peak_bytes`).
+    timed; with ``measure_memory`` the first step is measured (:func:`step_peak_bytes`). ``quick``
+    picks the quick pretrained network.
     """
-    torch.manual_seed(seed)
-    model = SmallResNet(num_classes=FINETUNE_CLASSES, width=width)
-    backbone = {key: value for key, value in pretrained.items() if key.split(".")[0] != HEAD}
-    missing, unexpected = model.load_state_dict(backbone, strict=False)
-    if unexpected or any(key.split(".")[0] != HEAD for key in missing):
-        raise RuntimeError(
-            f"the checkpoint does not fit the model: missing {missing}, unexpected {unexpected}"
-        )
-    model.to(device).eval()  # eval mode throughout: BatchNorm keeps its pretrained statistics
+    # Eval mode throughout: BatchNorm keeps its pretrained statistics.
+    model = fine_tuning_model(quick, FINETUNE_CLASSES, seed).to(device).eval()
     reference = logits(model, evaluate, device)
     method.prepare(model)
     model.to(device)
@@ -407,9 +299,7 @@ def fine_tune(
     if measure_memory:
         resident = itertools.chain(model.parameters(), model.buffers())
         if allocator is not None:
-            resident = itertools.chain(
-                resident, *allocator.exp_avg_importance, *allocator.exp_avg_uncertainty
-            )
+            resident = itertools.chain(resident, *allocator.exp_avg_importance, *allocator.exp_avg_uncertainty)
         peak_bytes = step_peak_bytes(resident, step, device)
     else:
         step()  # allocates gradients and optimizer state: untimed, like the profiled first step
@@ -430,9 +320,6 @@ def fine_tune(
         init_deviation=init_deviation,
         peak_bytes=peak_bytes,
     )
-
-
-# --------------------------------------------------------------------------- learning-rate choice
 
 
 @dataclass(frozen=True)
@@ -466,8 +353,7 @@ class LrSelection:
 
 def select_lr(
     method: Method,
-    pretrained: dict[str, torch.Tensor],
-    width: int,
+    quick: bool,
     shots: Dataset,
     *,
     grid: Sequence[float],
@@ -492,8 +378,7 @@ def select_lr(
         runs = [
             fine_tune(
                 method,
-                pretrained,
-                width,
+                quick,
                 fit,
                 held_out,
                 seed=seed,
@@ -510,139 +395,69 @@ def select_lr(
     return LrSelection(grid, tuple(accuracies), tuple(losses))
 
 
-@dataclass
-class MethodResult:
-    """A method's runs over the seeds, or why it has none (``status`` other than "ok").
-
-    ``selections`` are the learning-rate choices made: one (on the first seed's shots) or one per
-    seed (``--select-per-seed``).
-    """
-
-    method: Method
-    status: str
-    runs: list[Run] = field(default_factory=list)
-    selections: list[LrSelection] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    @property
-    def accuracy_mean(self) -> float:
-        return statistics.fmean(run.accuracy for run in self.runs)
-
-    @property
-    def accuracy_std(self) -> float:
-        """Sample standard deviation over seeds (0 for a single seed)."""
-        accuracies = [run.accuracy for run in self.runs]
-        return statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-
-    @property
-    def trainable(self) -> int:
-        return self.runs[0].trainable
-
-    @property
-    def step(self) -> Timing:
-        return Timing.from_samples([ms for run in self.runs for ms in run.step_ms])
-
-    @property
-    def peak_bytes(self) -> int:
-        return self.runs[0].peak_bytes
-
-    @property
-    def init_deviation(self) -> float:
-        return max(run.init_deviation for run in self.runs)
-
-    @property
-    def lrs(self) -> list[float]:
-        """The learning rate of each seed's final run."""
-        return [run.lr for run in self.runs]
-
-
-def run_method(
-    method: Method,
-    pretrained: dict[str, torch.Tensor],
-    width: int,
-    split: DigitsSplit,
-    settings: argparse.Namespace,
-) -> MethodResult:
-    """``method`` over ``settings.seeds`` seeds: the learning-rate choice, then the final runs.
-
-    The rate is chosen (:func:`select_lr`) on the first seed's shots and reused for every seed,
-    or on each seed's own shots with ``settings.select_per_seed``; each final run trains on all
-    of its seed's shots and is scored on the test set. The first error ends the method as a
-    "failed" result.
-    """
-    if method.unavailable:
-        print(f"{method.name}: not available ({method.unavailable})", flush=True)
-        return MethodResult(method, f"not available: {method.unavailable}")
-    result = MethodResult(method, "ok")
-    for index, seed in enumerate(range(settings.seed, settings.seed + settings.seeds)):
+def run_method(method: Method, settings: Settings, context: Context) -> list[tuple[Run, LrSelection]]:
+    """``method`` over the seeds: the rate is chosen (:func:`select_lr`) once, on the first seed's
+    shots, and reused; each seed's final run trains on all of its shots and is scored on the test
+    set, the first one measuring the peak memory of a step."""
+    split = load_digits_split()
+    common = {"steps": settings.steps, "device": context.device, "snella_sparsity": settings.snella_sparsity}
+    runs: list[tuple[Run, LrSelection]] = []
+    for seed in range(settings.seeds):
         shots = few_shot(split.finetune_pool, settings.shots, seed)
-        common = {
-            "seed": seed,
-            "steps": settings.steps,
-            "device": settings.device,
-            "snella_sparsity": settings.snella_sparsity,
-        }
-        try:
-            if not result.selections or settings.select_per_seed:
-                selection = select_lr(
-                    method,
-                    pretrained,
-                    width,
-                    shots,
-                    grid=settings.lr_grid,
-                    folds=settings.folds,
-                    **common,
-                )
-                result.selections.append(selection)
-                if len(selection.grid) > 1:
-                    validation = ", ".join(
-                        f"{lr:g}: {accuracy:.1f}%"
-                        for lr, accuracy in zip(selection.grid, selection.accuracy)
-                    )
-                    print(
-                        f"{method.name} seed {seed}: validation accuracy {{{validation}}} "
-                        f"-> lr {selection.chosen:g}",
-                        flush=True,
-                    )
-            run = fine_tune(
-                method,
-                pretrained,
-                width,
-                shots,
-                split.finetune_test,
-                lr=result.selections[-1].chosen,
-                measure_memory=index == 0,
-                **common,
+        if not runs:
+            selection = select_lr(
+                method, context.quick, shots, grid=settings.lr_grid, folds=settings.folds, seed=seed, **common
             )
-        except Exception as error:  # noqa: BLE001 - a broken adapter is reported, the rest go on
-            message = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-            print(f"{method.name}: failed ({message})", flush=True)
-            return MethodResult(method, f"failed: {message}")
-        result.runs.append(run)
-        print(
-            f"{method.name} seed {seed}: lr {run.lr:g}, test accuracy {run.accuracy:.1f}%, "
-            f"trainable {run.trainable}",
-            flush=True,
-        )
-    return result
+        run = fine_tune(
+            method, context.quick, shots, split.finetune_test, seed=seed, lr=selection.chosen,
+            measure_memory=not runs, **common,
+        )  # fmt: skip
+        print(f"  {method.name} seed {seed}: lr {run.lr:g}, test accuracy {run.accuracy:.1f}%", flush=True)
+        runs.append((run, selection))
+    return runs
 
 
-# --------------------------------------------------------------------------- parameter table
+ACCURACY_HEADER = (
+    "Method", "Accuracy % (mean ± std)", "lr (per seed)", "Trainable", "Step ms (IQR)", "Peak MB", "Init deviation",
+)  # fmt: skip
+
+
+def measure_method(key: str, context: Context) -> Part:
+    """One method's row of the accuracy and learning-rate tables; its figures in ``data``."""
+    method, protocol = all_methods()[key], settings(context)
+    selection_header = ("Method", *(f"val. acc. % at lr {lr:g}" for lr in protocol.lr_grid))
+    part = Part(facts=[
+        f"fine-tuning: {protocol.shots} shots per class, {protocol.steps} steps, seeds 0..{protocol.seeds - 1}, "
+        f"lr grid {', '.join(f'{lr:g}' for lr in protocol.lr_grid)} by {protocol.folds}-fold cross-validation.",
+    ])  # fmt: skip
+    try:
+        runs = run_method(method, protocol, context)
+    except Exception as error:  # noqa: BLE001 - a broken adapter is a row; the rest go on
+        status = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        part.table(ACCURACY, ACCURACY_HEADER, [(method.name, status, *("-",) * 5)])
+        return part
+    accuracies = [run.accuracy for run, _ in runs]
+    mean, spread = statistics.fmean(accuracies), statistics.stdev(accuracies) if len(runs) > 1 else 0.0
+    step = Timing.from_samples([ms for run, _ in runs for ms in run.step_ms])
+    first, selection = runs[0]
+    part.table(ACCURACY, ACCURACY_HEADER, [(
+        method.name, f"{mean:.1f} ± {spread:.1f}", ", ".join(f"{run.lr:g}" for run, _ in runs),
+        f"{first.trainable:,}",
+        f"{step.median_ms:.2f} ({step.iqr_ms:.2f})", f"{first.peak_bytes / 2**20:.2f}",
+        f"{max(run.init_deviation for run, _ in runs):.1e}",
+    )])  # fmt: skip
+    if len(selection.grid) > 1:
+        part.table(SELECTION, selection_header, [(method.name, *(f"{a:.1f}" for a in selection.accuracy))])
+    part.data = {
+        "name": method.name, "ours": method.ours, "accuracy": mean, "accuracy_std": spread,
+        "trainable": first.trainable, "step": asdict(step), "peak_bytes": first.peak_bytes,
+    }  # fmt: skip
+    return part
 
 
 def architectures() -> dict[str, Callable[[], nn.Module]]:
     """Builders of the paper-style table's models, from transformers' default configs."""
-    from transformers import (
-        ConvNextConfig,
-        ConvNextModel,
-        ResNetConfig,
-        ResNetModel,
-        ViTConfig,
-        ViTModel,
-    )
+    from transformers import ConvNextConfig, ConvNextModel, ResNetConfig, ResNetModel, ViTConfig, ViTModel
 
     return {
         "ResNet-50": lambda: ResNetModel(ResNetConfig()),
@@ -659,16 +474,10 @@ def build_on_meta(builder: Callable[[], nn.Module]) -> nn.Module:
 
 def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every conv and linear layer, the head included (``apply(model, cls, target=r".*")``)."""
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, SUPPORTED_LAYERS)
-    ]
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, SUPPORTED_LAYERS)]
 
 
-def adapter_parameter_count(
-    cls: type[AdapterParam], model: nn.Module, *, exclude: str | None = None
-) -> int:
+def adapter_parameter_count(cls: type[AdapterParam], model: nn.Module, *, exclude: str | None = None) -> int:
     """Sum of ``cls.trainable_count(weight shape)`` (default config) over the supported layers."""
     return sum(
         cls.trainable_count(tuple(module.weight.shape))
@@ -691,207 +500,10 @@ def lora_parameter_count(model: nn.Module, rank: int, *, exclude: str | None = N
     return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
 
 
-@dataclass(frozen=True)
-class ParameterRow:
-    architecture: str
-    total: int
-    counts: dict[str, int | str]  # method -> count, or why there is none
-
-
-def parameter_table(
-    adapter_names: Sequence[str] = ADAPTERS, lora_rank: int = 8
-) -> list[ParameterRow]:
-    """Trainable parameters of every adapter and of peft LoRA on each architecture."""
-    rows = []
-    for architecture, builder in architectures().items():
-        total = sum(parameter.numel() for parameter in build_on_meta(builder).parameters())
-        counts: dict[str, int | str] = {
-            f"peft LoRA r={lora_rank}": lora_parameter_count(build_on_meta(builder), lora_rank)
-        }
-        for name in adapter_names:
-            cls = adapter_class(name)
-            if cls is None:
-                counts[name] = "not available"
-                continue
-            try:
-                counts[name] = adapter_parameter_count(cls, build_on_meta(builder))
-            except Exception as error:  # noqa: BLE001 - report a failing closed form, keep the column
-                counts[name] = f"failed: {type(error).__name__}"
-        rows.append(ParameterRow(architecture, total, counts))
-    return rows
-
-
-# --------------------------------------------------------------------------- reporting
-
-
-def _count(value: int | str, total: int) -> str:
-    return value if isinstance(value, str) else f"{value:,} ({100 * value / total:.2g}%)"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def accuracy_table(results: Sequence[MethodResult], full_trainable: int | None) -> str:
-    header = (
-        "Method",
-        "Accuracy % (mean ± std)",
-        "lr (per seed)",
-        "Trainable (% of full FT)",
-        "Step ms (IQR)",
-        "Peak MB",
-        "Init deviation",
-    )
-    rows = []
-    for result in results:
-        if not result.ok:
-            rows.append((result.method.name, result.status, "-", "-", "-", "-", "-"))
-            continue
-        trainable = f"{result.trainable:,}"
-        if full_trainable:
-            trainable += f" ({100 * result.trainable / full_trainable:.3g}%)"
-        step = result.step
-        rows.append(
-            (
-                result.method.name,
-                f"{result.accuracy_mean:.1f} ± {result.accuracy_std:.1f}",
-                ", ".join(f"{lr:g}" for lr in result.lrs),
-                trainable,
-                f"{step.median_ms:.2f} ({step.iqr_ms:.2f})",
-                f"{result.peak_bytes / 2**20:.2f}",
-                f"{result.init_deviation:.1e}",
-            )
-        )
-    return markdown_table(header, rows)
-
-
-def selection_table(results: Sequence[MethodResult]) -> str:
-    """Mean validation accuracy of every rate of the grid, per method that ran.
-
-    The mean over the folds, and over the seeds when the rate was chosen per seed.
-    """
-    ran = [result for result in results if result.ok]
-    grid = ran[0].selections[0].grid
-    header = ("Method", *(f"val. acc. % at lr {lr:g}" for lr in grid))
-    rows = []
-    for result in ran:
-        per_rate = zip(*(selection.accuracy for selection in result.selections))
-        rows.append((result.method.name, *(f"{statistics.fmean(acc):.1f}" for acc in per_rate)))
-    return markdown_table(header, rows)
-
-
-@dataclass(frozen=True)
-class TargetCheck:
-    description: str
-    measured: str
-    met: bool | None
-
-
-def target_checks(results: dict[str, MethodResult]) -> list[TargetCheck]:
-    """The benchmark's targets, evaluated on what ran (``met`` None: its inputs did not run).
-
-    AtomParam against full fine-tuning (accuracy and parameter share), and every adapter's step
-    time and peak memory against peft LoRA r=8.
-    """
-    checks = []
-    full, atom, anchor = results.get("full"), results.get("AtomParam"), results.get(ANCHOR_KEY)
-    if full is not None and full.ok and atom is not None and atom.ok:
-        drop = full.accuracy_mean - atom.accuracy_mean
-        fraction = atom.trainable / full.trainable
-        checks.append(
-            TargetCheck(
-                f"AtomParam accuracy within {ATOM_MAX_ACCURACY_DROP:g} point of full fine-tuning",
-                f"{-drop:+.1f} points",
-                drop <= ATOM_MAX_ACCURACY_DROP,
-            )
-        )
-        checks.append(
-            TargetCheck(
-                "AtomParam trainable parameters < "
-                f"{100 * ATOM_MAX_PARAMETER_FRACTION:g}% of full fine-tuning",
-                f"{100 * fraction:.2f}%",
-                fraction < ATOM_MAX_PARAMETER_FRACTION,
-            )
-        )
-    else:
-        checks.append(TargetCheck("AtomParam vs full fine-tuning", "not run", None))
-    for result in results.values():
-        if not result.method.ours:
-            continue
-        if not result.ok or anchor is None or not anchor.ok:
-            checks.append(
-                TargetCheck(f"{result.method.name} step and memory vs {ANCHOR}", "not run", None)
-            )
-            continue
-        step_ratio = result.step.median_ms / anchor.step.median_ms
-        memory_ratio = result.peak_bytes / anchor.peak_bytes
-        checks.append(
-            TargetCheck(
-                f"{result.method.name} step time <= {MAX_STEP_RATIO:g}x {ANCHOR}",
-                f"{step_ratio:.2f}x",
-                step_ratio <= MAX_STEP_RATIO,
-            )
-        )
-        checks.append(
-            TargetCheck(
-                f"{result.method.name} peak memory <= {MAX_MEMORY_RATIO:g}x {ANCHOR}",
-                f"{memory_ratio:.2f}x",
-                memory_ratio <= MAX_MEMORY_RATIO,
-            )
-        )
-    return checks
-
-
-def targets_table(checks: Sequence[TargetCheck]) -> str:
-    verdict = {True: "yes", False: "**no**", None: "not run"}
-    rows = [(check.description, check.measured, verdict[check.met]) for check in checks]
-    return markdown_table(("Target", "Measured", "Met"), rows)
-
-
-def lycoris_ratio_table(results: dict[str, MethodResult]) -> str | None:
-    """Step-time and peak-memory ratios of every adapter against peft LoKr and LoHa (no target).
-
-    None when neither LoKr nor LoHa ran, or no adapter did.
-    """
-    anchors = [results[key] for key in LYCORIS_METHODS if key in results and results[key].ok]
-    ours = [result for result in results.values() if result.method.ours and result.ok]
-    if not anchors or not ours:
-        return None
-    header = ["Method"]
-    for anchor in anchors:
-        header += [f"step / {anchor.method.name}", f"peak memory / {anchor.method.name}"]
-    rows = []
-    for result in ours:
-        row = [result.method.name]
-        for anchor in anchors:
-            row += [
-                f"{result.step.median_ms / anchor.step.median_ms:.2f}x",
-                f"{result.peak_bytes / anchor.peak_bytes:.2f}x",
-            ]
-        rows.append(row)
-    return markdown_table(header, rows)
-
-
-def parameters_markdown(rows: Sequence[ParameterRow]) -> str:
-    methods = list(rows[0].counts)
-    header = ("Architecture", "Parameters", *methods)
-    cells = [
-        (
-            row.architecture,
-            f"{row.total:,}",
-            *(_count(row.counts[method], row.total) for method in methods),
-        )
-        for row in rows
-    ]
-    return markdown_table(header, cells)
-
-
 OURS_COLOUR, BASELINE_COLOUR = "#1565c0", "#616161"
 
 
-def plot_accuracy(results: Sequence[MethodResult], path: Path, *, title: str) -> None:
+def plot_accuracy(results: Sequence[dict], path: Path, *, title: str) -> None:
     """Accuracy (mean ± std over seeds) against trainable parameters on a log x axis."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -901,22 +513,10 @@ def plot_accuracy(results: Sequence[MethodResult], path: Path, *, title: str) ->
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for result in results:
-        colour = OURS_COLOUR if result.method.ours else BASELINE_COLOUR
-        axes.errorbar(
-            result.trainable,
-            result.accuracy_mean,
-            yerr=result.accuracy_std,
-            fmt="o",
-            color=colour,
-            capsize=3,
-        )
-        axes.annotate(
-            result.method.name,
-            (result.trainable, result.accuracy_mean),
-            xytext=(5, 3),
-            textcoords="offset points",
-            fontsize=8,
-        )
+        colour = OURS_COLOUR if result["ours"] else BASELINE_COLOUR
+        point = (result["trainable"], result["accuracy"])
+        axes.errorbar(*point, yerr=result["accuracy_std"], fmt="o", color=colour, capsize=3)
+        axes.annotate(result["name"], point, xytext=(5, 3), textcoords="offset points", fontsize=8)
     axes.set_xscale("log")
     axes.set_xlabel("trainable parameters (log scale)")
     axes.set_ylabel("test accuracy on digits 5-9 (%)")
@@ -941,363 +541,83 @@ def plot_accuracy(results: Sequence[MethodResult], path: Path, *, title: str) ->
     figure.savefig(path, dpi=110)
 
 
-def relative_image(image: Path, page: Path) -> str:
-    """The link to ``image`` from the Markdown ``page``."""
-    return os.path.relpath(image.resolve(), page.resolve().parent)
+def measure_parameters(context: Context) -> Part:
+    """Trainable parameters of every adapter and of peft LoRA r=8 on standard architectures."""
+    classes = decomp.adapters.registered()
+    header = ("Architecture", "Parameters", "peft LoRA r=8", *classes)
+    rows = []
+    for architecture, builder in architectures().items():
+        total = sum(parameter.numel() for parameter in build_on_meta(builder).parameters())
+        counts: list[int | str] = [lora_parameter_count(build_on_meta(builder), 8)]
+        for cls in classes.values():
+            try:
+                counts.append(adapter_parameter_count(cls, build_on_meta(builder)))
+            except Exception as error:  # noqa: BLE001 - report a failing closed form, keep the column
+                counts.append(f"failed: {type(error).__name__}")
+        cells = [c if isinstance(c, str) else f"{c:,} ({100 * c / total:.2g}%)" for c in counts]
+        rows.append((architecture, f"{total:,}", *cells))
+    part = Part()
+    part.table("Trainable parameters on standard architectures", header, rows)
+    return part
 
 
-# --------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------- the area
 
 
-def _learning_rates(text: str) -> tuple[float, ...]:
-    """``--lr-grid``: comma-separated finite rates > 0, at least one, no repeats."""
-    try:
-        rates = tuple(float(item) for item in text.split(",") if item.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-    if not rates or not all(math.isfinite(rate) and rate > 0 for rate in rates):
-        raise argparse.ArgumentTypeError(f"expected finite rates > 0, got {text!r}")
-    if len(set(rates)) != len(rates):
-        raise argparse.ArgumentTypeError(f"expected distinct rates, got {text!r}")
-    return rates
+def _step(data: dict) -> Timing:
+    return Timing(**data["step"])
 
 
-def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    methods = all_methods()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--pretrain", action="store_true", help="pretrain on digits 0-4, save the checkpoint, exit"
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny run (1 seed, 2 shots, 4 steps); writes nothing unless --out",
-    )
-    parser.add_argument(
-        "--seeds", type=int, default=None, help="seeds per method (default 3; 1 with --quick)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    parser.add_argument(
-        "--shots", type=int, default=None, help="examples per class (default 10; 2 with --quick)"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=None, help="full-batch steps (default 100; 4 with --quick)"
-    )
-    parser.add_argument(
-        "--lr-grid",
-        type=_learning_rates,
-        default=LR_GRID,
-        help="comma-separated AdamW learning rates to choose from by cross-validation on the "
-        f"shots (default {','.join(f'{lr:g}' for lr in LR_GRID)}; a single rate skips the choice)",
-    )
-    parser.add_argument(
-        "--folds",
-        type=int,
-        default=FOLDS,
-        help=f"cross-validation folds of the shots for the rate choice (default {FOLDS})",
-    )
-    parser.add_argument(
-        "--select-per-seed",
-        action="store_true",
-        help="choose the rate on every seed's shots (default: once, on the first seed's shots)",
-    )
-    parser.add_argument(
-        "--snella-sparsity",
-        type=float,
-        default=SNELLA_TARGET_SPARSITY,
-        help=f"SNELLA Allocator's target sparsity, in [0, 1) (default {SNELLA_TARGET_SPARSITY:g})",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=2, help="threads for every library (default 2)"
-    )
-    parser.add_argument(
-        "--device", default="cpu", help="torch device to fine-tune on (default cpu)"
-    )
-    parser.add_argument(
-        "--pretrain-epochs",
-        type=int,
-        default=None,
-        help="pretraining epochs (default 10; 1 with --quick)",
-    )
-    parser.add_argument(
-        "--checkpoint", type=Path, default=None, help=f"checkpoint path (default {CHECKPOINT})"
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help=f"page to write to (default {DEFAULT_OUT}; none with --quick)",
-    )
-    parser.add_argument(
-        "--only",
-        default=",".join(methods),
-        help=f"comma-separated subset of {','.join(methods)}",
-    )
-    parser.add_argument(
-        "--no-parameter-table", action="store_true", help="skip the ResNet-50/ConvNeXt/ViT table"
-    )
-    arguments = parser.parse_args(argv)
-    quick = arguments.quick
-    defaults = (("seeds", 3, 1), ("shots", 10, 2), ("steps", 100, 4), ("pretrain_epochs", 10, 1))
-    for option, full_default, quick_default in defaults:
-        if getattr(arguments, option) is None:
-            setattr(arguments, option, quick_default if quick else full_default)
-        if getattr(arguments, option) < 1:
-            flag = option.replace("_", "-")
-            parser.error(f"--{flag} must be >= 1, got {getattr(arguments, option)}")
-    if arguments.steps < 2:
-        parser.error("--steps must be >= 2: the first step is untimed")
-    if arguments.threads < 1:
-        parser.error(f"--threads must be >= 1, got {arguments.threads}")
-    if len(arguments.lr_grid) > 1 and not 2 <= arguments.folds <= arguments.shots:
-        parser.error(
-            f"--folds must be in [2, --shots={arguments.shots}] to choose among "
-            f"{len(arguments.lr_grid)} rates, got {arguments.folds}"
-        )
-    if not 0.0 <= arguments.snella_sparsity < 1.0:
-        parser.error(f"--snella-sparsity must be in [0, 1), got {arguments.snella_sparsity}")
-    selected = [name.strip() for name in arguments.only.split(",") if name.strip()]
-    unknown = sorted(set(selected) - set(methods))
-    if unknown or not selected:
-        parser.error(f"--only must name some of {list(methods)}, got {arguments.only!r}")
-    arguments.methods = {name: methods[name] for name in selected}
-    arguments.device = torch.device(arguments.device)
-    if arguments.checkpoint is None:
-        arguments.checkpoint = QUICK_CHECKPOINT if quick else CHECKPOINT
-    arguments.out = arguments.out if arguments.out is not None or quick else DEFAULT_OUT
-    return arguments
+def summary(parts: dict[str, Part]) -> Part:
+    """Step time against peft LoRA r=8 (a target for ours), peak memory, AtomParam's targets and
+    the ratios against LoKr and LoHa (information)."""
+    ran = {key: part.data for key, part in parts.items() if part.data}
+    result = Part()
+    anchor, full, atom = ran.get(ANCHOR_KEY), ran.get("full"), ran.get("AtomParam")
+    if anchor is not None:
+        for key, data in ran.items():
+            if key == ANCHOR_KEY:
+                continue
+            bound = target("adapters: step time vs LoRA r=8") if data["ours"] else None
+            result.comparisons.append(Comparison(f"{data['name']} step", _step(data), ANCHOR, _step(anchor), bound))
+            if data["ours"]:
+                ratio = data["peak_bytes"] / anchor["peak_bytes"]
+                bound = target("adapters: peak memory vs LoRA r=8")
+                result.checks.append(Check(f"{data['name']} peak memory", ratio, bound, f"{ratio:.2f}x"))
+    if full is not None and atom is not None:
+        gap = atom["accuracy"] - full["accuracy"]
+        bound = target("adapters: AtomParam accuracy vs full fine-tuning")
+        result.checks.append(Check("AtomParam accuracy - full fine-tuning's", gap, bound, f"{gap:+.1f} points"))
+        share = 100 * atom["trainable"] / full["trainable"]
+        bound = target("adapters: AtomParam trainable fraction of full fine-tuning")
+        result.checks.append(Check("AtomParam trainable share of full fine-tuning", share, bound, f"{share:.2f}%"))
+    lycoris = [ran[key] for key in LYCORIS_METHODS if key in ran]
+    ours = [data for data in ran.values() if data["ours"]]
+    if lycoris and ours:
+        header = ["Method", *(f"{kind} / {a['name']}" for a in lycoris for kind in ("step", "peak memory"))]
+        rows = [
+            [data["name"], *(f"{value:.2f}x" for a in lycoris for value in (
+                _step(data).median_ms / _step(a).median_ms, data["peak_bytes"] / a["peak_bytes"]))]
+            for data in ours
+        ]  # fmt: skip
+        result.table("Step time and peak memory against peft LoKr and LoHa (information, no target)", header, rows)
+    return result
 
 
-def pretrained_model(arguments: argparse.Namespace, split: DigitsSplit) -> tuple[SmallResNet, dict]:
-    if arguments.pretrain or not arguments.checkpoint.exists():
-        print(f"pretraining on digits 0-4 for {arguments.pretrain_epochs} epochs ...", flush=True)
-        start = time.perf_counter()
-        model, test_accuracy = pretrain(
-            split, seed=arguments.seed, epochs=arguments.pretrain_epochs
-        )
-        metadata = {
-            "test_accuracy": test_accuracy,
-            "epochs": arguments.pretrain_epochs,
-            "seed": arguments.seed,
-        }
-        save_checkpoint(model, arguments.checkpoint, **metadata)
-        print(
-            f"pretrained in {time.perf_counter() - start:.0f} s: test accuracy "
-            f"{test_accuracy:.1f}% on digits 0-4; wrote {arguments.checkpoint}",
-            flush=True,
-        )
-        return model, metadata
-    return load_checkpoint(arguments.checkpoint)
+def plot(parts: dict[str, Part]) -> dict[str, Callable[[Path], None]]:
+    """Accuracy against trainable parameters, for the methods that ran."""
+    ran = [part.data for part in parts.values() if part.data]
+    title = "Few-shot digits 5-9: accuracy vs trainable"
+    return {"accuracy": functools.partial(plot_accuracy, ran, title=title)} if ran else {}
 
 
-def run_notes(
-    arguments: argparse.Namespace,
-    split: DigitsSplit,
-    metadata: dict,
-    width: int,
-    *,
-    with_parameter_table: bool,
-) -> list[str]:
-    """The section's notes: the setup of this run, stated from the values it used."""
-    import peft
-
-    lora_defaults = peft.LoraConfig()
-    last_seed = arguments.seed + arguments.seeds - 1
-    pretrain_accuracy = float(metadata.get("test_accuracy", float("nan")))
-    if arguments.device.type == "cuda":
-        memory = "torch.cuda.max_memory_allocated over the first step."
-    else:
-        memory = (
-            "parameters + buffers (+ SNELLA's Allocator state) + the peak net bytes allocated "
-            "during the first step (torch.profiler)."
-        )
-    grid = ", ".join(f"{lr:g}" for lr in arguments.lr_grid)
-    if len(arguments.lr_grid) > 1:
-        held_out = arguments.shots // arguments.folds
-        if arguments.select_per_seed:
-            when = "chosen per method and seed, on that seed's shots,"
-        else:
-            when = (
-                f"chosen once per method, on the first seed's ({arguments.seed}) shots, and "
-                "reused for every seed,"
-            )
-        lr_note = (
-            f"Learning rate: {when} from {{{grid}}} by {arguments.folds}-fold cross-validation "
-            f"(each fold: train on the rest, about {arguments.shots - held_out} per class, with "
-            f"the same steps and seed; score on the held-out {held_out} per class); best mean "
-            "validation accuracy, ties to the lower validation cross-entropy (a diverged run's "
-            "NaN loss counts as infinite); the final runs train on all the shots at that rate. "
-            "The test set plays no part in the choice. Every method (baselines included) is "
-            "chosen this way; the *lr* column lists the rate each seed's final run used."
-        )
-    else:
-        lr_note = f"Learning rate: {grid} for every method (a one-rate grid: no choice made)."
-    lycoris_defaults = "; ".join(
-        f"{name} (alpha={config.alpha}, rank_dropout={config.rank_dropout}, "
-        f"use_effective_conv2d={config.use_effective_conv2d})"
-        for name, config in (
-            (name, getattr(peft, config_name)(r=LYCORIS_RANK))
-            for name, config_name in LYCORIS_METHODS.values()
-        )
-    )
-    snella = adapter_class("SNELLAParam")
-    snella_notes = []
-    if snella is not None:
-        snella_notes.append(
-            "SNELLA (both rows): the loop calls its Allocator (importance EMAs of |p * grad| "
-            "after every backward, the cubic budget schedule and cross-layer split after every "
-            f"step, total_steps={arguments.steps}, no warmups) from the default initial sparsity "
-            f"{snella.default_sparsity:g} down to the target sparsity "
-            f"{arguments.snella_sparsity:g}; both calls are in the timed step."
-        )
-    notes = (
-        ["QUICK MODE: a smoke test; these are not the benchmark's figures."]
-        if arguments.quick
-        else []
-    )
-    notes += [
-        (
-            f"Task: {arguments.shots} examples per class of digits 5-9 ({5 * arguments.shots} "
-            f"images, full batch), {arguments.steps} AdamW steps, weight decay 0, seeds "
-            f"{arguments.seed}..{last_seed}; test set {len(split.finetune_test)} images. "
-            f"Pretraining: {metadata.get('epochs')} epochs, {pretrain_accuracy:.1f}% on held-out "
-            "digits 0-4."
-        ),
-        lr_note,
-        (
-            f"Every method trains the new 5-way head ({FINETUNE_CLASSES * (2 * width + 1)} "
-            "parameters, included in its trainable count); BatchNorm runs in eval mode (pretrained "
-            "statistics) and its affine parameters train only under full fine-tuning."
-        ),
-        (
-            f"peft LoRA: peft defaults except r (lora_alpha={lora_defaults.lora_alpha}, "
-            f"lora_dropout={lora_defaults.lora_dropout}); {lycoris_defaults}: peft's defaults. "
-            "All on every conv and linear but the head and the depthwise conv: peft's LoRA "
-            "requires r % groups == 0; peft's LoKr and LoHa do accept the depthwise conv but are "
-            "kept on LoRA's layers, so the peft rows compare the same layers. Our adapters also "
-            "adapt the depthwise conv."
-        ),
-        *snella_notes,
-        (
-            "Step time: median over every step but each run's first, final runs of all seeds "
-            f"pooled. Peak memory: {memory}"
-        ),
-        (
-            "Init deviation: max |logits at init - pretrained logits| / max |pretrained logits| "
-            "on the test set (0 for methods that start at the identity; SNELLA's default does "
-            "not)."
-        ),
-    ]
-    if with_parameter_table:
-        notes.append(
-            "Parameter table: transformers' ResNetConfig(), ConvNextConfig() and ViTConfig() "
-            "defaults built on the meta device (ViT without the pooler); each adapter's "
-            "closed-form trainable_count at its defaults, summed over every conv and linear "
-            "layer; peft LoRA r=8 counted by peft on every ungrouped conv and linear layer."
-        )
-    return notes
-
-
-def main(argv: list[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
-    library_threads = set_threads(arguments.threads)
-    split = load_digits_split()
-    model, metadata = pretrained_model(arguments, split)
-    if arguments.pretrain:
-        return 0
-    pretrained = {key: value.clone() for key, value in model.state_dict().items()}
-    results = {
-        key: run_method(method, pretrained, model.width, split, arguments)
-        for key, method in arguments.methods.items()
-    }
-    ran = [result for result in results.values() if result.ok]
-    full = results.get("full")
-    full_trainable = full.trainable if full is not None and full.ok else None
-    accuracy_markdown = accuracy_table(list(results.values()), full_trainable)
-    selection_markdown = selection_table(ran) if ran and len(arguments.lr_grid) > 1 else None
-    checks = target_checks(results)
-    lycoris_markdown = lycoris_ratio_table(results)
-    anchor = results.get(ANCHOR_KEY)
-    comparisons = []
-    if anchor is not None and anchor.ok:
-        comparisons = [
-            Comparison(
-                f"{result.method.name} step",
-                result.step,
-                ANCHOR,
-                anchor.step,
-                Target.ratio(MAX_STEP_RATIO) if result.method.ours else None,
-            )
-            for key, result in results.items()
-            if result.ok and key != ANCHOR_KEY
-        ]
-    parameter_rows = [] if arguments.no_parameter_table else parameter_table()
-
-    notes = run_notes(
-        arguments, split, metadata, model.width, with_parameter_table=bool(parameter_rows)
-    )
-
-    title = f"{TITLE} (quick smoke test)" if arguments.quick else TITLE
-    env = environment(library_threads)
-    print(f"\n{title}\n{env.describe()}\n{env.command}\n")
-    print(accuracy_markdown, "\n")
-    if selection_markdown:
-        print(selection_markdown, "\n")
-    print(targets_table(checks), "\n")
-    if lycoris_markdown:
-        print(lycoris_markdown, "\n")
-    if comparisons:
-        print(format_text_table(comparisons), "\n")
-    if parameter_rows:
-        print(parameters_markdown(parameter_rows), "\n")
-    for note in notes:
-        print(f"- {note}")
-
-    if arguments.out is None:
-        return 0
-    out = Path(arguments.out)
-    time_plot = out.parent / "img" / "adapters_bench_time.png"
-    accuracy_plot = out.parent / "img" / "adapters_bench_accuracy.png"
-    if comparisons:
-        plot_ratios(comparisons, time_plot, title=f"Adapters: step time against {ANCHOR}")
-    time_image = relative_image(time_plot, out) if comparisons else None
-    body = [render_section(comparisons, title=title, env=env, image=time_image)]
-    body += ["", "### Accuracy, parameters, time and memory", "", accuracy_markdown]
-    if ran:
-        plot_accuracy(
-            ran, accuracy_plot, title="Few-shot digits 5-9: accuracy vs trainable parameters"
-        )
-        image = relative_image(accuracy_plot, out)
-        body += ["", f"![accuracy against trainable parameters]({image})"]
-    if selection_markdown:
-        body += [
-            "",
-            "### Learning-rate choice (mean accuracy on the validation folds of the shots)",
-            "",
-            selection_markdown,
-        ]
-    body += ["", "### Targets", "", targets_table(checks)]
-    if lycoris_markdown:
-        body += [
-            "",
-            "### Step time and peak memory against peft LoKr and LoHa (information, no target)",
-            "",
-            lycoris_markdown,
-        ]
-    if parameter_rows:
-        body += [
-            "",
-            "### Trainable parameters on standard architectures",
-            "",
-            parameters_markdown(parameter_rows),
-        ]
-    body += ["", "Notes:", ""] + [f"- {note}" for note in notes]
-    write_section(out, SECTION, "\n".join(body))
-    print(f"\nwrote section {SECTION!r} of {out}")
-    return 0
-
+AREA = Area(
+    section="adapters",
+    title="Adapters: few-shot fine-tuning on digits",
+    cases=(*cases(measure_method, all_methods()), Case("parameters", measure_parameters)),
+    summary=summary,
+    plot=plot,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(AREA))

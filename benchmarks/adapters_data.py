@@ -13,12 +13,13 @@ second downsampling with a 1x1 projection shortcut), a depthwise-separable resid
 depthwise conv + 1x1 pointwise conv), global average pooling and a linear head. Every conv and
 linear type the adapters claim to handle is there except dilation, which peft's LoRA cannot run.
 
-``python benchmarks/adapters_bench.py --pretrain`` calls :func:`pretrain` and writes the
-checkpoint that fine-tuning starts from (``benchmarks/results/``, gitignored).
+:func:`pretrained` loads the checkpoint both fine-tuning benchmarks start from
+(``benchmarks/results/``, gitignored), pretraining and writing it on first use.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ __all__ = [
     "SmallResNet",
     "accuracy",
     "few_shot",
+    "fine_tuning_model",
+    "pretrained",
     "load_checkpoint",
     "load_digits_split",
     "pretrain",
@@ -71,9 +74,7 @@ class DigitsSplit:
     finetune_test: Dataset
 
 
-def _split_per_class(
-    images: torch.Tensor, labels: torch.Tensor, first_fraction: float
-) -> tuple[Dataset, Dataset]:
+def _split_per_class(images: torch.Tensor, labels: torch.Tensor, first_fraction: float) -> tuple[Dataset, Dataset]:
     """Split every class at ``first_fraction`` of its (seeded, shuffled) examples."""
     generator = torch.Generator().manual_seed(SPLIT_SEED)
     first, second = [], []
@@ -84,10 +85,7 @@ def _split_per_class(
         first.append(members[:cut])
         second.append(members[cut:])
     first_index, second_index = torch.cat(first), torch.cat(second)
-    return (
-        Dataset(images[first_index], labels[first_index]),
-        Dataset(images[second_index], labels[second_index]),
-    )
+    return (Dataset(images[first_index], labels[first_index]), Dataset(images[second_index], labels[second_index]))
 
 
 def load_digits_split(image_size: int = IMAGE_SIZE) -> DigitsSplit:
@@ -105,9 +103,7 @@ def load_digits_split(image_size: int = IMAGE_SIZE) -> DigitsSplit:
         raise ValueError(f"image_size must be an int >= 8 (the digits are 8x8), got {image_size!r}")
     pixels, digits = load_digits(return_X_y=True)
     small = torch.as_tensor(pixels, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
-    images = F.interpolate(
-        small, size=(image_size, image_size), mode="bilinear", align_corners=False
-    )
+    images = F.interpolate(small, size=(image_size, image_size), mode="bilinear", align_corners=False)
     digits = torch.as_tensor(digits, dtype=torch.int64)
     is_pretrain = digits < len(PRETRAIN_DIGITS)
     mean, std = images[is_pretrain].mean(), images[is_pretrain].std()
@@ -168,9 +164,7 @@ def shot_folds(shots: Dataset, folds: int) -> list[tuple[Dataset, Dataset]]:
     counts = torch.bincount(shots.labels)
     fewest = int(counts.min())
     if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= fewest:
-        raise ValueError(
-            f"folds must be an int in [2, {fewest}] (the fewest examples of a class), got {folds!r}"
-        )
+        raise ValueError(f"folds must be an int in [2, {fewest}] (the fewest examples of a class), got {folds!r}")
     fold_of = torch.empty_like(shots.labels)
     for label in range(counts.numel()):
         members = torch.nonzero(shots.labels == label).flatten()
@@ -266,9 +260,7 @@ def accuracy(model: nn.Module, data: Dataset, batch_size: int = 512) -> float:
     correct = 0
     for start in range(0, len(data), batch_size):
         logits = model(data.images[start : start + batch_size].to(device))
-        correct += int(
-            (logits.argmax(dim=1).cpu() == data.labels[start : start + batch_size]).sum()
-        )
+        correct += int((logits.argmax(dim=1).cpu() == data.labels[start : start + batch_size]).sum())
     return 100.0 * correct / len(data)
 
 
@@ -328,3 +320,39 @@ def load_checkpoint(path: str | Path) -> tuple[SmallResNet, dict[str, float | in
     model = SmallResNet(num_classes=checkpoint["num_classes"], width=checkpoint["width"])
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval(), checkpoint["metadata"]
+
+
+CHECKPOINT = Path(__file__).resolve().parent / "results" / "adapters_pretrained.pt"
+PRETRAIN_EPOCHS = 10
+
+
+@functools.cache
+def pretrained(quick: bool) -> tuple[dict[str, torch.Tensor], int, dict[str, float | int | str]]:
+    """The pretrained CNN both fine-tuning benchmarks start from: state dict, width, metadata.
+
+    A full run loads :data:`CHECKPOINT`, pretraining (seed 0, :data:`PRETRAIN_EPOCHS` epochs) and
+    saving it first if it is missing; ``quick`` pretrains a width-8 network for one epoch in
+    memory. Built once per process; callers load the state into a fresh :class:`SmallResNet`.
+    """
+    split = load_digits_split()
+    if quick:
+        model, test_accuracy = pretrain(split, epochs=1, width=8)
+        return model.state_dict(), model.width, {"epochs": 1, "test_accuracy": test_accuracy}
+    if not CHECKPOINT.exists():
+        print(f"pretraining on digits 0-4 (no checkpoint at {CHECKPOINT}) ...", flush=True)
+        model, test_accuracy = pretrain(split, epochs=PRETRAIN_EPOCHS)
+        save_checkpoint(model, CHECKPOINT, test_accuracy=test_accuracy, epochs=PRETRAIN_EPOCHS, seed=0)
+    model, metadata = load_checkpoint(CHECKPOINT)
+    return model.state_dict(), model.width, dict(metadata)
+
+
+def fine_tuning_model(quick: bool, num_classes: int, seed: int) -> SmallResNet:
+    """A fresh copy of the pretrained backbone with a new ``num_classes`` head drawn from ``seed``."""
+    state, width, _ = pretrained(quick)
+    torch.manual_seed(seed)
+    model = SmallResNet(num_classes=num_classes, width=width)
+    backbone = {key: value for key, value in state.items() if not key.startswith("head.")}
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    if unexpected or any(not key.startswith("head.") for key in missing):
+        raise RuntimeError(f"the checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+    return model

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch import nn
 
+import decomp.adapters
 from benchmarks import adapter_files_bench as bench
+from benchmarks.harness import load_results, main
 from decomp.adapters import LDUParam, LieParam
 from decomp.adapters.base import AdapterParam
 
@@ -19,10 +19,9 @@ def tiny_vit():
     return bench.models(quick=True)[bench.TIMED_MODEL]()
 
 
-def test_every_class_once_aliases_dropped():
-    names = [cls.__name__ for cls in bench.adapter_classes()]
-    assert len(names) == len(set(names)) >= 9
-    assert "LDUParam" in names and "AdapterParam" not in names
+def test_one_case_per_registered_class():
+    assert [case.name for case in bench.AREA.cases] == list(decomp.adapters.registered())
+    assert "LDUParam" in {case.name for case in bench.AREA.cases}
 
 
 def test_file_row_measures_both_files(tiny_vit, tmp_path):
@@ -46,9 +45,9 @@ def test_a_failing_class_is_a_row_with_its_error(tiny_vit, tmp_path):
     row = bench.measure_files("tiny", tiny_vit, _Failing, tmp_path)
     assert row.error is not None and row.error.startswith("RuntimeError: cannot build")
     assert "second line" not in row.error
-    assert "failed: RuntimeError" in bench.files_table([row])
+    assert bench.files_cells(row)[4].startswith("failed: RuntimeError")
     timed = bench.time_apply(tiny_vit, _Failing, repeats=2)
-    assert timed.timing is None and "failed: RuntimeError" in bench.apply_table([timed])
+    assert timed.timing is None and bench.apply_cells(timed)[1].startswith("failed: RuntimeError")
 
 
 def test_apply_is_timed_on_fresh_copies(tiny_vit):
@@ -57,39 +56,22 @@ def test_apply_is_timed_on_fresh_copies(tiny_vit):
     assert not any(isinstance(m, nn.Module) and hasattr(m, "parametrizations") for m in tiny_vit.modules())
 
 
-def test_quick_run_writes_only_its_section(tmp_path, capsys):
-    page = tmp_path / "benchmarks.md"
+def test_quick_run_fills_one_table_per_measure_from_the_cases(tmp_path, capsys):
+    page, results = tmp_path / "benchmarks.md", tmp_path / "files.json"
     page.write_text("# Benchmarks\n\n<!-- BEGIN other -->\nkept\n<!-- END other -->\n")
-    assert bench.main(["--quick", "--only", "LDUParam,LieParam", "--out", str(page)]) == 0
+    argv = ["--quick", "--only", "LDUParam,LieParam", "--out", str(results), "--page", str(page)]
+    assert main(bench.AREA, argv) == 0
     text = page.read_text()
-    assert "kept" in text and f"<!-- BEGIN {bench.SECTION} -->" in text
+    assert "kept" in text and f"<!-- BEGIN {bench.AREA.section} -->" in text
     assert text.count("| ConvNeXt-T | LDUParam |") == 1 and text.count("| ViT-B/16 | LieParam |") == 1
-    assert "apply median s" in text and "(quick smoke test)" in text
-    assert "wrote section" in capsys.readouterr().out
-
-
-def test_quick_run_writes_nothing_by_default(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "DEFAULT_OUT", tmp_path / "never.md")
-    arguments = bench.parse_arguments(["--quick"])
-    assert arguments.out is None and arguments.repeats == 1
-    assert bench.parse_arguments([]).out == tmp_path / "never.md"
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [(["--only", "NoSuchParam"], "unknown classes"), (["--repeats", "0"], "must be >= 1")],
-)
-def test_command_line_rejects_bad_values(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        bench.parse_arguments(argv)
-    assert message in capsys.readouterr().err
+    assert text.count(f"#### {bench.APPLY}") == 1 and "Quick smoke test" in text
+    assert set(load_results(results)) == {"LDUParam", "LieParam"}
 
 
 def test_ratios_are_file_over_trainable():
     row = bench.FileRow("m", "X", 1, trainable_bytes=100, file_bytes=150, factors_bytes=400)
     assert (row.ratio, row.factors_ratio) == (1.5, 4.0)
-    assert "| m | X | 1 | 100 | 150 | 1.50 | 400 | 4.00 |" in bench.files_table([row])
-    assert os.path.basename(bench.DEFAULT_OUT) == "benchmarks.md"
+    assert bench.files_cells(row) == ("m", "X", "1", "100", "150", "1.50", "400", "4.00")
 
 
 def test_rebuild_spread_compares_two_thread_counts(tiny_vit):
@@ -99,6 +81,6 @@ def test_rebuild_spread_compares_two_thread_counts(tiny_vit):
     assert row.error is None and row.buffers == 4 * 7 and row.tolerance == 1e-3
     assert row.largest <= row.tolerance and (row.largest == 0) == row.identical
     none = bench.rebuild_spread(tiny_vit, LieParam, threads)
-    assert none.buffers == 0 and "| LieParam | 0 | - | - | - |" in bench.spread_table([none])
+    assert none.buffers == 0 and bench.spread_cells(none) == ("LieParam", "0", "-", "-", "-")
     failed = bench.rebuild_spread(tiny_vit, _Failing, threads)
-    assert failed.error is not None and "failed: RuntimeError" in bench.spread_table([failed])
+    assert failed.error is not None and bench.spread_cells(failed)[2].startswith("failed: RuntimeError")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import math
-import re
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import decomp.adapters
 from benchmarks import adapters_bench as bench
+from benchmarks.harness import Context, Part
 from benchmarks.adapters_data import (
     Dataset,
     SmallResNet,
@@ -39,10 +38,16 @@ def tiny_split():
     return load_digits_split(image_size=TINY_IMAGE)
 
 
-@pytest.fixture(scope="module")
-def tiny_pretrained():
-    torch.manual_seed(0)
-    return SmallResNet(num_classes=5, width=TINY_WIDTH).state_dict()
+@pytest.fixture
+def tiny_model(monkeypatch):
+    """A seeded random width-4 network in place of the pretrained one: the plumbing needs no
+    pretraining."""
+
+    def build(quick, num_classes, seed):
+        torch.manual_seed(seed)
+        return SmallResNet(num_classes=num_classes, width=TINY_WIDTH)
+
+    monkeypatch.setattr(bench, "fine_tuning_model", build)
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +210,7 @@ def test_select_lr_fits_on_fold_remainders_and_scores_on_held_out_folds(split, m
     shots = few_shot(split.finetune_pool, 4, seed=2)
     calls = []
 
-    def recording_fine_tune(method, pretrained, width, train, evaluate, **options):
+    def recording_fine_tune(method, quick, train, evaluate, **options):
         calls.append((train, evaluate, options))
         return _fake_run(options["lr"], 100.0 * options["lr"], loss=1.0 / len(calls))
 
@@ -213,8 +218,7 @@ def test_select_lr_fits_on_fold_remainders_and_scores_on_held_out_folds(split, m
     method = bench.Method("stub", None, ours=False)
     selection = bench.select_lr(
         method,
-        {},
-        4,
+        True,
         shots,
         grid=(0.5, 0.25),
         folds=2,
@@ -250,8 +254,7 @@ def test_one_rate_grid_runs_nothing(split, monkeypatch):
     monkeypatch.setattr(bench, "fine_tune", no_run)
     selection = bench.select_lr(
         bench.Method("stub", None, ours=False),
-        {},
-        4,
+        True,
         few_shot(split.finetune_pool, 2, seed=0),
         grid=(3e-3,),
         folds=2,
@@ -263,68 +266,49 @@ def test_one_rate_grid_runs_nothing(split, monkeypatch):
     assert selection.chosen == 3e-3
 
 
-@pytest.mark.parametrize("per_seed", [False, True])
-def test_rate_is_chosen_once_or_per_seed(split, monkeypatch, per_seed):
-    chosen_by_seed = {5: 1e-2, 6: 1e-3, 7: 3e-4}
+def test_rate_is_chosen_once_on_the_first_seed(split, monkeypatch):
     selections, finals = [], []
 
-    def fake_select(method, pretrained, width, shots, *, grid, folds, seed, **options):
+    def fake_select(method, quick, shots, *, grid, folds, seed, **options):
         selections.append((seed, shots))
-        accuracy = tuple(100.0 if lr == chosen_by_seed[seed] else 0.0 for lr in grid)
-        return bench.LrSelection(tuple(grid), accuracy, (1.0,) * len(grid))
+        return bench.LrSelection(tuple(grid), (0.0, 100.0, 0.0), (1.0,) * len(grid))
 
-    def fake_fine_tune(
-        method, pretrained, width, train, evaluate, *, lr, measure_memory, **options
-    ):
-        finals.append((train, evaluate, lr, measure_memory))
+    def fake_fine_tune(method, quick, train, evaluate, *, lr, measure_memory, seed, **options):
+        finals.append((train, evaluate, lr, measure_memory, seed))
         return _fake_run(lr, 90.0)
 
     monkeypatch.setattr(bench, "select_lr", fake_select)
     monkeypatch.setattr(bench, "fine_tune", fake_fine_tune)
-    settings = argparse.Namespace(
-        seed=5,
-        seeds=3,
-        shots=2,
-        steps=2,
-        device=torch.device("cpu"),
-        snella_sparsity=0.5,
-        lr_grid=(3e-4, 1e-3, 1e-2),
-        folds=2,
-        select_per_seed=per_seed,
-    )
-    result = bench.run_method(bench.Method("stub", None, ours=False), {}, 4, split, settings)
-    assert result.ok and len(result.runs) == 3
-    chosen_seeds = [5, 6, 7] if per_seed else [5]
-    assert [seed for seed, _ in selections] == chosen_seeds and len(result.selections) == len(
-        chosen_seeds
-    )
-    for seed, shots in selections:
-        assert torch.equal(shots.images, few_shot(split.finetune_pool, 2, seed).images)
-    expected_lrs = [chosen_by_seed[seed] if per_seed else 1e-2 for seed in (5, 6, 7)]
-    assert result.lrs == [lr for _, _, lr, _ in finals] == expected_lrs
-    for (train, evaluate, _, measure_memory), seed in zip(finals, (5, 6, 7)):
+    settings = bench.Settings(seeds=3, shots=2, steps=2, lr_grid=(3e-4, 1e-3, 1e-2))
+    context = Context(quick=True, repeats=1, threads=1, device=torch.device("cpu"))
+    runs = bench.run_method(bench.Method("stub", None, ours=False), settings, context)
+    assert len(runs) == 3 and [seed for seed, _ in selections] == [0]
+    assert torch.equal(selections[0][1].images, few_shot(split.finetune_pool, 2, 0).images)
+    assert [lr for _, _, lr, _, _ in finals] == [1e-3] * 3
+    for train, evaluate, _, measure_memory, seed in finals:
         assert torch.equal(train.images, few_shot(split.finetune_pool, 2, seed).images)
-        assert evaluate is split.finetune_test and measure_memory == (seed == 5)
+        assert torch.equal(evaluate.images, split.finetune_test.images) and measure_memory == (seed == 0)
 
 
-def test_run_method_end_to_end_on_a_tiny_config(tiny_split, tiny_pretrained):
-    settings = argparse.Namespace(
-        seed=0,
-        seeds=2,
-        shots=2,
-        steps=2,
-        device=torch.device("cpu"),
-        snella_sparsity=0.5,
-        lr_grid=(1e-3, 1e-2),
-        folds=2,
-        select_per_seed=False,
-    )
-    method = bench.Method("head only", bench.freeze_all_but_head, ours=False)
-    result = bench.run_method(method, tiny_pretrained, TINY_WIDTH, tiny_split, settings)
-    assert result.ok and len(result.runs) == 2 and len(result.selections) == 1
-    assert result.lrs == [result.selections[0].chosen] * 2
-    assert result.trainable == 5 * (2 * TINY_WIDTH + 1) and result.init_deviation == 0.0
-    assert result.peak_bytes > 0 and result.step.repeats == 2
+def test_a_method_end_to_end_fills_its_rows(tiny_model, monkeypatch):
+    monkeypatch.setattr(bench, "QUICK", bench.Settings(seeds=2, shots=2, steps=2, lr_grid=(1e-3, 1e-2)))
+    part = bench.measure_method("head", Context(quick=True, repeats=1, threads=1, device=torch.device("cpu")))
+    accuracy, selection = part.tables
+    (row,) = accuracy["rows"]
+    assert row[0] == "head only" and row[3] == f"{5 * (2 * TINY_WIDTH + 1):,}" and row[6] == "0.0e+00"
+    assert len(row[2].split(", ")) == 2
+    assert selection["header"][1:] == ["val. acc. % at lr 0.001", "val. acc. % at lr 0.01"]
+    assert part.data["peak_bytes"] > 0 and bench.Timing(**part.data["step"]).repeats == 2
+
+
+def test_a_failing_method_is_a_row_with_its_error(monkeypatch):
+    def broken(method, settings, context):
+        raise RuntimeError("cannot adapt\nsecond line")
+
+    monkeypatch.setattr(bench, "run_method", broken)
+    part = bench.measure_method("AtomParam", Context(quick=True, repeats=1, threads=1, device=torch.device("cpu")))
+    assert part.tables[0]["rows"] == [["AtomParam", "failed: RuntimeError: cannot adapt", *("-",) * 5]]
+    assert part.data == {}
 
 
 # --------------------------------------------------------------------------- SNELLA's Allocator
@@ -332,7 +316,7 @@ def test_run_method_end_to_end_on_a_tiny_config(tiny_split, tiny_pretrained):
 
 @pytest.mark.parametrize("measure_memory", [False, True])
 def test_loop_calls_the_allocator_after_every_backward_and_step(
-    tiny_split, tiny_pretrained, methods, monkeypatch, measure_memory
+    tiny_split, tiny_model, methods, monkeypatch, measure_memory
 ):
     events, allocators = [], []
 
@@ -357,8 +341,7 @@ def test_loop_calls_the_allocator_after_every_backward_and_step(
     try:
         run = bench.fine_tune(
             methods["SNELLAParam"],
-            tiny_pretrained,
-            TINY_WIDTH,
+            True,
             shots,
             tiny_split.finetune_test,
             seed=0,
@@ -459,113 +442,48 @@ def test_profiled_peak_counts_a_known_allocation():
     assert bench.profiled_peak_bytes(step) >= 4 * elements
 
 
-def _result(name: str, ours: bool, accuracy: float, trainable: int, step_ms: float, peak: int):
-    run = bench.Run(
-        lr=1e-3,
-        accuracy=accuracy,
-        loss=0.5,
-        trainable=trainable,
-        step_ms=[step_ms],
-        init_deviation=0.0,
-        peak_bytes=peak,
-    )
-    return bench.MethodResult(bench.Method(name, None, ours=ours), "ok", [run])
+def _data(name: str, ours: bool, accuracy: float, trainable: int, step_ms: float, peak: int) -> Part:
+    step = {"median_ms": step_ms, "min_ms": step_ms, "iqr_ms": 0.0, "repeats": 1}
+    return Part(data={"name": name, "ours": ours, "accuracy": accuracy, "accuracy_std": 0.0,
+                      "trainable": trainable, "step": step, "peak_bytes": peak})  # fmt: skip
 
 
 def test_targets_report_misses_as_measured():
-    results = {
-        "full": _result("full fine-tuning", False, 90.0, 10_000, 1.0, 100),
-        "lora8": _result("peft LoRA r=8", False, 85.0, 1_000, 1.0, 100),
-        "AtomParam": _result("AtomParam", True, 88.5, 50, 1.2, 111),
+    parts = {
+        "full": _data("full fine-tuning", False, 90.0, 10_000, 1.0, 100),
+        "lora8": _data("peft LoRA r=8", False, 85.0, 1_000, 1.0, 100),
+        "AtomParam": _data("AtomParam", True, 88.5, 50, 1.2, 111),
+        "head": Part(),  # failed: no data, no rows in the summary
     }
-    checks = {check.description: check for check in bench.target_checks(results)}
-    assert checks["AtomParam accuracy within 1 point of full fine-tuning"].met is False
-    assert checks["AtomParam trainable parameters < 1% of full fine-tuning"].met is True
-    assert checks["AtomParam step time <= 1.3x peft LoRA r=8"].met is True
-    assert checks["AtomParam peak memory <= 1.1x peft LoRA r=8"].met is False
-    table = bench.targets_table(list(checks.values()))
-    assert "-1.5 points" in table and "**no**" in table
-
-
-def test_lycoris_ratio_table_is_information_against_lokr_and_loha():
-    results = {
-        "lora8": _result("peft LoRA r=8", False, 85.0, 1_000, 1.0, 100),
-        "lokr8": _result("peft LoKr r=8", False, 85.0, 300, 2.0, 200),
-        "loha8": _result("peft LoHa r=8", False, 85.0, 3_000, 4.0, 400),
-        "AtomParam": _result("AtomParam", True, 88.5, 50, 1.0, 100),
-        "SNELLAParam": bench.MethodResult(bench.Method("SNELLAParam", None, ours=True), "failed: boom"),
-    }
-    table = bench.lycoris_ratio_table(results)
-    lines = table.splitlines()
-    assert lines[0] == (
-        "| Method | step / peft LoKr r=8 | peak memory / peft LoKr r=8 "
-        "| step / peft LoHa r=8 | peak memory / peft LoHa r=8 |"
-    )
-    assert lines[2:] == ["| AtomParam | 0.50x | 0.50x | 0.25x | 0.25x |"]
-    assert bench.lycoris_ratio_table({"AtomParam": results["AtomParam"]}) is None
-    # The targets stay against LoRA r=8 only.
-    descriptions = [check.description for check in bench.target_checks(results)]
-    assert not any("LoKr" in text or "LoHa" in text for text in descriptions)
-
-
-def test_accuracy_and_selection_tables_report_the_rates():
-    first = _result("AtomParam", True, 80.0, 50, 1.0, 100)
-    first.runs.append(bench.Run(3e-2, 90.0, 0.3, 50, [1.0], 0.0, None))
-    first.selections = [
-        bench.LrSelection((1e-3, 3e-2), (60.0, 80.0), (1.0, 0.5)),
-        bench.LrSelection((1e-3, 3e-2), (70.0, 90.0), (1.0, 0.5)),
+    result = bench.summary(parts)
+    assert [(c.name, c.target is not None, c.met) for c in result.comparisons] == [
+        ("full fine-tuning step", False, None), ("AtomParam step", True, True)
     ]
-    accuracy = bench.accuracy_table([first], full_trainable=5_000)
-    assert "| lr (per seed) |" in accuracy.splitlines()[0]
-    assert "| AtomParam | 85.0 ± 7.1 | 0.001, 0.03 | 50 (1%) |" in accuracy
-    selection = bench.selection_table([first])
-    assert (
-        selection.splitlines()[0] == "| Method | val. acc. % at lr 0.001 | val. acc. % at lr 0.03 |"
-    )
-    assert selection.splitlines()[2] == "| AtomParam | 65.0 | 85.0 |"
+    checks = {check.name: check for check in result.checks}
+    assert checks["AtomParam peak memory"].met is False and checks["AtomParam peak memory"].shown == "1.11x"
+    assert checks["AtomParam accuracy - full fine-tuning's"].met is False
+    assert checks["AtomParam accuracy - full fine-tuning's"].shown == "-1.5 points"
+    assert checks["AtomParam trainable share of full fine-tuning"].met is True
 
 
-def test_unavailable_adapter_is_reported_not_run():
-    reason = "decomp.adapters.X is a placeholder"
-    placeholder = bench.Method("Placeholder", None, ours=True, unavailable=reason)
-    result = bench.run_method(placeholder, {}, 8, None, None)
-    assert result.status == f"not available: {reason}" and not result.runs
+def test_lycoris_ratios_are_information_against_lokr_and_loha():
+    parts = {
+        "lora8": _data("peft LoRA r=8", False, 85.0, 1_000, 1.0, 100),
+        "lokr8": _data("peft LoKr r=8", False, 85.0, 300, 2.0, 200),
+        "loha8": _data("peft LoHa r=8", False, 85.0, 3_000, 4.0, 400),
+        "AtomParam": _data("AtomParam", True, 88.5, 50, 1.0, 100),
+    }
+    (table,) = bench.summary(parts).tables
+    assert table["header"] == [
+        "Method", "step / peft LoKr r=8", "peak memory / peft LoKr r=8",
+        "step / peft LoHa r=8", "peak memory / peft LoHa r=8",
+    ]  # fmt: skip
+    assert table["rows"] == [["AtomParam", "0.50x", "0.50x", "0.25x", "0.25x"]]
+    assert not any("LoKr" in check.name or "LoHa" in check.name for check in bench.summary(parts).checks)
+    assert bench.summary({"AtomParam": parts["AtomParam"]}).tables == []
 
 
-# --------------------------------------------------------------------------- command line
-
-
-def test_command_line_defaults_and_options():
-    defaults = bench.parse_arguments([])
-    assert defaults.lr_grid == (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-    assert defaults.folds == 2 and not defaults.select_per_seed
-    assert defaults.snella_sparsity == 0.5
-    assert {"full", "head", "lora4", "lora8", "lokr8", "loha8", "SNELLAParam"} <= set(defaults.methods)
-    chosen = bench.parse_arguments(
-        ["--select-per-seed", "--lr-grid", "1e-3, 3e-2", "--folds", "5", "--snella-sparsity", "0"]
-    )
-    assert chosen.select_per_seed and chosen.lr_grid == (1e-3, 3e-2) and chosen.folds == 5
-    assert chosen.snella_sparsity == 0.0
-    # A one-rate grid makes no choice, so its fold count is not checked.
-    assert bench.parse_arguments(["--lr-grid", "1e-3", "--folds", "50"]).lr_grid == (1e-3,)
-    assert bench.parse_arguments(["--quick"]).shots == 2
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--lr-grid", "0,1e-3"], "expected finite rates > 0"),
-        (["--lr-grid", "1e-3,nan"], "expected finite rates > 0"),
-        (["--lr-grid", "1e-3,1e-3"], "expected distinct rates"),
-        (["--lr-grid", "fast"], "expected comma-separated numbers"),
-        (["--folds", "1"], r"--folds must be in \[2, --shots=10\]"),
-        (["--quick", "--folds", "3"], r"--folds must be in \[2, --shots=2\]"),
-        (["--snella-sparsity", "1"], r"--snella-sparsity must be in \[0, 1\)"),
-        (["--only", "lora8,LoKr"], "--only must name some of"),
-    ],
-)
-def test_command_line_rejects_bad_values(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        bench.parse_arguments(argv)
-    assert exit_info.value.code == 2
-    assert re.search(message, capsys.readouterr().err)
+def test_cases_are_the_baselines_every_registered_adapter_and_the_parameter_table():
+    names = [case.name for case in bench.AREA.cases]
+    assert names[:6] == ["full", "head", "lora4", "lora8", "lokr8", "loha8"] and names[-1] == "parameters"
+    assert set(decomp.adapters.registered()) < set(names) and "SNELLAParam-zero" in names

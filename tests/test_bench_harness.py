@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 from pathlib import Path
@@ -9,21 +10,30 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import harness
 from benchmarks.harness import (
     PAGE_HEADER,
+    Area,
+    Case,
+    Check,
     Comparison,
+    Part,
     Target,
     Timing,
     cpu_model,
     environment,
-    format_markdown_table,
-    format_text_table,
+    load_results,
+    main,
+    markdown_table,
+    parse_arguments,
+    render,
     replace_section,
-    report,
+    save_results,
     set_threads,
     timeit,
     write_section,
 )
+from benchmarks.targets import TARGETS, target
 
 
 def timing(median_ms: float) -> Timing:
@@ -255,7 +265,41 @@ def test_write_section_creates_the_page_and_keeps_other_scripts_sections(tmp_pat
     assert sorted(path.name for path in page.parent.iterdir()) == ["benchmarks.md"]
 
 
-# --------------------------------------------------------------------------- tables, report
+# --------------------------------------------------------------------------- targets, tables
+
+
+@pytest.mark.parametrize(
+    ("bound", "value", "met"),
+    [
+        (Target.at_most(1.02, "x AdamW"), 1.02, True),
+        (Target.at_most(1.02, "x AdamW"), 1.03, False),
+        (Target.at_least(-1.0, " points"), -1.0, True),
+        (Target.at_least(-1.0, " points"), -1.5, False),
+        (Target.at_most(1.0), math.nan, False),
+    ],
+)
+def test_checks_bound_a_measured_value(bound, value, met):
+    assert Check("loss", value, bound).met is met
+
+
+def test_value_targets_describe_themselves_and_bound_no_time():
+    assert Target.at_most(1.1, "x GaLore's").describe() == "<= 1.1x GaLore's"
+    assert Target.at_least(-1, " points").describe() == ">= -1 points"
+    with pytest.raises(ValueError, match="bounds a value, not a time ratio"):
+        Comparison("op", timing(1.0), "anchor", timing(1.0), Target.at_most(1.0))
+
+
+def test_every_target_lives_in_one_table_with_a_clear_miss():
+    assert target("decomp: kpsvd vs full SVD") is TARGETS["decomp: kpsvd vs full SVD"]
+    assert all(key.split(": ")[0] in ("decomp", "optim", "adapters") for key in TARGETS)
+    with pytest.raises(KeyError, match="no target 'decomp: nothing'"):
+        target("decomp: nothing")
+
+
+def test_tables_escape_pipes_and_refuse_ragged_rows():
+    assert markdown_table(("a", "b"), [("x|y", 1)]).splitlines()[2] == "| x\\|y | 1 |"
+    with pytest.raises(ValueError, match="every row must have 2 cells"):
+        markdown_table(("a", "b"), [("only one",)])
 
 
 def comparisons() -> list[Comparison]:
@@ -266,39 +310,83 @@ def comparisons() -> list[Comparison]:
     ]
 
 
-def test_tables_show_every_row_with_its_verdict():
-    markdown = format_markdown_table(comparisons()).splitlines()
-    assert len(markdown) == 2 + 3
-    assert markdown[2].endswith("| speedup >= 3x | yes |")
-    assert markdown[3].endswith("| ratio <= 1.5 | **no** |")
-    assert markdown[4].endswith("| - | info |")
-    text = format_text_table(comparisons())
-    assert "**" not in text
-    assert [line.split()[-1] for line in text.splitlines()[2:]] == ["yes", "no", "info"]
+def demo_part(rows: list[tuple[str, str]]) -> Part:
+    part = Part(comparisons(), [Check("loss", 1.05, Target.at_most(1.02, "x"), "1.05x")], facts=["rank 8"])
+    part.table("Sizes", ("Method", "Bytes"), rows)
+    part.env = environment("pools", command="python bench.py")
+    return part
 
 
-def test_report_writes_the_section_plot_and_missed_targets(tmp_path, capsys):
-    page, plot = tmp_path / "docs" / "benchmarks.md", tmp_path / "docs" / "img" / "bench.png"
-    env = environment("native pools: test", command="python bench.py --quick")
-    body = report(comparisons(), section="demo", title="Demo", env=env, notes=["a note"], out=page, plot=plot)
+DEMO = Area("demo", "Demo", (Case("a", lambda c: demo_part([("A", "1")])), Case("b", lambda c: demo_part([("B", "2")]))))
+
+
+def test_render_shows_verdicts_missed_targets_checks_and_merges_tables():
+    text = render(DEMO, {"b": demo_part([("B", "2")]), "a": demo_part([("A", "1")])}, {"ratios": "img/x.png"})
+    lines = text.splitlines()
+    assert lines[0].startswith("Run of a, b: ") and "Command: `python bench.py`" in lines
+    rows = [line for line in lines if line.startswith("| fast op") or line.startswith("| slow op")]
+    assert rows[0].endswith("| speedup >= 3x | yes |") and rows[1].endswith("| ratio <= 1.5 | **no** |")
+    assert "Missed targets: slow op vs anchor B; slow op vs anchor B." in text
+    # one table per title, rows in case order (a before b), whatever order the parts came in
+    assert text.count("#### Sizes") == 1 and text.index("| A | 1 |") < text.index("| B | 2 |")
+    assert "| loss: <= 1.02x | 1.05x | **no** |" in text and "![ratios](img/x.png)" in text
+    assert text.count("Run of ") == 1  # one line per distinct run
+    assert "- rank 8" in text and "Quick smoke test" not in text
+
+
+def test_results_round_trip_through_json(tmp_path):
+    parts = {"a": demo_part([("A", "1")])}
+    save_results(tmp_path / "r.json", parts)
+    loaded = load_results(tmp_path / "r.json")
+    assert loaded == parts and render(DEMO, loaded) == render(DEMO, parts)
+    assert load_results(tmp_path / "missing.json") == {}
+
+
+def test_command_line_is_shared_and_validated(capsys):
+    arguments = parse_arguments(DEMO, ["--only", "b", "--threads", "1"])
+    assert [case.name for case in arguments.cases] == ["b"] and arguments.out == DEMO.results
+    quick = parse_arguments(DEMO, ["--quick", "--repeats", "9"])
+    assert quick.out is None and quick.repeats == 2 and len(quick.cases) == 2
+    for argv, message in ((["--only", "zzz"], "selects no case"), (["--repeats", "0"], "must be >= 1")):
+        with pytest.raises(SystemExit):
+            parse_arguments(DEMO, argv)
+        assert message in capsys.readouterr().err
+
+
+def test_main_measures_stores_renders_and_re_renders(tmp_path, capsys):
+    page, results = tmp_path / "docs" / "benchmarks.md", tmp_path / "demo.json"
+    page.parent.mkdir()
+    page.write_text("# B\n\nprose kept\n\n<!-- BEGIN demo -->\nold\n<!-- END demo -->\n")
+    common = ["--out", str(results), "--page", str(page), "--threads", "1"]
+
+    def plot(parts):  # an area's own figure, beside the time ratios every area gets
+        return {"sizes": lambda path: harness.plot_ratios(parts["a"].comparisons[:1], path, title="t")}
+
+    assert main(dataclasses.replace(DEMO, plot=plot), [*common, "--only", "a"]) == 0
     text = page.read_text()
-    assert f"<!-- BEGIN demo -->\n{body}\n<!-- END demo -->" in text
-    assert "Command: `python bench.py --quick`" in text
-    assert "Missed targets: slow op vs anchor B." in text
-    assert "](img/bench.png)" in text
-    assert "- a note" in text
-    assert plot.read_bytes().startswith(b"\x89PNG")
-    printed = capsys.readouterr().out
-    assert "Missed targets: slow op vs anchor B" in printed
+    assert "prose kept" in text and "old" not in text and "| A | 1 |" in text and "| B | 2 |" not in text
+    for figure in ("ratios", "sizes"):
+        assert (page.parent / "img" / f"demo_{figure}.png").read_bytes().startswith(b"\x89PNG")
+        assert f"](img/demo_{figure}.png)" in text
+    main(DEMO, [*common, "--only", "b"])  # a's stored part is kept beside b's new one
+    assert set(load_results(results)) == {"a", "b"}
+    page.write_text(page.read_text().replace("| A | 1 |", "| edited |"))
+    capsys.readouterr()
+    main(DEMO, [*common, "--render"])  # nothing measured: the page comes from the JSON alone
+    assert "| A | 1 |" in page.read_text() and "running" not in capsys.readouterr().out
 
 
-def test_report_without_out_writes_nothing(tmp_path, capsys):
-    env = environment(command="python bench.py")
-    body = report(comparisons(), section="demo", title="Demo", env=env)
-    assert "## Demo" in body
-    assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ValueError, match="plot needs out"):
-        report(comparisons(), section="demo", title="Demo", env=env, plot=tmp_path / "x.png")
+def test_main_merges_parts_measured_elsewhere_and_quick_writes_nothing(tmp_path, monkeypatch):
+    elsewhere, local, page = tmp_path / "gpu.json", tmp_path / "local.json", tmp_path / "page.md"
+    main(DEMO, ["--only", "b", "--out", str(elsewhere), "--no-page", "--threads", "1"])
+    assert not page.exists() and set(load_results(elsewhere)) == {"b"}
+    main(DEMO, ["--only", "a", "--out", str(local), "--merge", str(elsewhere), "--page", str(page), "--threads", "1"])
+    assert set(load_results(local)) == {"a", "b"} and "| B | 2 |" in page.read_text()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(harness, "DEFAULT_PAGE", tmp_path / "never.md")
+    before = sorted(tmp_path.rglob("*"))
+    main(DEMO, ["--quick", "--threads", "1"])
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 # --------------------------------------------------------------------------- environment

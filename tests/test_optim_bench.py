@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from benchmarks import optim_bench as bench
+from benchmarks.harness import Context, Part, main, save_results
 from benchmarks.adapters_data import SmallResNet, load_digits_split
 from benchmarks.optim_data import (
     Corpus,
@@ -32,16 +33,11 @@ from optim import DCTProjectedAdam
 
 TINY_SHAPE = LlamaShape(hidden=16, layers=1, heads=2, intermediate=32, seq_len=16)
 TINY_LM = bench.LMSettings(
-    shape=TINY_SHAPE,
-    batch_size=2,
-    tokens=2 * 16 * 4,
-    update_gap=2,
-    val_fraction=0.1,
-    max_val_windows=4,
-    tail_steps=2,
+    shape=TINY_SHAPE, batch_size=2, tokens=2 * 16 * 4, update_gap=2, val_fraction=0.1, max_val_windows=4, tail_steps=2
 )
-TINY_MICRO = bench.MicroSettings(size=32, rank=4, repeats=1, svd_repeats=1)
+TINY_MICRO = bench.MicroSettings(size=32, rank=4, svd_repeats=1)
 TINY_CNN = bench.CNNSettings(shots=2, steps=3, seeds=2, update_gap=2)
+QUICK = Context(quick=True, repeats=1, threads=1, device=torch.device("cpu"))
 
 
 def tiny_corpus() -> Corpus:
@@ -50,31 +46,24 @@ def tiny_corpus() -> Corpus:
     return Corpus(tokens, 1, hashlib.sha256(text).hexdigest(), "synthetic")
 
 
-def record(part: dict) -> dict:
-    """A part as main() stores it: run details plus the part's own results."""
-    return bench.run_record(torch.device("cpu"), "native pools: test", quick=True) | part
+@pytest.fixture(scope="module")
+def tiny():
+    """The quick settings shrunk further, and a synthetic corpus in place of the standard library."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "LM_QUICK", TINY_LM)
+        patch.setattr(bench, "MICRO_QUICK", TINY_MICRO)
+        patch.setattr(bench, "CNN_QUICK", TINY_CNN)
+        patch.setattr(bench, "load_corpus", tiny_corpus)
+        bench.lm_data.cache_clear()
+        yield
+    bench.lm_data.cache_clear()
 
 
 @pytest.fixture(scope="module")
-def micro():
-    return record(bench.run_micro(TINY_MICRO, torch.device("cpu")))
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return record(bench.run_lm(TINY_LM, torch.device("cpu"), corpus=tiny_corpus()))
-
-
-@pytest.fixture(scope="module")
-def cnn():
-    # The plumbing does not need a pretrained network: a seeded random one stands in for it.
-    torch.manual_seed(0)
-    model = SmallResNet(num_classes=5, width=4)
-    pretraining = {"epochs": 0, "test_accuracy": math.nan}
-    split = load_digits_split()
-    return record(
-        bench.run_cnn(TINY_CNN, model.state_dict(), 4, split, torch.device("cpu"), pretraining)
-    )
+def parts(tiny):
+    names = ["micro", "lm:adamw", "lm:galore", "lm:dct", "cnn:adamw", "cnn:dct", "cnn:head"]
+    cases = {case.name: case for case in bench.AREA.cases}
+    return {name: cases[name].measure(QUICK) for name in names}
 
 
 # --------------------------------------------------------------------------- data
@@ -216,153 +205,92 @@ def test_state_bytes_count_galores_basis_and_the_svd_it_keeps_alive():
     assert bench.state_bytes([galore]) == (moments + 4 * 24 * 4, moments + 24 * 24 * 4)
 
 
-# --------------------------------------------------------------------------- the three parts
+# --------------------------------------------------------------------------- the cases
 
 
-def test_micro_runs_every_row_and_checks_the_targets(micro):
-    rows = micro["rows"]
-    assert set(rows) == set(bench.MICRO_ROWS)
-    assert all(row["status"] == "ok" for row in rows.values()), rows
-    comparisons = bench.micro_comparisons(micro)
-    assert len(comparisons) == len(bench.MICRO_COMPARISONS)
-    assert [c.target is not None for c in comparisons] == [True, True] + [False] * 5
-    checks = bench.micro_checks(micro)
-    assert len(checks) == 3 and all(check.met is not None for check in checks)
+def test_cases_are_the_method_tables():
+    names = [case.name for case in bench.AREA.cases]
+    assert names == ["micro", *(f"lm:{key}" for key in bench.LM_METHODS), *(f"cnn:{key}" for key in bench.CNN_METHODS)]
+
+
+def test_micro_times_every_row_and_carries_the_targets(parts):
+    micro = parts["micro"]
+    assert len(micro.comparisons) == len(bench.MICRO_COMPARISONS)
+    assert [c.target is not None for c in micro.comparisons] == [True, True] + [False] * 5
+    (state,) = micro.tables
+    rows = {row[0]: row for row in state["rows"]}
     # rank 4 of 32: DCT keeps moments + indices, GaLore moments + a (4, 32) basis
-    dct, galore = rows["DCTProjectedAdam steady"], rows["GaLoreAdamW steady"]
-    assert dct["state_bytes"] == 2 * 32 * 4 * 4 + 4 * 8 + 2 * 8
-    assert galore["state_bytes"] == 2 * 32 * 4 * 4 + 4 * 32 * 4
-    assert rows["AdamW (fused)"]["state_bytes"] == rows["AdamW (foreach)"]["state_bytes"]
+    dct, galore = 2 * 32 * 4 * 4 + 4 * 8 + 2 * 8, 2 * 32 * 4 * 4 + 4 * 32 * 4
+    assert rows["DCTProjectedAdam"][1] == bench.mib(dct) and rows["GaLoreAdamW"][1] == bench.mib(galore)
+    (check,) = micro.checks
+    assert check.value == pytest.approx(dct / galore) and check.met
 
 
-def test_micro_row_failure_is_reported_not_raised(monkeypatch):
+def test_micro_row_failure_is_reported_not_raised(tiny, monkeypatch):
     def broken(param, settings):
         raise RuntimeError("boom")
 
     def missing(param, settings):
         raise ImportError("no module named galore_torch")
 
-    monkeypatch.setattr(bench, "MICRO_ROWS", {"broken": broken, "GaLoreAdamW refresh": missing})
-    rows = bench.run_micro(TINY_MICRO, torch.device("cpu"))["rows"]
-    assert rows["broken"] == {"status": "failed: RuntimeError: boom"}
-    assert rows["GaLoreAdamW refresh"]["status"].startswith("not available: no module")
-    checks = bench.micro_checks({"rows": rows})
-    assert [check.met for check in checks] == [None, None, None]
+    dct = bench.MICRO_ROWS["DCTProjectedAdam steady"]
+    rows = {"AdamW (foreach)": broken, "GaLoreAdamW steady": missing, "DCTProjectedAdam steady": dct}
+    monkeypatch.setattr(bench, "MICRO_ROWS", rows)
+    part = bench.measure_micro(QUICK)
+    cells = {row[0]: row[1] for row in part.tables[0]["rows"]}
+    assert cells["AdamW (foreach)"] == "failed: RuntimeError: boom"
+    assert cells["GaLoreAdamW"].startswith("not available: no module")
+    assert part.comparisons == [] and part.checks == []
 
 
-def test_lm_methods_share_init_and_data_and_report_everything(lm):
-    methods = lm["methods"]
-    assert list(methods) == list(TINY_LM.methods)
-    assert all(result["status"] == "ok" for result in methods.values()), methods
-    first_losses = {result["curve"]["loss"][0] for result in methods.values()}
+def test_lm_methods_share_init_and_data(parts):
+    lm = {name: part for name, part in parts.items() if name.startswith("lm:")}
+    first_losses = {part.data["curve"]["loss"][0] for part in lm.values()}
     assert len(first_losses) == 1  # same weights, same first batch: same first loss
-    for result in methods.values():
-        assert math.isfinite(result["train_loss"]) and math.isfinite(result["val_loss"])
-        assert result["steps"] == TINY_LM.steps and result["state_bytes"] > 0
-        assert result["tokens_per_s"] > 0 and result["peak_memory_bytes"] is None
-    # AdamW keeps two full moments of every parameter; the projected methods keep less
-    assert methods["dct"]["state_bytes"] < methods["adamw"]["state_bytes"]
-    assert lm["parameters"] > lm["hidden_parameters"] > 0
+    for part in lm.values():
+        (row,) = part.tables[0]["rows"]
+        assert row[-1] == "ok" and math.isfinite(part.data["val_loss"]) and row[7] == "-"  # no GPU peak
+    state = {name: float(part.tables[0]["rows"][0][6]) for name, part in lm.items()}
+    assert state["lm:dct"] < state["lm:adamw"]  # AdamW keeps two moments of every parameter
 
 
-def test_lm_run_is_deterministic():
-    settings = dataclasses.replace(TINY_LM, methods=("dct",))
-    first, second = (
-        bench.run_lm(settings, torch.device("cpu"), corpus=tiny_corpus())["methods"]["dct"]
-        for _ in range(2)
-    )
-    assert first["curve"] == second["curve"] and first["val_loss"] == second["val_loss"]
+def test_lm_run_is_deterministic(tiny):
+    first, second = (bench.measure_lm("dct", QUICK).data for _ in range(2))
+    assert first == second
 
 
-def test_cnn_projects_conv_kernels_and_trains_the_same_parameters(cnn):
-    methods = cnn["methods"]
-    assert all(result["status"] == "ok" for result in methods.values()), methods
-    assert (
-        methods["adamw"]["trainable"] == methods["dct"]["trainable"] == methods["svd"]["trainable"]
-    )
-    assert methods["head"]["trainable"] == 5 * (2 * 4) + 5
-    assert methods["dct"]["state_bytes"] < methods["adamw"]["state_bytes"]
-    for result in methods.values():
-        assert len(result["accuracies"]) == TINY_CNN.seeds
-        assert all(0 <= accuracy <= 100 for accuracy in result["accuracies"])
-        assert bench.Timing(**result["step"]).repeats == TINY_CNN.seeds * (TINY_CNN.steps - 1)
+def test_cnn_projects_conv_kernels_and_trains_the_same_parameters(parts):
+    rows = {name: part.tables[0]["rows"][0] for name, part in parts.items() if name.startswith("cnn:")}
+    assert all(row[-1] == "ok" for row in rows.values()), rows
+    assert rows["cnn:adamw"][2] == rows["cnn:dct"][2] != rows["cnn:head"][2]
+    assert float(rows["cnn:dct"][3]) < float(rows["cnn:adamw"][3])
 
 
 # --------------------------------------------------------------------------- targets and page
 
 
-def lm_with_losses(**val_losses: float) -> dict:
-    return {
-        "methods": {key: {"status": "ok", "val_loss": loss} for key, loss in val_losses.items()}
-    }
+def with_losses(**losses: float) -> dict[str, Part]:
+    return {f"lm:{key}": Part(data={"val_loss": loss}) for key, loss in losses.items()}
 
 
-def test_lm_checks_apply_the_issue_targets():
-    met = bench.lm_checks(lm_with_losses(adamw=2.0, galore=2.05, dct=2.04))
+def test_summary_applies_the_loss_targets_where_both_sides_ran():
+    met = bench.summary(with_losses(adamw=2.0, galore=2.05, dct=2.04)).checks
     assert [check.met for check in met] == [True, True]
-    missed = bench.lm_checks(lm_with_losses(adamw=2.0, galore=2.0, dct=2.05))
-    assert [check.met for check in missed] == [False, False]
-    assert missed[0].measured == "1.0250x"
-    assert [check.met for check in bench.lm_checks(lm_with_losses(dct=1.0))] == [None, None]
-    assert [check.met for check in bench.lm_checks(None)] == [None, None]
+    missed = bench.summary(with_losses(adamw=2.0, galore=2.0, dct=2.05)).checks
+    assert [check.met for check in missed] == [False, False] and missed[0].shown == "1.0250x"
+    assert bench.summary(with_losses(dct=1.0)).checks == []
 
 
-def test_render_writes_every_part_plots_and_targets(micro, lm, cnn, tmp_path):
-    page = tmp_path / "docs" / "benchmarks.md"
-    body = bench.render({"micro": micro, "lm": lm, "cnn": cnn}, page)
-    headings = [line for line in body.splitlines() if line.startswith("## ")]
-    assert sum(heading.endswith("(quick smoke test)") for heading in headings) == 3
-    assert "### Optimizer state" in body and "## Optimizers: targets" in body
-    assert "](img/optim_micro.png)" in body and "](img/optim_lm_loss.png)" in body
-    assert (tmp_path / "docs" / "img" / "optim_micro.png").stat().st_size > 0
-    assert (tmp_path / "docs" / "img" / "optim_lm_loss.png").stat().st_size > 0
-    assert "| DCTProjectedAdam validation loss <= 1.02x AdamW's |" in body
-    for result in cnn["methods"].values():
-        assert result["label"] in body
-    only_lm = bench.render({"lm": lm}, None)
-    assert "not run" in only_lm and "img/" not in only_lm
-
-
-def test_main_merges_stored_parts_and_renders_the_page(micro, lm, tmp_path):
-    stored, elsewhere = tmp_path / "results.json", tmp_path / "gpu.json"
-    bench.save_results(stored, {"micro": micro})
-    bench.save_results(elsewhere, {"lm": lm})
-    page = tmp_path / "benchmarks.md"
+def test_page_from_parts_measured_in_two_runs(parts, tmp_path):
+    here, elsewhere, page = tmp_path / "cpu.json", tmp_path / "gpu.json", tmp_path / "docs" / "benchmarks.md"
+    save_results(here, {name: part for name, part in parts.items() if not name.startswith("lm:")})
+    save_results(elsewhere, {name: part for name, part in parts.items() if name.startswith("lm:")})
+    page.parent.mkdir()
     page.write_text("# Benchmarks\n\n<!-- BEGIN optim -->\nold\n<!-- END optim -->\n")
-    argv = ["--render", "--out", str(stored), "--merge", str(elsewhere), "--page", str(page)]
-    assert bench.main(argv) == 0
-    assert set(json.loads(stored.read_text())) == {"micro", "lm"}
+    argv = ["--render", "--out", str(here), "--merge", str(elsewhere), "--page", str(page), "--threads", "1"]
+    assert main(bench.AREA, argv) == 0
     text = page.read_text()
-    assert "old" not in text and text.count("<!-- BEGIN optim -->") == 1
-    assert "byte-level LLaMA pretraining" in text and "one step on a 32x32 parameter" in text
-
-
-def test_results_file_with_an_unknown_part_is_rejected(tmp_path):
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps({"bogus": {}}))
-    with pytest.raises(ValueError, match="unknown parts"):
-        bench.load_results(path)
-
-
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["--only", "micro,bogus"],
-        ["--lm-methods", "adamw,sgd"],
-        ["--tokens", "0"],
-        ["--cnn-steps", "1"],
-    ],
-)
-def test_bad_arguments_are_refused(argv):
-    with pytest.raises(SystemExit):
-        bench.parse_arguments(argv)
-
-
-def test_quick_arguments_write_nothing_by_default():
-    arguments = bench.parse_arguments(["--quick", "--only", "lm", "--lm-methods", "dct,aro"])
-    assert arguments.out is None and arguments.page is None
-    assert arguments.parts == ("lm",) and arguments.lm.methods == ("dct", "aro")
-    assert arguments.lm.shape == bench.LM_QUICK.shape and not arguments.lm.autocast
-    full = bench.parse_arguments(["--tokens", "4096", "--lr-projected", "0.02"])
-    assert full.out == bench.DEFAULT_JSON and full.page == bench.DEFAULT_PAGE
-    assert full.lm.tokens == 4096 and full.lm.projected_lr == 0.02
+    assert "old" not in text and f"#### {bench.LM_TABLE}" in text and f"#### {bench.CNN_TABLE}" in text
+    assert "| DCTProjectedAdam validation loss: <= 1.02x AdamW's |" in text
+    assert (page.parent / "img" / "optim_ratios.png").stat().st_size > 0
+    assert "](img/optim_lm_loss.png)" in text
