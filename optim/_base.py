@@ -362,6 +362,8 @@ class TensorStateOptimizer(torch.optim.Optimizer):
     ) -> dict[str, Any]:
         """The options of ``group``, checked and normalised; keys outside ``known`` raise."""
         allowed = set(cls.options) | set(known) | set(_GROUP_KEYS)
+        if "params" in group:  # a param group (given, added or loaded), not the defaults
+            group = cls._resolved_options(group)
         for key in group:
             if key not in allowed:
                 # a misspelt old name still points to the current one
@@ -383,6 +385,12 @@ class TensorStateOptimizer(torch.optim.Optimizer):
                     f"{cls.__mro__[1].__name__}({key}=...) for another"
                 )
         return {**group, **checked}
+
+    @classmethod
+    def _resolved_options(cls, group: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``group`` with the options left to ``None`` that depend on its other options filled in
+        (default: as is); :class:`~optim.RotatedAdam` resolves its per-basis defaults here."""
+        return group
 
     @classmethod
     def _current_names(cls, group: Mapping[str, Any], stacklevel: int = 5) -> dict[str, Any]:
@@ -423,6 +431,14 @@ class TensorStateOptimizer(torch.optim.Optimizer):
         if self._takes_adamw(param, group):
             return _adamw_layout(param)
         return self._matrix_layout(param, group)
+
+    def _upgraded_state(
+        self, group: dict[str, Any], state: Mapping[str, Any]
+    ) -> Mapping[str, Any]:
+        """A loaded state saved by an earlier release, with what this one adds filled in so that
+        it continues as that release would have (default: as is); checked against the layout
+        after this."""
+        return state
 
     def _state_value_problem(
         self, param: torch.Tensor, group: dict[str, Any], state: Mapping[str, torch.Tensor]
@@ -651,6 +667,7 @@ class TensorStateOptimizer(torch.optim.Optimizer):
                 )
             if not values:
                 continue
+            values = self._upgraded_state(group, values)
             problem = _layout_problem(values, self._state_layout(param, group))
             if problem is None:
                 problem = self._state_value_problem(param, group, values)

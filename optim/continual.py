@@ -1,16 +1,20 @@
 r"""The protected-subspace option for continual learning (CoSO/OSFT-style).
 
 With ``protect=True`` a projected optimizer keeps, per parameter, a Frequent-Directions sketch
-:math:`S \in \mathbb{R}^{\ell \times d}` of the directions it updated during the current task (at
-every subspace refresh it adds the rows :math:`\lVert X p_j \rVert\, p_j^\top` for the selected
-basis columns :math:`p_j`). ``optimizer.consolidate()`` at the end of a task takes the dominant
-right singular vectors of the sketch, enough to hold a fraction ``protect_energy`` of its energy,
-and appends them (orthonormalised) to a protected basis :math:`B \in \mathbb{R}^{d \times k}`.
-Later gradients are projected off it, :math:`X \leftarrow X - X B B^\top`, and so are the
-updates, so every later update satisfies :math:`\Delta W\, B = 0` (or :math:`B^\top \Delta W = 0`
-when the compressed side is the rows): inputs (outputs) in the span of :math:`B` keep their
-response. Decoupled weight decay still shrinks the whole weight; use ``weight_decay=0`` for strict
-protection.
+:math:`S \in \mathbb{R}^{\ell \times d}` of the directions it updated during the current task, fed
+every step: between two refreshes it sums, per selected basis column :math:`p_j`, the squared
+norm :math:`\lVert X_t p_j \rVert^2` of each step's projected gradient (the state's
+``update_energy`` holds the root, :math:`O(kr)` per step), and the refresh (or
+:meth:`~optim.ProjectedAdam.consolidate`) adds the rows :math:`e_j p_j^\top`,
+:math:`e_j^2 = \sum_t \lVert X_t p_j \rVert^2`, whose Gram is exactly that of every step's rows
+:math:`\lVert X_t p_j \rVert\, p_j^\top`. ``optimizer.consolidate()`` at the end of a task takes
+the dominant right singular vectors of the sketch, enough to hold a fraction ``protect_energy`` of
+its energy, and appends them (orthonormalised) to a protected basis
+:math:`B \in \mathbb{R}^{d \times k}`. Later gradients are projected off it,
+:math:`X \leftarrow X - X B B^\top`, and so are the updates, so every later update satisfies
+:math:`\Delta W\, B = 0` (or :math:`B^\top \Delta W = 0` when the compressed side is the rows):
+inputs (outputs) in the span of :math:`B` keep their response. Decoupled weight decay still
+shrinks the whole weight; use ``weight_decay=0`` for strict protection.
 
 What :math:`B` spans is what the optimizer updated. With the SVD projector that is the top of the
 gradients' row space, which lies in the span of the inputs the task used, so the task's outputs
@@ -19,8 +23,12 @@ The DCT and random projectors update along fixed basis columns that need not con
 inputs: the earlier updates are protected, the earlier outputs need not be. A projected matrix
 with :math:`r \ge d` has no room at all; the optimizer refuses ``protect=True`` for it.
 
-Differences from CoSO: the sketch is fed the optimizer's selected directions weighted by the
-gradient energy along them (no extra SVD per step), and the basis lives on the compressed side.
+Differences from CoSO: the sketch is fed, every step as CoSO's, the optimizer's selected
+directions weighted by the gradient energy along them (no extra SVD per step: the updates lie in
+their span anyway), and the basis lives on the compressed side. Until issue 12 the sketch took
+one gradient per refresh; on a synthetic task with drifting low-rank gradients (64 x 48, rank 4,
+gaps 10 and 50, SVD and DCT) the share of the task's update energy the protected basis holds
+changed by at most 0.02 between the two, at 3-10% of a steady step's time for the every-step feed.
 """
 
 from __future__ import annotations

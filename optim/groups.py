@@ -1,9 +1,14 @@
-r"""Param groups for a projected optimizer from module names, as transformers' ``optim_target_modules``.
+r"""Param groups: a matrix optimizer on some weights, AdamW on the rest, in one optimizer.
 
 :func:`param_groups` splits ``model.parameters()`` into the weights of the targeted
 ``nn.Linear``/``nn.Conv1d/2d/3d`` layers, which get ``rank`` and the given options, and the rest
 (biases, norms, embeddings, untargeted layers), which gets ``rank=None``: plain AdamW in
-:class:`~optim.ProjectedAdam`, :class:`~optim.DCTProjectedAdam` and :class:`~optim.SVDProjectedAdam`.
+:class:`~optim.ProjectedAdam`, :class:`~optim.DCTProjectedAdam` and :class:`~optim.SVDProjectedAdam`
+(transformers' ``optim_target_modules``).
+
+:func:`matrix_groups` is Muon's split (``MuonWithAuxAdam``): the hidden weight matrices in one
+group, the embeddings, the output head and every 1-D parameter in an AdamW group
+(``matrix=False``) with its own options; every optimizer here takes it.
 """
 
 from __future__ import annotations
@@ -14,9 +19,18 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from decomp._select import SUPPORTED_LAYERS, ModuleSelector, matches, modules, selector
+from decomp._select import (
+    SUPPORTED_LAYERS,
+    ModuleSelector,
+    matches,
+    modules,
+    output_layer,
+    selector,
+)
 
-__all__ = ["param_groups"]
+__all__ = ["matrix_groups", "param_groups"]
+
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
 
 def param_groups(
@@ -43,8 +57,8 @@ def param_groups(
     (``"proj"`` matches ``q_proj``) and its ``"all-linear"`` keeps the LM head.
 
     The groups suit the optimizers with a ``rank`` option. :class:`~optim.ARO` and
-    :class:`~optim.RotatedAdam` rotate every matrix of every group (they have no per-group AdamW
-    switch) and refuse the ``rank`` key with ``ValueError``; give them ``model.parameters()``.
+    :class:`~optim.RotatedAdam` refuse the ``rank`` key with ``ValueError``; give them
+    :func:`matrix_groups`.
 
     Args:
         model: the network (names as its ``named_modules()`` gives them).
@@ -118,4 +132,79 @@ def param_groups(
     groups = [{"params": chosen, "rank": rank, **options}]
     if rest:
         groups.append({"params": rest, "rank": None})
+    return groups
+
+
+def matrix_groups(
+    model: nn.Module, *, adamw: dict[str, Any] | None = None, **options: Any
+) -> list[dict[str, Any]]:
+    r"""Muon's split: the hidden weight matrices in one group, AdamW for everything else.
+
+    The first group holds every parameter of ``model`` with two or more dimensions (hidden
+    ``nn.Linear`` and convolution weights, raw matrix parameters) except the embeddings
+    (``nn.Embedding``/``nn.EmbeddingBag`` weights) and the output layer's parameters
+    (``model.get_output_embeddings()`` where that returns a module, else the last
+    ``nn.Linear``/``nn.Conv1d/2d/3d``), with ``options``; the second holds the rest (embeddings,
+    head, biases, norm gains, scalars) with ``matrix=False`` and ``adamw``, so
+    :class:`~optim.ARO`, :class:`~optim.RotatedAdam` and the projected optimizers step it as
+    ``torch.optim.AdamW`` at its own lr. This is the recipe of Muon (``MuonWithAuxAdam``; the
+    first group is what ``torch.optim.Muon``, which refuses 1-D parameters, takes) and of the
+    official ARO and SOAP set-ups, and what the matrix optimizers' learning rates are tuned for:
+    an embedding row sees a gradient only when its token occurs, and a rotation of a
+    32000-row head costs 3.8 GiB. Each parameter is in exactly one group, once, in
+    ``model.parameters()`` order (a head tied to its embedding goes to the AdamW group); the
+    second group is left out when empty.
+
+    Args:
+        model: the network.
+        adamw: options of the AdamW group (``lr``, ``betas``, ``weight_decay``...), checked by
+            the optimizer; ``None``: the optimizer's defaults.
+        **options: options of the matrix group (``lr``, ``rank``...), checked by the optimizer.
+
+    Returns:
+        ``[{"params": hidden, **options}, {"params": rest, "matrix": False, **adamw}]``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``adamw`` is not a dict.
+        ValueError: the model has no hidden matrix, or ``options``/``adamw`` hold ``params`` or
+            ``matrix`` (the function sets them).
+
+    Example:
+        >>> from optim import ARO, matrix_groups
+        >>> model = torch.nn.Sequential(
+        ...     torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8),
+        ...     torch.nn.Linear(8, 10))
+        >>> groups = matrix_groups(model, lr=2e-2, adamw={"lr": 3e-4})
+        >>> [len(group["params"]) for group in groups], groups[1]["matrix"]
+        ([1, 6], False)
+        >>> opt = ARO(groups)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if adamw is None:
+        adamw = {}
+    if not isinstance(adamw, dict):
+        raise TypeError(f"adamw must be a dict of options or None, got {type(adamw).__name__}")
+    for where, given in (("options", options), ("adamw", adamw)):
+        clash = sorted({"params", "matrix"} & set(given))
+        if clash:
+            raise ValueError(f"{where} must not hold {clash}: matrix_groups sets them")
+    head = output_layer(model)
+    excluded = {
+        id(param)
+        for module in model.modules()
+        if isinstance(module, _EMBEDDINGS) or module is head
+        for param in module.parameters()
+    }
+    hidden = [p for p in model.parameters() if p.ndim >= 2 and id(p) not in excluded]
+    if not hidden:
+        raise ValueError(
+            "the model has no hidden matrix (every 2-D+ parameter is an embedding or the output "
+            "layer): use torch.optim.AdamW(model.parameters())"
+        )
+    chosen = {id(param) for param in hidden}
+    rest = [param for param in model.parameters() if id(param) not in chosen]
+    groups = [{"params": hidden, **options}]
+    if rest:
+        groups.append({"params": rest, "matrix": False, **adamw})
     return groups

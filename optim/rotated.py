@@ -11,14 +11,16 @@ optimizer there, and map the result back:
 
 1-D parameters (biases, norm gains) and scalars take the ``torch.optim.AdamW`` step of
 :func:`optim._adam.adamw_step` inside the same optimizer, with their group's ``lr``, ``betas``,
-``eps`` and ``weight_decay``. All state is tensors (``weights_only``-loadable); floating state of
-fp16/bf16 weights is fp32, and the weight keeps its own dtype.
+``eps`` and ``weight_decay``; so does every parameter of a group with ``matrix=False`` (the
+embeddings and output head in :func:`~optim.matrix_groups`, Muon's recipe). All state is tensors
+(``weights_only``-loadable); floating state of fp16/bf16 weights is fp32, and the weight keeps its
+own dtype.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -31,6 +33,8 @@ from decomp._sides import transposes
 from ._adam import adam_direction, apply_update, init_moments
 from ._base import (
     COMMON_OPTIONS,
+    _adam_betas,
+    _learning_rate,
     StateSpec,
     TensorStateOptimizer,
     as_matrix,
@@ -52,7 +56,14 @@ __all__ = ["ARO", "RotatedAdam"]
 _ARO_BASES = ("sinkhorn", "row_norm", "sign")
 _ARO_LR_ADJUSTMENTS = ("rms_norm", "spectral_norm", "none")
 _ROTATED_ADAM_BASES = ("dct", "eigen")
+# What lr=None and betas=None mean in a RotatedAdam group, by its basis: SOAP's defaults
+# (nikhilvyas/SOAP; shampoo_beta=None then follows beta2 = 0.95, SOAP's too) and AdamW's.
+_ROTATED_ADAM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "eigen": {"lr": 3e-3, "betas": (0.95, 0.95)},
+    "dct": {"lr": 1e-3, "betas": (0.9, 0.999)},
+}
 _SIDES = ("left", "right")
+_ARO_ROTATED_SIDES = ("rows", "smaller")
 
 
 # Rows (and columns) of R^T M whose norm is at most this many machine epsilons of the largest
@@ -104,7 +115,11 @@ _BASE_MAPS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
 
 
 class _MatrixOrAdamW(TensorStateOptimizer):
-    """Both optimizers: each matrix through ``_matrix_step``, the rest through AdamW."""
+    """Both optimizers: each matrix through ``_matrix_step``, the rest through AdamW (1-D
+    parameters, scalars, and every parameter of a ``matrix=False`` group)."""
+
+    def _takes_adamw(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
+        return super()._takes_adamw(param, group) or not group["matrix"]
 
     def _decomposes(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
         """Whether ``param``'s next step runs a decomposition (what ``check_finite`` guards)."""
@@ -196,36 +211,50 @@ class ARO(_MatrixOrAdamW):
     QR on :math:`C` likewise), so a momentum of 1e20 or 1e-30 gets the update of its unit-scale
     copy, where raw squared norms would overflow or underflow float32.
 
-    Which side is rotated: the smaller one. For :math:`m \le n` the rotation is :math:`m \times m`
-    as in the paper; for :math:`m > n` the same step runs on :math:`W^\top` (so :math:`R` is
-    :math:`n \times n` and :math:`f` normalises the rows of :math:`R^\top M^\top`), keeping the
-    memory and the QR at :math:`O(\min(m,n)^2)` and :math:`O(\min(m,n)^2 \max(m,n))`. The official
-    code (``microsoft/dion`` ``aro.py``) always rotates the rows, at :math:`m^2` memory for a tall
-    weight. The scale :math:`s` is computed from the unflipped :math:`(m, n)`. The QR is a
-    Householder ``torch.linalg.qr`` (the paper recommends a shifted Cholesky-QR for speed).
+    Which side is rotated (``rotate``): ``"rows"`` (default) rotates the rows, :math:`R` is
+    :math:`m \times m` for every shape, as the paper and the official code (``microsoft/dion``
+    ``aro.py``) do; it trained 0.05 nats better than ``"smaller"`` on a byte-level Llama
+    (issue 12). ``"smaller"`` runs the same step on :math:`W^\top` when :math:`m > n` (so
+    :math:`R` is :math:`n \times n` and :math:`f` normalises the rows of :math:`R^\top M^\top`),
+    keeping the memory and the QR at :math:`O(\min(m,n)^2)` and
+    :math:`O(\min(m,n)^2 \max(m,n))`; it was this optimizer's only behaviour before ``rotate``
+    existed. Memory of ``"rows"`` on a tall weight: :math:`m^2` floats, 64 MiB for an MLP
+    down-projection with :math:`m = 4096` in fp32, 3.8 GiB for a 32000-token embedding or LM
+    head, which is why those belong in an AdamW group (``matrix=False``,
+    :func:`~optim.matrix_groups`). The scale :math:`s` is computed from the unflipped
+    :math:`(m, n)`. The QR is a Householder ``torch.linalg.qr`` (the paper recommends a shifted
+    Cholesky-QR for speed).
 
-    ``lr`` is the matrix step size; 1-D parameters and scalars take ``torch.optim.AdamW`` steps at
-    the same group ``lr`` with ``betas``, ``eps`` and ``weight_decay`` (give them their own param
-    group to use another lr). State per matrix: ``step`` (0-d int64 on the CPU), ``momentum``
-    (:math:`m \times n`) and ``rotation`` (:math:`\min(m,n)^2`), fp32 for fp16/bf16 weights.
+    Learning rate. With ``adjust_lr="rms_norm"`` a matrix step has RMS
+    :math:`0.2\sqrt{\max(m, n)}\,\eta` (each base map gives :math:`R f(R^\top M)` entries of
+    RMS 1; Moonlight's factor assumes an orthogonal update of RMS :math:`1/\sqrt{\max(m, n)}`):
+    :math:`5.5\,\eta` on a 768 x 768 weight, against about :math:`0.2\,\eta` for AdamW on noisy
+    gradients, so an AdamW learning rate is not an ARO one: tune ``lr`` for ARO (a step RMS of
+    :math:`0.2\sqrt{\max(m,n)}\,\eta` equals AdamW's :math:`\approx 0.2\,\eta'` at
+    :math:`\eta = \eta' / \sqrt{\max(m,n)}`), and give the embeddings, head and 1-D parameters
+    their own AdamW group and lr (:func:`~optim.matrix_groups`).
+
+    ``lr`` is the matrix step size; 1-D parameters, scalars and ``matrix=False`` groups take
+    ``torch.optim.AdamW`` steps at their group's ``lr`` with ``betas``, ``eps`` and
+    ``weight_decay``. State per matrix: ``step`` (0-d int64 on the CPU), ``momentum``
+    (:math:`m \times n`) and ``rotation`` (:math:`m^2`, or :math:`\min(m,n)^2` with
+    ``"smaller"``), fp32 for fp16/bf16 weights.
 
     Args:
         params: parameters or param groups (groups may override every option below).
         lr: step size :math:`\eta \ge 0` (default 1e-3, every optimizer's default here; the
-            paper's and the official code's is 0.01). With ``adjust_lr="rms_norm"`` a matrix
-            step has RMS :math:`0.2\sqrt{\max(m, n)}\,\eta` (the base maps give
-            :math:`R f(R^\top M)` unit RMS entries, where Moonlight's matching assumes an
-            orthogonal update of RMS :math:`1/\sqrt{\max(m,n)}`): 5.5 :math:`\eta` on a
-            768x768 weight, against about 0.23 :math:`\eta` for AdamW on noisy gradients, so
-            tune ``lr`` for ARO rather than reuse AdamW's.
+            paper's and the official code's is 0.01); see "Learning rate" above.
         momentum: EMA factor :math:`\mu \in [0, 1)` of the gradient (default 0.95).
         weight_decay: decoupled decay :math:`\lambda \ge 0`, applied as :math:`1 - \eta\lambda`
             (default 0.0, as every optimizer here and ``torch.optim.Adam``; the paper uses 0.01).
         base: ``"sinkhorn"`` (default), ``"row_norm"`` or ``"sign"``.
         sinkhorn_iters: rounds of the Sinkhorn map, ``>= 1`` (default 5).
         adjust_lr: ``"rms_norm"`` (default), ``"spectral_norm"`` or ``"none"``.
-        betas: AdamW betas for 1-D parameters, each in ``[0, 1)`` (default ``(0.9, 0.999)``).
-        eps: AdamW epsilon for 1-D parameters, ``>= 0`` (default 1e-8).
+        betas: AdamW betas for the parameters that take AdamW, each in ``[0, 1)`` (default
+            ``(0.9, 0.999)``).
+        eps: AdamW epsilon for the parameters that take AdamW, ``>= 0`` (default 1e-8).
+        rotate: ``"rows"`` (default, the paper's) or ``"smaller"``: the side :math:`R` rotates.
+        matrix: ``False`` steps every parameter of the group with AdamW (embeddings, head).
         check_finite: raise ``ValueError`` before anything changes if a matrix gradient has
             NaN/Inf (the rotation's QR runs every step, and a NaN rotation never recovers); one
             host sync per step for all parameters (default True).
@@ -261,8 +290,8 @@ class ARO(_MatrixOrAdamW):
         >>> loss_fn().item() < start
         True
         >>> state = opt.state[weight]
-        >>> state["rotation"].shape  # the smaller side: 4 x 4
-        torch.Size([4, 4])
+        >>> state["rotation"].shape  # the rows: 6 x 6
+        torch.Size([6, 6])
     """
 
     options = {
@@ -271,6 +300,8 @@ class ARO(_MatrixOrAdamW):
         "base": choice(*_ARO_BASES),
         "sinkhorn_iters": whole(1),
         "adjust_lr": choice(*_ARO_LR_ADJUSTMENTS),
+        "rotate": choice(*_ARO_ROTATED_SIDES),
+        "matrix": flag,
         "check_finite": flag,
     }
 
@@ -286,6 +317,8 @@ class ARO(_MatrixOrAdamW):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         *,
+        rotate: str = "rows",
+        matrix: bool = True,
         check_finite: bool = True,
         maximize: bool = False,
         fused: bool | None = None,
@@ -296,7 +329,7 @@ class ARO(_MatrixOrAdamW):
 
     def _matrix_layout(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
         rows, cols = matrix_shape(param)
-        side = min(rows, cols)
+        side = rows if group["rotate"] == "rows" else min(rows, cols)
         return {
             "step": integer(),
             "momentum": floating(rows, cols),
@@ -318,15 +351,16 @@ class ARO(_MatrixOrAdamW):
             dtype = state_dtype(param)
             state["step"] = torch.tensor(0, dtype=torch.int64)
             state["momentum"] = torch.zeros(rows, cols, dtype=dtype, device=param.device)
-            state["rotation"] = torch.eye(min(rows, cols), dtype=dtype, device=param.device)
+            side = rows if group["rotate"] == "rows" else min(rows, cols)
+            state["rotation"] = torch.eye(side, dtype=dtype, device=param.device)
         state["step"] += 1
         momentum, rotation = state["momentum"], state["rotation"]
         momentum.lerp_(as_matrix(grad).to(momentum.dtype), 1 - group["momentum"])
 
         base_map = _BASE_MAPS[group["base"]]
         iters = group["sinkhorn_iters"]
-        # Rotate the smaller side: R is min(m, n) square.
-        tall = transposes(rows, cols, smaller="rows")
+        # "smaller": a tall weight runs on its transpose, so R is min(m, n) square
+        tall = group["rotate"] == "smaller" and transposes(rows, cols, smaller="rows")
         framed = momentum.T if tall else momentum
         cross = framed @ base_map(rotation.T @ framed, iters).T
         rotation.copy_(signed_qr(unit_scaled(cross, (-2, -1))[0])[0])
@@ -368,8 +402,9 @@ class RotatedAdam(_MatrixOrAdamW):
     ``basis="dct"``: :math:`Q_L^\top = D_m`, :math:`Q_R^\top = D_n`, the orthonormal DCT-II, so
     :math:`\hat G = D_m G D_n^\top` is :func:`decomp.dct` along both dims (FFT for long sides, no
     :math:`n \times n` matrix) and the update is :func:`decomp.idct` along both. This is exactly
-    AdamW run on the coordinates :math:`D_m W D_n^\top`. State: ``step``, ``exp_avg``,
-    ``exp_avg_sq``; ``max_dim`` and ``update_gap`` do not apply.
+    AdamW run on the coordinates :math:`D_m W D_n^\top`. It is no published method (this
+    library's experiment: a fixed rotation, where SOAP's adapts); use it as such. State:
+    ``step``, ``exp_avg``, ``exp_avg_sq``; ``max_dim`` and ``update_gap`` do not apply.
 
     ``basis="eigen"`` (SOAP, ``nikhilvyas/SOAP``): Shampoo's statistics
     :math:`L \leftarrow \beta_s L + (1-\beta_s) G G^\top` and
@@ -393,13 +428,23 @@ class RotatedAdam(_MatrixOrAdamW):
     decoupled weight decay applied before the update as ``torch.optim.AdamW`` (SOAP decays after
     it). No ``merge_dims``/``precondition_1d``/``normalize_grads``.
 
-    1-D parameters and scalars take ``torch.optim.AdamW`` steps with the group's options (both
-    bases). Floating state is fp32 for fp16/bf16 weights.
+    1-D parameters, scalars and every parameter of a ``matrix=False`` group take
+    ``torch.optim.AdamW`` steps with the group's options (both bases). Floating state is fp32 for
+    fp16/bf16 weights.
+
+    Defaults by basis: ``lr`` and ``betas`` left at ``None`` are resolved in each param group
+    (given, added or loaded) from that group's ``basis``: ``"eigen"`` takes SOAP's lr 3e-3 and
+    betas (0.95, 0.95) (so ``shampoo_beta=None`` is SOAP's 0.95 too), ``"dct"`` takes 1e-3 and
+    (0.9, 0.999). A value given anywhere (constructor or group) wins; the group then holds the
+    number, as LR schedulers expect. SOAP's weight decay 0.01 is not taken over: 0, as every
+    optimizer here.
 
     Args:
         params: parameters or param groups (groups may override every option below).
-        lr: step size :math:`\eta \ge 0` (default 1e-3).
-        betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)`` (default ``(0.9, 0.999)``).
+        lr: step size :math:`\eta \ge 0`; ``None`` (default): 3e-3 for ``"eigen"``, 1e-3 for
+            ``"dct"``.
+        betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)``; ``None`` (default):
+            ``(0.95, 0.95)`` for ``"eigen"``, ``(0.9, 0.999)`` for ``"dct"``.
         eps: :math:`\epsilon \ge 0` (default 1e-8).
         weight_decay: decoupled decay :math:`\lambda \ge 0` (default 0).
         basis: ``"dct"`` (default) or ``"eigen"``.
@@ -407,6 +452,8 @@ class RotatedAdam(_MatrixOrAdamW):
         shampoo_beta: EMA factor :math:`\beta_s \in [0, 1)` of :math:`L, R`; ``None`` (default)
             uses :math:`\beta_2` (``"eigen"``).
         max_dim: longest side that gets an eigenbasis, ``>= 1`` (default 10000; ``"eigen"``).
+        matrix: ``False`` steps every parameter of the group with AdamW (embeddings, head;
+            :func:`~optim.matrix_groups`).
         check_finite: ``"eigen"``: raise ``ValueError`` before anything changes if a gradient
             due for a basis computation (the first step's ``eigh``, a refresh's QR) has NaN/Inf,
             or if a Gram it decomposes is not finite (squared gradients beyond the dtype's range,
@@ -450,18 +497,21 @@ class RotatedAdam(_MatrixOrAdamW):
 
     options = {
         **COMMON_OPTIONS,
+        "lr": optional(_learning_rate),
+        "betas": optional(_adam_betas),
         "basis": choice(*_ROTATED_ADAM_BASES),
         "update_gap": whole(1),
         "shampoo_beta": optional(real(0.0, 1.0, low_inclusive=True)),
         "max_dim": whole(1),
+        "matrix": flag,
         "check_finite": flag,
     }
 
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float | torch.Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        lr: float | torch.Tensor | None = None,
+        betas: tuple[float, float] | None = None,
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         basis: str = "dct",
@@ -469,6 +519,7 @@ class RotatedAdam(_MatrixOrAdamW):
         shampoo_beta: float | None = None,
         max_dim: int = 10000,
         *,
+        matrix: bool = True,
         check_finite: bool = True,
         maximize: bool = False,
         fused: bool | None = None,
@@ -476,6 +527,17 @@ class RotatedAdam(_MatrixOrAdamW):
         differentiable: bool = False,
     ) -> None:
         super().__init__(params, options_of(locals()))
+
+    @classmethod
+    def _resolved_options(cls, group: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``lr`` and ``betas`` left at ``None`` take the defaults of the group's ``basis``."""
+        basis = cls.options["basis"](group.get("basis"), "basis")
+        missing = {
+            key: value
+            for key, value in _ROTATED_ADAM_DEFAULTS[basis].items()
+            if group.get(key) is None
+        }
+        return {**group, **missing}
 
     def _matrix_layout(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
         shape = matrix_shape(param)

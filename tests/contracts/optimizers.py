@@ -73,6 +73,8 @@ PROJECTED_ERROR_INPUTS = {
     "dct_method": ErrorInput("dft", ValueError, "dct_method must be one of"),
     "seed": ErrorInput(-1, ValueError, "seed must be in"),
     "projector": ErrorInput("pca", ValueError, "a Projector object or a factory of one"),
+    "error_feedback": ErrorInput("yes", TypeError, "error_feedback must be True or False"),
+    "matrix": ErrorInput(None, TypeError, "matrix must be True or False"),
 }
 # DCTProjectedAdam and SVDProjectedAdam fix their projector: the constructor refuses the keyword
 # (TypeError), a param group the value (ValueError)
@@ -88,6 +90,8 @@ ARO_ERROR_INPUTS = {
     "base": ErrorInput("svd", ValueError, "base must be one of"),
     "sinkhorn_iters": ErrorInput(0, ValueError, "sinkhorn_iters must be >= 1"),
     "adjust_lr": ErrorInput("max", ValueError, "adjust_lr must be one of"),
+    "rotate": ErrorInput("cols", ValueError, r"rotate must be one of \['rows', 'smaller'\]"),
+    "matrix": ErrorInput(1, TypeError, "matrix must be True or False"),
     "foreach": ErrorInput(True, TypeError, "unexpected keyword argument 'foreach'"),
 }
 ROTATED_ERROR_INPUTS = {
@@ -96,6 +100,7 @@ ROTATED_ERROR_INPUTS = {
     "update_gap": ErrorInput(0, ValueError, "update_gap must be >= 1"),
     "shampoo_beta": ErrorInput(1.5, ValueError, r"shampoo_beta must be a float in \[0, 1\)"),
     "max_dim": ErrorInput(0, ValueError, "max_dim must be >= 1"),
+    "matrix": ErrorInput("no", TypeError, "matrix must be True or False"),
     "foreach": ErrorInput(True, TypeError, "unexpected keyword argument 'foreach'"),
 }
 
@@ -121,6 +126,11 @@ OPTIMIZER_CASES: list[OptimizerCase] = [
     ),
     OptimizerCase("dct-protect", _factory(DCTProjectedAdam, **SMALL_PROJECTION, protect=True), foreach=True),
     OptimizerCase(
+        "dct-error-feedback",
+        _factory(DCTProjectedAdam, **SMALL_PROJECTION, error_feedback=True),
+        foreach=True,
+    ),
+    OptimizerCase(
         "custom-coordinate",
         _factory(ProjectedAdam, **SMALL_PROJECTION, projector=CoordinateProjector),
         foreach=True,
@@ -128,6 +138,7 @@ OPTIMIZER_CASES: list[OptimizerCase] = [
     OptimizerCase("aro", _factory(ARO), ARO_ERROR_INPUTS),
     OptimizerCase("aro-row-spectral", _factory(ARO, base="row_norm", adjust_lr="spectral_norm")),
     OptimizerCase("aro-sign", _factory(ARO, base="sign")),
+    OptimizerCase("aro-smaller", _factory(ARO, rotate="smaller")),
     OptimizerCase("rotated-dct", _factory(RotatedAdam, basis="dct"), ROTATED_ERROR_INPUTS),
     OptimizerCase(
         "rotated-eigen", _factory(RotatedAdam, basis="eigen", update_gap=2), ROTATED_ERROR_INPUTS

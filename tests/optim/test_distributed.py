@@ -54,6 +54,8 @@ FSDP_RUNS: dict[str, tuple[type[ProjectedAdam], dict[str, Any]]] = {
         {"rank": 0.25, "score_norm": "l1", "moments": "keep", "protect": True},
     ),
     "random": (ProjectedAdam, {"rank": 4, "projector": "random", "moments": "reset"}),
+    # the residual lives on each rank's own rows: no collective of its own
+    "dct-error-feedback": (DCTProjectedAdam, {"rank": 4, "error_feedback": True}),
 }
 CONSOLIDATE_AFTER = 4  # protect=True runs end a "task" after this many steps
 

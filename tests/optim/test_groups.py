@@ -12,7 +12,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from decomp.adapters import AtomParam, apply
-from optim import ARO, DCTProjectedAdam, ProjectedAdam, RotatedAdam, SVDProjectedAdam, param_groups
+from optim import (
+    ARO,
+    DCTProjectedAdam,
+    ProjectedAdam,
+    RotatedAdam,
+    SVDProjectedAdam,
+    matrix_groups,
+    param_groups,
+)
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LAYERS = {
@@ -214,3 +222,94 @@ def test_errors_name_the_problem():
     adapted = apply(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), AtomParam, ["0"])
     with pytest.raises(ValueError, match="parametrized"):
         param_groups(adapted, ["0"], rank=2)
+
+
+# ---------------------------------------------------------------------------- matrix_groups
+
+
+class TinyLM(nn.Module):
+    """An embedding, two hidden blocks (a raw matrix parameter among them), norms and a head."""
+
+    def __init__(self, tied: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.blocks = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8), nn.LayerNorm(8))
+        self.mix = nn.Parameter(torch.randn(8, 8) / 8)
+        self.head = nn.Linear(8, 11, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.embed(tokens)) @ self.mix)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_matrix_groups_is_muons_split(tied):
+    """Hidden 2-D+ weights (raw parameters too) in the first group; embedding, head, biases and
+    norms in the AdamW group; every parameter once, in model.parameters() order."""
+    model = TinyLM(tied)
+    hidden, rest = matrix_groups(model, lr=2e-2, adamw={"lr": 3e-4})
+    matrices = {id(model.blocks[0].weight), id(model.blocks[2].weight), id(model.mix)}
+    expected = [p for p in model.parameters() if id(p) in matrices]
+    assert [id(p) for p in hidden["params"]] == [id(p) for p in expected]
+    assert (hidden["lr"], rest["lr"], rest["matrix"]) == (2e-2, 3e-4, False)
+    everything = [id(p) for p in model.parameters()]
+    assert sorted(map(id, hidden["params"] + rest["params"])) == sorted(everything)
+    assert [id(p) for p in rest["params"]] == [p for p in everything if p not in map(id, expected)]
+    # torch.optim.Muon refuses anything but 2-D parameters: the hidden group is what it takes
+    if hasattr(torch.optim, "Muon"):
+        model(torch.tensor([[1, 2, 3]])).square().sum().backward()
+        torch.optim.Muon([p for p in hidden["params"] if p.ndim == 2], lr=2e-2).step()
+        with pytest.raises(ValueError):
+            torch.optim.Muon(rest["params"], lr=2e-2)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda groups: ARO(groups, lr=1e-2),
+        lambda groups: RotatedAdam(groups, basis="eigen"),
+        lambda groups: RotatedAdam(groups, basis="dct"),
+        lambda groups: DCTProjectedAdam(groups, rank=2),
+    ],
+    ids=["aro", "soap", "rotated-dct", "dct"],
+)
+def test_the_adamw_group_of_matrix_groups_steps_as_torch_adamw(make):
+    """matrix=False: embeddings and head (2-D) step exactly as torch.optim.AdamW at their lr
+    (the hidden matrices at lr 0, so both models see the same gradients)."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    twin = TinyLM()
+    twin.load_state_dict(model.state_dict())
+    adamw_options = {"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}
+    groups = matrix_groups(model, lr=0.0, adamw=adamw_options)
+    optimizer = make(groups)
+    adamw_ids = {id(param) for param in groups[1]["params"]}
+    rest = [name for name, param in model.named_parameters() if id(param) in adamw_ids]
+    reference = torch.optim.AdamW([dict(twin.named_parameters())[n] for n in rest], **adamw_options)
+    for step in range(3):
+        tokens = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(step))
+        for net, opt in ((model, optimizer), (twin, reference)):
+            opt.zero_grad()
+            net(tokens).square().mean().backward()
+            opt.step()
+    trained, reference_params = dict(model.named_parameters()), dict(twin.named_parameters())
+    for name in rest:
+        assert torch.equal(trained[name], reference_params[name])
+    assert "rotation" not in optimizer.state.get(model.embed.weight, {})
+
+
+def test_matrix_groups_errors_name_the_problem():
+    with pytest.raises(ValueError, match="no hidden matrix"):
+        matrix_groups(nn.Sequential(nn.Embedding(4, 4), nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match=r"options must not hold \['matrix'\]"):
+        matrix_groups(TinyLM(), matrix=True)
+    with pytest.raises(ValueError, match=r"adamw must not hold \['params'\]"):
+        matrix_groups(TinyLM(), adamw={"params": []})
+    with pytest.raises(TypeError, match="adamw must be a dict"):
+        matrix_groups(TinyLM(), adamw=[("lr", 1e-3)])
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        matrix_groups([nn.Linear(2, 2)])

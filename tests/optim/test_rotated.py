@@ -74,8 +74,11 @@ def np_base_map(x: np.ndarray, base: str, iters: int) -> np.ndarray:
     return x
 
 
-def aro_reference(w0, grads, *, lr, momentum, weight_decay, base, iters, adjust_lr):
-    """ARO on the smaller side: rotation min(m, n)^2, the step on W^T when m > n.
+def aro_reference(
+    w0, grads, *, lr, momentum, weight_decay, base, iters, adjust_lr, rotate="rows"
+):
+    """ARO rotating the rows (rotation m^2), or with ``rotate="smaller"`` the smaller side
+    (rotation min(m, n)^2, the step on W^T when m > n).
 
     Returns the weight, the rotation and whether every step was well posed: a QR input of full
     rank, and (for ``sign``) no entry within rounding of a sign change.
@@ -85,17 +88,18 @@ def aro_reference(w0, grads, *, lr, momentum, weight_decay, base, iters, adjust_
     scale = {"rms_norm": 0.2 * np.sqrt(max(rows, cols)), "spectral_norm": np.sqrt(rows / cols)}
     scale = scale.get(adjust_lr, 1.0)
     m = np.zeros_like(w)
-    rotation = np.eye(min(rows, cols))
+    flip = rotate == "smaller" and rows > cols
+    rotation = np.eye(cols if flip else rows)
     well_posed = True
     for g in matrices(grads):
         m = momentum * m + (1 - momentum) * g
-        x = m.T if rows > cols else m
+        x = m.T if flip else m
         framed_old = rotation.T @ x
         cross = x @ np_base_map(framed_old, base, iters).T
         rotation = positive_qr(cross)
         framed = rotation.T @ x
         u = rotation @ np_base_map(framed, base, iters)
-        u = u.T if rows > cols else u
+        u = u.T if flip else u
         w = w * (1 - lr * weight_decay) - lr * scale * u
         well_posed &= np.linalg.cond(cross) < 1e8
         if base == "sign":
@@ -111,9 +115,16 @@ def aro_reference(w0, grads, *, lr, momentum, weight_decay, base, iters, adjust_
     base=st.sampled_from(BASES),
     iters=st.integers(1, 6),
     adjust_lr=st.sampled_from(ADJUST),
+    rotate=st.sampled_from(["rows", "smaller"]),
 )
-def test_aro_matches_numpy_reference(rows, cols, seed, base, iters, adjust_lr):
-    options = {"lr": 0.03, "momentum": 0.9, "weight_decay": 0.1, "adjust_lr": adjust_lr}
+def test_aro_matches_numpy_reference(rows, cols, seed, base, iters, adjust_lr, rotate):
+    options = {
+        "lr": 0.03,
+        "momentum": 0.9,
+        "weight_decay": 0.1,
+        "adjust_lr": adjust_lr,
+        "rotate": rotate,
+    }
     (w,) = parameters([(rows, cols)], seed)
     w0 = w.detach().clone()
     grads = gradients([w], 3, seed)
@@ -144,13 +155,14 @@ def test_aro_matches_numpy_reference_nd_and_long(shape):
     cols=st.integers(1, 9),
     seed=SEEDS,
     base=st.sampled_from(BASES),
+    rotate=st.sampled_from(["rows", "smaller"]),
 )
-def test_aro_rotation_stays_orthogonal(rows, cols, seed, base):
+def test_aro_rotation_stays_orthogonal(rows, cols, seed, base, rotate):
     (w,) = parameters([(rows, cols)], seed, torch.float32)
-    opt = ARO([w], base=base)
+    opt = ARO([w], base=base, rotate=rotate)
     run(opt, [w], gradients([w], 6, seed))
     rotation = opt.state[w]["rotation"]
-    side = min(rows, cols)
+    side = rows if rotate == "rows" else min(rows, cols)
     assert rotation.shape == (side, side) and rotation.dtype == torch.float32
     torch.testing.assert_close(rotation.T @ rotation, torch.eye(side), rtol=0, atol=1e-5)
     assert torch.all(torch.isfinite(w))
@@ -175,11 +187,12 @@ def test_aro_diagonal_gradients_keep_identity_rotation(base, n):
 
 @pytest.mark.parametrize("shape", [(1, 6), (6, 1)])
 def test_aro_sinkhorn_on_a_vector_is_sign_descent(shape):
-    """A single row (or column) has a 1 x 1 rotation, and Sinkhorn maps it to its sign."""
+    """A single row (or, rotating the smaller side, column) has a 1 x 1 rotation, and Sinkhorn
+    maps it to its sign."""
     w = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64))
     grad = gaussian(shape, 3)
     w.grad = grad
-    ARO([w], lr=0.1, weight_decay=0.0, adjust_lr="none").step()
+    ARO([w], lr=0.1, weight_decay=0.0, adjust_lr="none", rotate="smaller").step()
     torch.testing.assert_close(w.detach(), -0.1 * grad.sign(), rtol=0, atol=1e-12)
 
 
@@ -459,3 +472,52 @@ def test_bad_options_raise_value_error(cls, options):
     with pytest.raises(ValueError, match=name):
         opt.add_param_group({"params": parameters([(2, 2)], 1), **options})
     assert len(opt.param_groups) == 1
+
+
+# --- issue 12: ARO's rotated side, SOAP's defaults ---------------------------------------------
+
+
+def test_aro_rotates_the_rows_by_default_as_the_paper():
+    """Behaviour change: a tall weight's rotation is m x m (it was min(m, n)); "smaller" keeps
+    the old n x n one."""
+    (w,) = parameters([(7, 3)], 0)
+    w.grad = gaussian((7, 3), 1)
+    rows, smaller = ARO([w]), ARO([w], rotate="smaller")
+    rows.step()
+    smaller.step()
+    assert rows.state[w]["rotation"].shape == (7, 7)
+    assert smaller.state[w]["rotation"].shape == (3, 3)
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ({"basis": "eigen"}, (3e-3, (0.95, 0.95), 0.95)),
+        ({"basis": "dct"}, (1e-3, (0.9, 0.999), 0.999)),
+        ({"basis": "eigen", "lr": 1e-2}, (1e-2, (0.95, 0.95), 0.95)),
+        ({"basis": "eigen", "betas": (0.9, 0.99)}, (3e-3, (0.9, 0.99), 0.99)),
+    ],
+)
+def test_rotated_adam_resolves_lr_and_betas_from_the_basis(given, expected):
+    """SOAP's defaults for "eigen" (lr 3e-3, betas (0.95, 0.95), shampoo beta = beta2); a value
+    given wins; the group holds numbers (as LR schedulers expect)."""
+    (w,) = parameters([(4, 3)], 0)
+    group = RotatedAdam([w], **given).param_groups[0]
+    assert (group["lr"], group["betas"], rotated._shampoo_beta(group)) == expected
+
+
+def test_rotated_adam_resolves_each_group_from_its_own_basis():
+    """A group's basis picks its defaults, whatever the constructor's basis; a load keeps them."""
+    first, second = parameters([(4, 3), (4, 3)], 0)
+    optimizer = RotatedAdam([{"params": [first]}, {"params": [second], "basis": "eigen"}])
+    optimizer.add_param_group({"params": parameters([(3, 3)], 1), "basis": "eigen", "lr": 5e-4})
+    lrs = [(group["basis"], group["lr"], group["betas"]) for group in optimizer.param_groups]
+    assert lrs == [
+        ("dct", 1e-3, (0.9, 0.999)),
+        ("eigen", 3e-3, (0.95, 0.95)),
+        ("eigen", 5e-4, (0.95, 0.95)),
+    ]
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert [(g["basis"], g["lr"], g["betas"]) for g in optimizer.param_groups] == lrs
+    with pytest.raises(ValueError, match="basis must be one of"):
+        RotatedAdam([first], basis="svd")

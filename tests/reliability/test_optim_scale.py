@@ -133,15 +133,21 @@ def test_aro_on_a_rank_one_momentum_moves_only_its_own_direction(base, shape, sc
     zero, and so do rows at the rounding level now: the rotated side stays in the span."""
     rows, cols = shape
     left, right = gaussian((rows, 1), seed) * scale, gaussian((1, cols), seed + 1)
-    param = nn.Parameter(torch.zeros(shape))
-    optimizer = ARO([param], lr=1.0, weight_decay=0.0, base=base, adjust_lr="none")
-    for _ in range(2):
-        param.grad = left @ right
-        optimizer.step()
-    update = -param.detach()
-    # The rotated side is the smaller one: the rows' span for a wide weight, columns' for a tall.
-    residual = range_residual(update, left) if rows <= cols else range_residual(update.T, right.T)
-    assert residual < 1e-5
+    for rotate in ("rows", "smaller"):
+        param = nn.Parameter(torch.zeros(shape))
+        optimizer = ARO(
+            [param], lr=1.0, weight_decay=0.0, base=base, adjust_lr="none", rotate=rotate
+        )
+        for _ in range(2):
+            param.grad = left @ right
+            optimizer.step()
+        update = -param.detach()
+        # The rotated side: the rows' span, or with "smaller" the columns' for a tall weight.
+        rows_rotated = rotate == "rows" or rows <= cols
+        residual = (
+            range_residual(update, left) if rows_rotated else range_residual(update.T, right.T)
+        )
+        assert residual < 1e-5
 
 
 def test_rotated_adam_refuses_a_gram_that_overflows_and_changes_nothing():
