@@ -58,7 +58,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
-from .._checks import _all_finite, check_int, check_tensor, compute_dtype
+from .._checks import _all_finite, check_int, check_real, check_tensor, compute_dtype
 from ._budget import default_budget
 
 DEFAULT_RANK = 8
@@ -84,6 +84,33 @@ def matrix_dims(shape: Sequence[int]) -> tuple[int, int]:
         ((64, 32), (64, 144))
     """
     return shape[0], math.prod(shape[1:])
+
+
+def fan_in(shape: Sequence[int]) -> int:
+    r"""The fan-in :math:`n = \prod_{j \ge 1} d_j` of a weight ``shape``: its matrix view's columns.
+
+    The one-learning-rate rule of the adapters is stated in it: a layer initialised (and, in
+    practice, pretrained) with entries of RMS about :math:`1/\sqrt{n}` keeps its output scale,
+    so an update whose first Adam step at lr :math:`\eta` has entries of RMS about
+    :math:`\eta/\sqrt{n}` moves the layer's output by about the fraction :math:`\eta`, as LoRA's
+    (:math:`\alpha = r`) does; each adapter's default scale is chosen so (its docs page states
+    how).
+
+    Example:
+        >>> fan_in((64, 32)), fan_in((64, 16, 3, 3))
+        (32, 144)
+    """
+    return math.prod(shape[1:])
+
+
+def check_optional_scale(value: object, name: str, **bounds: Any) -> float | None:
+    """``None`` (the one-learning-rate rule's scale, resolved per layer) or :func:`check_real`'s float.
+
+    Example:
+        >>> check_optional_scale(None, "scale"), check_optional_scale(2, "scale", low=0.0)
+        (None, 2.0)
+    """
+    return None if value is None else check_real(value, name, **bounds)
 
 
 def matrix_view(weight: torch.Tensor) -> torch.Tensor:
@@ -225,6 +252,7 @@ def _check_loaded_state(
         return
     own = adapter.state_dict(keep_vars=True)
     own_keys = {prefix + key: value for key, value in own.items()}
+    adapter.upgrade_state(state_dict, prefix)
     state_dict.update(legacy_scalars_reshaped(state_dict, own_keys))
     incoming = {}
     for key, current in own.items():
@@ -627,6 +655,23 @@ class AdapterParam(nn.Module):
             for key, value in state.items()
             if value.is_floating_point() and not _all_finite(value)
         }
+
+    def upgrade_state(self, state: dict[str, Any], prefix: str = "") -> None:
+        """Rewrite, in place, the entries of ``state`` (keys ``prefix + name``) that an older
+        version of this class saved under another layout; nothing here.
+
+        Both ``nn.Module.load_state_dict`` (through the load pre-hook) and
+        :func:`~decomp.adapters.load_adapter` call it on the built adapter before checking the
+        keys, so a renamed or reparametrized tensor still loads (LDU's ``scale`` became
+        ``relative_scale``).
+
+        Example:
+            >>> from decomp.adapters import AtomParam
+            >>> state = {"atom_delta": torch.zeros(4, 3, 3)}
+            >>> AtomParam.from_weight(torch.randn(8, 2, 3, 3), num_atoms=4).upgrade_state(state)
+            >>> sorted(state)
+            ['atom_delta']
+        """
 
     def compose(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         r""":math:`W'` from the frozen :math:`W` and :math:`\Delta W` (both in the compute dtype)."""

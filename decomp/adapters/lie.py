@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .. import Tucker
-from .._checks import check_optional_int, check_real
-from .base import AdapterParam, option
+from .._checks import check_optional_int
+from .base import AdapterParam, check_optional_scale, fan_in, option
 
 # below this |1 + dW| the first-order update has (nearly) zeroed an entry, which no weight inverts
 _FIRST_ORDER_PIVOT = 1e-6
@@ -72,8 +72,16 @@ class LieParam(AdapterParam):
             :math:`\min(8, d_0, d_1)`, lowered until the count is at most the weight's size
             (``ValueError`` where even :math:`r = 1` trains more, e.g. a ``(1, n)`` weight); an
             explicit ``rank`` is kept.
-        scale: :math:`s`, a finite float (default 1.0); the official code's is
-            ``lora_alpha / r``.
+        scale: :math:`s`, a finite float, or ``None`` (default): :math:`s = \sqrt{3n}`,
+            :math:`n` the fan-in (:func:`~decomp.adapters.base.fan_in`), the inverse standard
+            deviation of the Kaiming-uniform factor :math:`A` (:math:`1/\sqrt{3n}`). The
+            exponent's first Adam step (:math:`B` moved by :math:`\pm\eta`) then has entries of
+            RMS about :math:`\eta \sqrt{r}`, so every entry of :math:`W` moves by about that
+            fraction of itself, the relative step LoRA's :math:`\alpha = r` takes (issue 12:
+            with the official :math:`s = \alpha / r = 1` the steps were about
+            :math:`\sqrt{3n}` times, 50x on the adapters benchmark's convs, smaller). An
+            explicit number is used as it is (1.0: the official code's ``lora_alpha / r``). The
+            value in use is the attribute ``applied_scale`` of the built adapter.
         order: ``None`` (exact exponential, default) or ``1`` (first-order).
 
     Raises:
@@ -101,7 +109,8 @@ class LieParam(AdapterParam):
     """
 
     rank: int | None = option(None, check_optional_int, low=1)
-    scale: float = option(1.0, check_real, keyword_only=True)
+    # None: sqrt(fan_in), the one-learning-rate rule, resolved per layer in _build
+    scale: float | None = option(None, check_optional_scale, keyword_only=True)
     order: int | None = option(None, _check_order, keyword_only=True)
 
     def _count(self, shape: tuple[int, ...]) -> int:
@@ -125,6 +134,9 @@ class LieParam(AdapterParam):
 
     def _build(self, weight: torch.Tensor) -> None:
         r = self._rank(tuple(weight.shape))
+        # 1 / std of the kaiming_uniform(a=sqrt(5)) factor, 1 / sqrt(3 n): the exponent's entries
+        # then move by about lr * sqrt(r) per first Adam step (see the scale argument)
+        self.applied_scale = math.sqrt(3 * fan_in(weight.shape)) if self.scale is None else self.scale
         like = {"dtype": weight.dtype, "device": weight.device}
         self.out_factor = nn.Parameter(torch.zeros(weight.shape[0], r, **like))
         if weight.ndim == 2:
@@ -140,9 +152,9 @@ class LieParam(AdapterParam):
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         out_factor = self.out_factor.to(weight.dtype)
         if weight.ndim == 2:
-            return self.scale * (out_factor @ self.in_factor.to(weight.dtype))
+            return self.applied_scale * (out_factor @ self.in_factor.to(weight.dtype))
         factors = (out_factor, self.in_factor.to(weight.dtype))
-        return self.scale * Tucker(self.core.to(weight.dtype), factors, (0, 1)).to_tensor()
+        return self.applied_scale * Tucker(self.core.to(weight.dtype), factors, (0, 1)).to_tensor()
 
     def compose(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         if self.order == 1:

@@ -681,7 +681,7 @@ def report(model: nn.Module) -> Report:
         ('Conv2d', 36, 224)
         >>> print(rows)  # doctest: +NORMALIZE_WHITESPACE
         layer type weight shape adapter trainable frozen
-        0 Conv2d 8x3x3x3 AtomParam(num_atoms=4, levels=1, sub_atoms=None, block=None) 36 224
+        0 Conv2d 8x3x3x3 AtomParam(num_atoms=4, levels=1, sub_atoms=None, block=None, channel_block=1) 36 224
         trainable 36 of 260 parameters (13.846%)
     """
     root = _unwrap(model, "report")
@@ -1094,6 +1094,8 @@ def _check_match(
     rebuilt: list[dict[str, Any]],
 ) -> None:
     """Raise listing every difference between the file and the model (adapters, extra tensors)."""
+    for layer in adapted_layers(root):  # tensors an older version saved in another layout
+        layer.adapter.upgrade_state(saved, layer.prefix)
     # A file from before adapters held their scalars with shape (1,) has them 0-d.
     saved.update(legacy_scalars_reshaped(saved, adapter_state_dict(root)))
     rebuilt_keys = {entry["key"] for entry in rebuilt}

@@ -22,12 +22,15 @@ from torch import nn
 
 from .._checks import check_bool, check_choice, check_int, check_optional_int, check_real
 from .._deprecation import deprecated_attributes
-from .base import AdapterParam, matrix_dims, option
+from .base import AdapterParam, check_optional_scale, matrix_dims, option
 
 __all__ = ["SNELLParam", "SNELLAParam", "Allocator", "capped_allocation", "keep_largest_mask"]
 
 _DEFAULT_RANK = 32
 _MASK_MODES = ("binary", "magnitude")
+# How the update starts: the frozen initial update subtracted (the layer starts exactly at W), the
+# kernel's change from its init sparsified, or the paper's dense kernel added to W.
+_STARTS = ("residual", "zero", "kernel")
 
 
 def keep_largest_mask(magnitude: torch.Tensor, keep: int) -> torch.Tensor:
@@ -75,6 +78,14 @@ def _check_kernel_scale(kernel_scale: object, name: str) -> float:
     return float(kernel_scale)
 
 
+def _check_optional_bool(value: object, name: str) -> bool | None:
+    return None if value is None else check_bool(value, name)
+
+
+def _check_optional_start(value: object, name: str) -> str | None:
+    return None if value is None else check_choice(value, name, _STARTS)
+
+
 class _KernelAdapter(AdapterParam):
     r"""Shared machinery of :class:`SNELLParam` and :class:`SNELLAParam` (points, kernel, sparsification)."""
 
@@ -85,11 +96,16 @@ class _KernelAdapter(AdapterParam):
     rank: int | None = option(None)
     num_kernels: int = option(2, check_int, keyword_only=True, low=1)
     kernel_scale: float = option(0.1, _check_kernel_scale, keyword_only=True)
+    # None: 1 / sqrt(fan_in), the one-learning-rate rule, resolved per layer in _build
+    scale: float | None = option(None, check_optional_scale, keyword_only=True, low=0.0)
     # None is the class's default_sparsity, resolved in _check_options; the attribute ``sparsity``
     # is the current fraction (a property)
     _initial_sparsity: float | None = option(None, keyword="sparsity", keyword_only=True)
     mask: str = option("binary", check_choice, keyword_only=True, choices=_MASK_MODES)
-    zero_start: bool = option(False, check_bool, keyword_only=True)
+    # None is resolved in _check_options: from zero_start, else "residual"
+    start: str | None = option(None, _check_optional_start, keyword_only=True)
+    # the older spelling of the start: True is start="zero", False the paper's start="kernel"
+    zero_start: bool | None = option(None, _check_optional_bool, keyword_only=True)
 
     def _check_options(self) -> None:
         self.rank = check_optional_int(self.rank, "rank", low=self.num_kernels)
@@ -102,12 +118,34 @@ class _KernelAdapter(AdapterParam):
             high=1.0,
             low_inclusive=True,
         )
-        if self.zero_start and self.mask == "magnitude":
+        self.start = self._resolved_start()
+        if self.start == "zero" and self.mask == "magnitude":
             # The weighting |D| is zero at a zero start, so every gradient would be zero forever.
             raise ValueError(
-                "zero_start=True needs mask='binary': with mask='magnitude' the update "
-                "D * |D| has zero gradient at D = 0 and would never train"
+                "start='zero' (zero_start=True) needs mask='binary': with mask='magnitude' the "
+                "update D * |D| has zero gradient at D = 0 and would never train"
             )
+
+    def _resolved_scale(self, d_in: int) -> float:
+        r"""``scale``, or for ``None`` the rule :math:`1/\sqrt{d_{in}}`; 1 (the update as it was)
+        where the older spelling ``zero_start`` is given, so configs and adapter files written
+        before ``start`` and ``scale`` existed (they always name ``zero_start``) keep their update."""
+        if self.scale is not None:
+            return self.scale
+        return 1.0 if self.zero_start is not None else 1 / math.sqrt(d_in)
+
+    def _resolved_start(self) -> str:
+        """``start`` checked, or implied by ``zero_start`` (``ValueError`` where they disagree)."""
+        implied = {None: None, True: "zero", False: "kernel"}[self.zero_start]
+        if self.start is None:
+            return implied or "residual"
+        start = self.start
+        if implied is not None and start != implied:
+            raise ValueError(
+                f"zero_start={self.zero_start} means start={implied!r}, but start={start!r} "
+                "was given: pass only start"
+            )
+        return start
 
     def _rank(self, shape: tuple[int, ...]) -> int:
         return self._resolved_rank(
@@ -123,6 +161,7 @@ class _KernelAdapter(AdapterParam):
     def _build(self, weight: torch.Tensor) -> None:
         d_out, d_in = matrix_dims(weight.shape)
         rank = self._rank(tuple(weight.shape))
+        self.applied_scale = self._resolved_scale(d_in)
         point_dim = rank // self.num_kernels
         # The official kaiming_uniform_(a=sqrt(5)) on the 3-D (H, d, q/H) tensors: U(-b, b) with
         # b = 1/sqrt(d * q/H).
@@ -131,13 +170,18 @@ class _KernelAdapter(AdapterParam):
         coefficients = [self.kernel_scale * (-1.0) ** h for h in range(self.num_kernels)]
         self.register_buffer("kernel_coefficients", torch.tensor(coefficients, dtype=torch.float64).to(weight))
         self._build_scalars(weight)
-        if self.zero_start:
+        if self.start != "kernel":
+            # Random, so saved with the adapter (not rebuilt): q (d_in + d_out) numbers.
             for name, value in list(self.named_parameters()):
                 self.register_buffer(f"initial_{name}", value.detach().clone())
         # A persistent buffer, so the count the Allocator set travels with the adapter's
         # state_dict (decomp.adapters.save_adapter/load_adapter) and survives deepcopy.
         keep = d_out * d_in - round(self._initial_sparsity * d_out * d_in)
         self.register_buffer("kept_entries", torch.tensor(keep, device=weight.device))
+        if self.start == "residual":
+            # The count the initial update was sparsified with: the Allocator moves kept_entries,
+            # never the frozen start.
+            self.register_buffer("initial_kept_entries", self.kept_entries.clone())
 
     def _uniform_points(self, rows: int, point_dim: int, weight: torch.Tensor) -> torch.Tensor:
         bound = 1.0 / math.sqrt(rows * point_dim)
@@ -162,23 +206,36 @@ class _KernelAdapter(AdapterParam):
         raise NotImplementedError
 
     def dense_delta(self, dtype: torch.dtype) -> torch.Tensor:
-        r"""The dense update :math:`D`: the kernel, minus its initial value when ``zero_start``."""
+        r"""The dense matrix :math:`D` that is sparsified: the kernel, minus its initial value
+        with ``start="zero"``."""
         dense = self.kernel(dtype)
-        if not self.zero_start:
+        if self.start != "zero":
             return dense
         with torch.no_grad():
             initial = self.kernel(dtype, initial=True)
         return dense - initial
 
-    def delta(self, weight: torch.Tensor) -> torch.Tensor:
-        dense = self.dense_delta(weight.dtype)
+    def _sparsified(self, dense: torch.Tensor, keep: int) -> torch.Tensor:
+        """``scale`` times ``dense`` with all but its ``keep`` largest entries zeroed (times
+        ``|dense|`` in magnitude mode)."""
         magnitude = dense.detach().abs()
         # The mask is a constant (straight-through): the gradient reaches the kept entries only.
-        kept = keep_largest_mask(magnitude, self.keep_count)
+        kept = keep_largest_mask(magnitude, keep)
         if self.mask == "magnitude":
-            update = dense * (magnitude * kept)
-        else:
-            update = dense * kept
+            return dense * (magnitude * kept) * self.applied_scale
+        return dense * kept * self.applied_scale
+
+    def initial_update(self, dtype: torch.dtype) -> torch.Tensor:
+        r"""The frozen start :math:`S_{k_0}(K(\theta_0))` that ``start="residual"`` subtracts,
+        ``(d_out, d_in)``, without gradient (one no-grad kernel evaluation)."""
+        with torch.no_grad():
+            return self._sparsified(self.kernel(dtype, initial=True), int(self.initial_kept_entries))
+
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        update = self._sparsified(self.dense_delta(weight.dtype), self.keep_count)
+        if self.start == "residual":
+            # The same computation on the same values as the update at init: exactly zero there.
+            update = update - self.initial_update(weight.dtype)
         return update.reshape(weight.shape)
 
     # ------------------------------------------------------------------ sparsity
@@ -209,9 +266,10 @@ class _KernelAdapter(AdapterParam):
 
     def _state_problems(self, state: Mapping[str, torch.Tensor]) -> dict[str, str]:
         problems = super()._state_problems(state)
-        kept = state.get("kept_entries")
-        if kept is not None and not 0 <= int(kept) <= self.num_entries:
-            problems["kept_entries"] = f"must be in [0, {self.num_entries}], got {int(kept)}"
+        for key in ("kept_entries", "initial_kept_entries"):
+            kept = state.get(key)
+            if kept is not None and not 0 <= int(kept) <= self.num_entries:
+                problems[key] = f"must be in [0, {self.num_entries}], got {int(kept)}"
         return problems
 
     def set_keep_count(self, keep: int) -> None:
@@ -240,19 +298,35 @@ class SNELLParam(_KernelAdapter):
         K_{oi} = \sum_{h<H} c_h \,\lVert \mathrm{Out}_{h,o} - \mathrm{In}_{h,i} \rVert_2,
         \qquad c_h = 0.1\,(-1)^h,
 
-    and the update keeps the largest entries of :math:`D = K` (or :math:`K(\theta) - K(\theta_0)`
-    with ``zero_start``): :math:`\Delta W = D \odot \mathbb 1[|D| \ge \tau]`, :math:`\tau` the
-    ``keep``-th largest :math:`|D_{oi}|`. The mask is treated as a constant, so the gradient flows
-    to the kept entries (straight-through). ``W`` of shape ``(c_out, c_in/groups, *kernel)`` is
-    updated through its ``(c_out, c_in/groups * prod(kernel))`` view.
+    and, with :math:`S_k(D) = D \odot \mathbb 1[|D| \ge \tau]` keeping the entries of :math:`D`
+    at least :math:`\tau`, the ``k``-th largest :math:`|D_{oi}|` (the mask a constant, so the
+    gradient flows to the kept entries: straight-through), the update is, by ``start``:
 
-    Trainable parameters: :math:`q\,(d_{in} + d_{out})`, LoRA's at rank :math:`q`.
+    * ``"residual"`` (default): :math:`\Delta W = S_k(K(\theta)) - S_{k_0}(K(\theta_0))` with a
+      frozen copy :math:`\theta_0` of the initial points and :math:`k_0` the initial kept count.
+      This is the residual split of PiSSA/LoLDU, :math:`W' = W_\mathrm{res} + S_k(K(\theta))`
+      with :math:`W_\mathrm{res} = W - S_{k_0}(K(\theta_0))`, written as an update of the
+      untouched :math:`W`: the kernel starts non-zero and trains as in the paper, and **the layer
+      is exactly the pretrained one at init** (:math:`\Delta W = 0` bit for bit, on every layer
+      size and in both mask modes).
+    * ``"zero"`` (``zero_start=True``): :math:`\Delta W = S_k(K(\theta) - K(\theta_0))`, also the
+      identity at init; the sparsity then acts on the change of the kernel.
+    * ``"kernel"`` (``zero_start=False``, the paper's and the official code's start):
+      :math:`\Delta W = S_k(K(\theta))`, dense and non-zero at init, so the layer's output moves
+      on registration (measured :math:`\lVert \Delta W \rVert / \lVert W \rVert`, binary mask:
+      SNELL 0.036 and SNELLA 0.53 on a 32-channel 3x3 conv, SNELLA 0.78 on a 10 x 64 linear,
+      its softmax term adding :math:`\alpha/d_{out}` per entry; the magnitude mask's up to 0.08
+      is still above 1e-2 on small layers).
 
-    **Not identity at init**: the kernel is dense and non-zero for random points (as in the
-    paper), so the layer's output moves on registration; pass ``zero_start=True`` to start at the
-    pretrained output. The official code's quirks not reproduced by default: it weights the
-    survivors by their detached magnitude (``mask="magnitude"`` keeps that) and thresholds with
-    ``torch.quantile``, which fails above :math:`2^{24}` entries.
+    ``W`` of shape ``(c_out, c_in/groups, *kernel)`` is updated through its
+    ``(c_out, c_in/groups * prod(kernel))`` view.
+
+    Trainable parameters: :math:`q\,(d_{in} + d_{out})`, LoRA's at rank :math:`q`. The whole
+    update is multiplied by ``scale`` (default :math:`1/\sqrt{d_{in}}`, below).
+
+    The official code's quirks not reproduced by default: it weights the survivors by their
+    detached magnitude (``mask="magnitude"`` keeps that) and thresholds with ``torch.quantile``,
+    which fails above :math:`2^{24}` entries; it starts at ``"kernel"``.
 
     Args:
         rank: total point dimension :math:`q` (LoRA-equivalent rank), a multiple of
@@ -263,23 +337,40 @@ class SNELLParam(_KernelAdapter):
         num_kernels: number of distance kernels :math:`H \ge 1` (official: 2); kernel
             :math:`h` has the frozen coefficient :math:`c_h = \mathrm{kernel\_scale}\,(-1)^h`.
         kernel_scale: :math:`|c_h| > 0` (official ``SCALE_FACTOR_fc`` = 0.1).
+        scale: :math:`\lambda > 0`, a factor on the whole update, :math:`\Delta W = \lambda
+            S_k(\cdot) - \dots`; ``None`` (default) is the one-learning-rate rule
+            :math:`\lambda = 1/\sqrt{n}`, :math:`n` the fan-in (the matrix view's columns). The
+            kernel's entries are absolute (distances between points of order 1, SNELLA's softmax
+            :math:`\alpha/d_{out}` and :math:`\beta`), not relative to :math:`W`, whose entries
+            are of order :math:`1/\sqrt{n}`: unscaled (``scale=1.0``, the official code), a first
+            Adam step moved the weights 10 to 70 times more than LoRA r=8's at the same lr on the
+            adapters benchmark's convs (issue 12); scaled, 0.4 to 1.5 times. The value in use is
+            the attribute ``applied_scale`` of the built adapter.
         sparsity: fraction :math:`s \in [0, 1)` of the update's entries zeroed; the layer keeps
             :math:`n - \mathrm{round}(s\,n)` of its :math:`n = d_{out} d_{in}` entries.
         mask: ``"binary"`` (default, the clean :math:`D \odot \mathbb 1[|D| \ge \tau]`) or
             ``"magnitude"`` (the official code's :math:`D \odot |D|_{\text{detached}} \odot
             \mathbb 1[|D| \ge \tau]`, i.e. :math:`\mathrm{sign}(D) D^2` on the survivors).
-        zero_start: subtract the initial kernel, :math:`D = K(\theta) - K(\theta_0)` with a frozen
-            copy :math:`\theta_0`, so the layer starts at the pretrained output (costs one extra
-            no-grad kernel evaluation per forward). Needs ``mask="binary"``: the magnitude
-            weighting has zero gradient at :math:`D = 0`.
+        start: ``"residual"``, ``"zero"`` or ``"kernel"`` (above); ``None`` (default) is
+            ``"residual"``, or what ``zero_start`` says. ``"residual"`` and ``"zero"`` keep the
+            frozen copies ``initial_*`` (buffers, saved with the adapter: :math:`q (d_{in} +
+            d_{out})` numbers) and cost one extra no-grad kernel evaluation per forward
+            (``"residual"``: and one ``kthvalue``). ``"zero"`` needs ``mask="binary"``: the
+            magnitude weighting has zero gradient at :math:`D = 0`.
+        zero_start: the older spelling of ``start``: ``True`` is ``"zero"``, ``False`` is
+            ``"kernel"`` (the default before ``start`` existed); ``None`` (default) defers to
+            ``start``. Given, it also keeps the older unscaled update (``scale=None`` is then
+            1.0), so code and adapter files written before ``start`` and ``scale`` existed (files
+            always name ``zero_start``) compute what they did.
 
     Raises:
         TypeError: ``rank``/``num_kernels`` not an int (``rank`` may be ``None``),
-            ``kernel_scale``/``sparsity`` not a real number, ``mask`` not a str, ``zero_start``
-            not a bool. Numpy numbers are accepted and stored as Python ones.
+            ``kernel_scale``/``sparsity`` not a real number, ``mask``/``start`` not a str,
+            ``zero_start`` not a bool (or ``None``). Numpy numbers are accepted and stored as
+            Python ones.
         ValueError: an option out of its range above, ``rank`` not a multiple of
-            ``num_kernels``, ``zero_start=True`` with ``mask="magnitude"``; on build, ``rank``
-            above its upper end for the layer.
+            ``num_kernels``, ``start="zero"`` with ``mask="magnitude"``, ``zero_start`` and
+            ``start`` disagreeing; on build, ``rank`` above its upper end for the layer.
 
     Example:
         >>> from torch.nn.utils import parametrize
@@ -288,7 +379,9 @@ class SNELLParam(_KernelAdapter):
         >>> adapter = layer.parametrizations.weight[0]
         >>> adapter.num_trainable(), SNELLParam.trainable_count((8, 16), rank=4)
         (96, 96)
-        >>> int((layer.weight != layer.parametrizations.weight.original).sum())
+        >>> torch.equal(layer.weight, layer.parametrizations.weight.original)  # residual start
+        True
+        >>> int((SNELLParam.from_weight(layer.weight, rank=4, sparsity=0.75, start="kernel").delta(layer.weight) != 0).sum())
         32
     """
 
@@ -318,13 +411,16 @@ class SNELLAParam(_KernelAdapter):
     Trainable parameters: :math:`q\,(d_{in} + d_{out}) + 3` (the scalars ``alpha``, ``gamma``,
     ``beta`` each of shape ``(1,)``, as FSDP2 shards no 0-d parameter).
 
-    **Not identity at init** (``zero_start=True`` makes it so, as for :class:`SNELLParam`). The default
-    sparsity 0.01 is the official scripts' ``init_thres``; the allocator then lowers the budget.
+    **Identity at init** by default (``start="residual"``, as for :class:`SNELLParam`): the
+    frozen initial update is subtracted, so the softmax term's :math:`\alpha / d_{out}` per entry
+    (:math:`\lVert \Delta W \rVert / \lVert W \rVert` 0.53 on a 32-channel 3x3 conv with the
+    paper's start, ``start="kernel"``) does not move the pretrained layer. The default sparsity
+    0.01 is the official scripts' ``init_thres``; the allocator then lowers the budget.
 
     Args: as :class:`SNELLParam` (same names, ranges and meaning; default ``sparsity`` 0.01).
     Example:
         >>> layer = torch.nn.Conv2d(4, 6, 3, groups=2)
-        >>> adapter = SNELLAParam.from_weight(layer.weight.detach(), rank=4, zero_start=True)
+        >>> adapter = SNELLAParam.from_weight(layer.weight.detach(), rank=4)
         >>> adapter.num_trainable(), SNELLAParam.trainable_count((6, 2, 3, 3), rank=4)
         (99, 99)
         >>> bool((adapter(layer.weight) == layer.weight).all())

@@ -7,14 +7,15 @@ factors they train.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import math
+from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_int, check_optional_int, check_real
+from .._checks import check_choice, check_int, check_optional_int
 from .._rsvd import row_signs, rsvd
-from .base import AdapterParam, matrix_dims, matrix_view, option
+from .base import AdapterParam, check_optional_scale, fan_in, matrix_dims, matrix_view, option
 
 _MODES = ("pissa", "svfit", "lora_xs")
 _SVD_METHODS = ("exact", "randomized")
@@ -71,7 +72,11 @@ class SVDParam(AdapterParam):
         mode: ``"pissa"`` (default), ``"svfit"`` or ``"lora_xs"``.
         svd: ``"exact"`` (default, :func:`torch.linalg.svd`) or ``"randomized"``
             (:func:`decomp.rsvd` with 2 power iterations, for large layers; seeded by ``seed``).
-        scale: :math:`c`, a finite real > 0 (default 1.0).
+        scale: :math:`c`, a finite real > 0, or ``None`` (default): the one-learning-rate rule,
+            :math:`c = 1/\sqrt{n}` for ``pissa`` (:math:`n` the fan-in,
+            :func:`~decomp.adapters.base.fan_in`) and 1 for ``svfit`` and ``lora_xs``
+            (:meth:`_rule_scale`). peft's PiSSA is ``lora_alpha / r`` (1 at its defaults). The
+            value in use is the attribute ``applied_scale`` of the built adapter.
         init: ``"zero"`` (default) or ``"normal"``; ``"normal"`` only with ``mode="lora_xs"``.
         seed: seeds the randomized SVD's sketch and the ``"normal"`` init (int >= 0, default 0).
 
@@ -110,7 +115,8 @@ class SVDParam(AdapterParam):
     rank: int | None = option(None, check_optional_int, low=1)
     mode: str = option("pissa", check_choice, choices=_MODES)
     svd: str = option("exact", check_choice, choices=_SVD_METHODS)
-    scale: float = option(1.0, check_real, low=0.0)
+    # None: the one-learning-rate rule (pissa: 1 / sqrt(fan_in); svfit, lora_xs: 1), per layer
+    scale: float | None = option(None, check_optional_scale, low=0.0)
     init: str = option("zero", check_choice, choices=_INITS)
     seed: int = option(0, check_int, low=0)
 
@@ -142,6 +148,17 @@ class SVDParam(AdapterParam):
         U, S, Vh = torch.linalg.svd(work, full_matrices=False)
         return U[:, :rank].to(matrix.dtype), S[:rank].to(matrix.dtype), Vh[:rank].to(matrix.dtype)
 
+    def _rule_scale(self, shape: Sequence[int]) -> float:
+        r"""``scale=None``: :math:`c = 1/\sqrt{n}` for PiSSA (:math:`n` the fan-in), 1 otherwise.
+
+        A PiSSA step moves the factors :math:`B, A` (entries of order :math:`\sqrt{\sigma/c}`)
+        by :math:`\pm\eta`, so it changes :math:`W` by about :math:`\eta \sqrt{c\,\sigma}`
+        per singular direction: :math:`c = 1/\sqrt{n}` brings it to the relative step of LoRA
+        (:math:`\alpha = r`) on a weight of RMS :math:`1/\sqrt{n}`; :math:`c = 1` stepped 2 to 5
+        times more (issue 12).
+        """
+        return 1 / math.sqrt(fan_in(shape)) if self.mode == "pissa" else 1.0
+
     def _build(self, weight: torch.Tensor) -> None:
         matrix = matrix_view(weight)
         rank = self._rank(tuple(weight.shape))
@@ -154,8 +171,9 @@ class SVDParam(AdapterParam):
         # rebuild these factors from the weight instead of reading them from the file.
         signs = row_signs(U.mT)
         U, Vh = U * signs, Vh * signs[:, None]
+        self.applied_scale = self._rule_scale(weight.shape) if self.scale is None else self.scale
         if self.mode == "pissa":
-            root = (S / self.scale).sqrt()
+            root = (S / self.applied_scale).sqrt()
             self.register_buffer("initial_left", U * root)
             self.register_buffer("initial_right", root[:, None] * Vh)
             self.left = nn.Parameter(self.initial_left.clone())
@@ -163,7 +181,7 @@ class SVDParam(AdapterParam):
         elif self.mode == "svfit":
             self.register_buffer("left", U)
             self.register_buffer("right", Vh)
-            self.register_buffer("initial_singular_values", S / self.scale)
+            self.register_buffer("initial_singular_values", S / self.applied_scale)
             self.singular_values = nn.Parameter(self.initial_singular_values.clone())
         else:
             self.register_buffer("left", U)
@@ -186,7 +204,7 @@ class SVDParam(AdapterParam):
             update = (self.left.to(dtype) * change) @ self.right.to(dtype)
         else:
             update = (self.left.to(dtype) @ self.core.to(dtype)) @ self.right.to(dtype)
-        return (self.scale * update).reshape(weight.shape)
+        return (self.applied_scale * update).reshape(weight.shape)
 
 
 def _count_at_rank(shape: tuple[int, ...], rank: int, mode: str) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import scipy.linalg
 import torch
@@ -10,7 +12,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
-from decomp.adapters import LDUParam
+from decomp.adapters import LDUParam, apply, load_adapter, save_adapter
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from tests.adapters.strategies import adapter_of, default_fits, layers
 
@@ -42,29 +46,29 @@ def test_closed_form_against_scipy_lu(layer_and_input, scale):
     adapter = adapter_of(layer)
     s0 = scale / k
     with torch.no_grad():
-        adapter.scale.mul_(2)
+        adapter.relative_scale.fill_(1)  # s = 2 s0
     torch.testing.assert_close(layer.weight, (1 + s0) * W, rtol=1e-8, atol=1e-8)
 
     P, L, U = (torch.from_numpy(f) for f in scipy.linalg.lu(matrix.numpy()))
     step = torch.linspace(-1, 1, k, dtype=W.dtype)
     with torch.no_grad():
-        adapter.scale.copy_(adapter.initial_scale)
+        adapter.relative_scale.zero_()
         adapter.pivots.add_(step)
     unit_upper = U / U.diagonal()[:, None]
     expected = W + (s0 * P @ (L * step) @ unit_upper).reshape(W.shape)
     torch.testing.assert_close(layer.weight, expected, rtol=1e-8, atol=1e-8)
 
 
-def test_pivots_and_scale_are_the_trainable_tensors_and_both_get_a_gradient():
+def test_pivots_and_relative_scale_are_the_trainable_tensors_and_both_get_a_gradient():
     """(Gradients reaching only adapter tensors, a training step and merge are the adapter
     contract's.)"""
     layer = nn.Conv2d(4, 6, 3, groups=2)
     parametrize.register_parametrization(layer, "weight", LDUParam())
     adapter = adapter_of(layer)
-    assert dict(adapter.named_parameters()).keys() == {"pivots", "scale"}
+    assert dict(adapter.named_parameters()).keys() == {"pivots", "relative_scale"}
     assert not any(buffer.requires_grad for buffer in adapter.buffers())
     layer(torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(0))).square().sum().backward()
-    assert adapter.scale.grad.abs() > 0 and adapter.pivots.grad.abs().sum() > 0
+    assert adapter.relative_scale.grad.abs() > 0 and adapter.pivots.grad.abs().sum() > 0
 
 
 def test_zero_pivot_raises_and_leaves_layer_untouched():
@@ -92,9 +96,77 @@ def test_rank_above_the_matrix_view_raises():
         ({"rank": "full"}, TypeError, r"rank must be an int"),
         ({"scale": -1.0}, ValueError, r"scale must be a float > 0, got -1.0"),
         ({"scale": float("inf")}, ValueError, r"scale must be a float > 0, got inf"),
-        ({"scale": None}, TypeError, r"scale must be a float > 0, got NoneType"),
+        ({"scale": "1"}, TypeError, r"scale must be a float > 0, got str"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         LDUParam(**kwargs)
+
+
+def test_one_adam_step_moves_the_scale_by_a_fraction_lr_of_itself():
+    # issue 12: trained as s itself, one Adam step at lr 0.1 took s from 1/32 to 0.131 and
+    # ||dW|| / ||W|| to 0.43 (one seed in three diverged). In s = s0 (1 + t) it moves s by lr * s0.
+    torch.manual_seed(0)
+    weight = torch.randn(32, 288, dtype=torch.float64) * 0.036
+    adapter = LDUParam.from_weight(weight, scale=1.0)  # the official s0 = 1 / r
+    optimizer = torch.optim.Adam([adapter.relative_scale], lr=0.1)
+    adapter(weight).square().sum().backward()
+    optimizer.step()
+    s0 = 1 / 32
+    torch.testing.assert_close(adapter.scale.detach(), torch.tensor([s0 * 0.9], dtype=torch.float64))
+    relative_change = (adapter(weight).detach() - weight).norm() / weight.norm()
+    assert float(relative_change) == pytest.approx(0.1 * s0, rel=1e-6)  # s0 * 0.1 * ||M|| / ||M||
+
+
+def legacy_state(adapter: LDUParam, s: float) -> dict[str, torch.Tensor]:
+    """A state dict as LDUParam wrote it when it trained s itself (key ``scale``)."""
+    state = {key: value.clone() for key, value in adapter.state_dict().items() if key != "relative_scale"}
+    state["scale"] = torch.tensor([s], dtype=adapter.initial_scale.dtype)
+    return state
+
+
+def test_a_state_dict_with_the_old_scale_loads_as_the_same_function():
+    torch.manual_seed(0)
+    weight = torch.randn(6, 5, dtype=torch.float64)
+    old_style = LDUParam.from_weight(weight, rank=3, scale=2.0)
+    with torch.no_grad():
+        old_style.pivots.add_(0.5)
+    s = 1.7  # the trained s, s0 = 2 / 3
+    adapter = LDUParam.from_weight(weight, rank=3, scale=2.0)
+    adapter.load_state_dict(legacy_state(old_style, s))
+    torch.testing.assert_close(adapter.scale.detach(), torch.tensor([s], dtype=torch.float64))
+    coefficients = s * old_style.pivots.detach() - (2 / 3) * old_style.initial_pivots
+    expected = weight + (old_style.left * coefficients) @ old_style.right
+    torch.testing.assert_close(adapter(weight).detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_an_adapter_file_with_the_old_scale_loads(tmp_path):
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(5, 4))
+    model = apply(copy.deepcopy(plain), LDUParam, target=r"0")
+    with torch.no_grad():
+        adapter_of(model[0]).relative_scale.fill_(0.25)
+    path = tmp_path / "ldu.safetensors"
+    save_adapter(model, path)
+    # rewrite it as the older writer did: s itself under the key "scale"
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    key = next(k for k in tensors if k.endswith("relative_scale"))
+    s0 = adapter_of(model[0]).initial_scale
+    tensors[key.removesuffix("relative_scale") + "scale"] = (s0 * 1.25).reshape(())  # 0-d, as older still
+    del tensors[key]
+    save_file(tensors, str(path), metadata=metadata)
+    fresh = load_adapter(copy.deepcopy(plain), path)
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_the_default_start_scale_is_one_over_root_fan_in():
+    # issue 12 (one learning rate): the official s0 = 1 / r stepped 3 to 15 times less than LoRA.
+    adapter = LDUParam.from_weight(torch.randn(8, 4, 3, 3, dtype=torch.float64))
+    assert adapter.config()["scale"] is None
+    torch.testing.assert_close(adapter.scale.detach(), torch.tensor([1 / 6], dtype=torch.float64))
+    explicit = LDUParam.from_weight(torch.randn(8, 4, 3, 3, dtype=torch.float64), scale=2.0)
+    torch.testing.assert_close(explicit.scale.detach(), torch.tensor([2 / 8], dtype=torch.float64))

@@ -22,8 +22,8 @@ ORDERS = st.sampled_from([None, 1])
 def lora_style_delta(adapter: LieParam, weight: torch.Tensor) -> torch.Tensor:
     """dW written out with einsum: s B A for matrices, s G x0 U_out x1 U_in for kernels."""
     if weight.ndim == 2:
-        return adapter.scale * torch.einsum("or,ri->oi", adapter.out_factor, adapter.in_factor)
-    return adapter.scale * torch.einsum("ab...,oa,ib->oi...", adapter.core, adapter.out_factor, adapter.in_factor)
+        return adapter.applied_scale * torch.einsum("or,ri->oi", adapter.out_factor, adapter.in_factor)
+    return adapter.applied_scale * torch.einsum("ab...,oa,ib->oi...", adapter.core, adapter.out_factor, adapter.in_factor)
 
 
 @given(layers(), ORDERS)
@@ -64,7 +64,7 @@ def test_assigning_a_weight_inverts_the_update(case, order, seed):
 
 
 def test_first_order_inverse_refuses_a_vanishing_multiplier():
-    adapter = LieParam.from_weight(torch.ones(2, 2, dtype=torch.float64), rank=1, order=1)
+    adapter = LieParam.from_weight(torch.ones(2, 2, dtype=torch.float64), rank=1, order=1, scale=1.0)
     with torch.no_grad():
         adapter.out_factor.copy_(torch.tensor([[1.0], [0.0]]))
         adapter.in_factor.copy_(torch.tensor([[-1.0, 0.5]]))  # dW[0, 0] = -1
@@ -137,6 +137,7 @@ def test_the_zero_out_factor_gets_the_first_gradient(order):
         ({"order": 2}, ValueError, r"order must be None \(exact exp\) or 1"),
         ({"order": True}, ValueError, "order must be None"),
         ({"scale": float("inf")}, ValueError, "scale must be a finite float, got inf"),
+        ({"scale": "1"}, TypeError, "scale must be a finite float, got str"),
     ],
 )
 def test_bad_arguments_raise(kwargs, error, match):
@@ -148,3 +149,12 @@ def test_explicit_rank_above_the_layer_raises_and_the_default_clamps():
     with pytest.raises(ValueError, match=r"rank .*must be in \[1, 2\]"):
         LieParam.from_weight(torch.randn(5, 2, 3, 3), rank=3)
     assert LieParam.from_weight(torch.randn(5, 2, 3, 3)).core.shape == (2, 2, 3, 3)
+
+
+@pytest.mark.parametrize(("shape", "n"), [((6, 12), 12), ((8, 4, 3, 3), 36)])
+def test_the_default_scale_is_the_inverse_std_of_the_input_factor(shape, n):
+    # issue 12 (one learning rate): the official s = 1 stepped sqrt(3 n) times less than LoRA.
+    torch.manual_seed(0)
+    adapter = LieParam.from_weight(torch.randn(shape, dtype=torch.float64))
+    assert adapter.applied_scale == pytest.approx((3 * n) ** 0.5)
+    assert LieParam.from_weight(torch.randn(shape, dtype=torch.float64), scale=0.5).applied_scale == 0.5

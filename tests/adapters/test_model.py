@@ -128,7 +128,7 @@ def test_factory_gets_the_name_and_module():
         (lambda m: apply(m, AtomParam, train_heads=3), TypeError, "train_heads must be a regex string"),
         (lambda m: apply(m, AtomParam, target="classifier"), ValueError, "target='classifier' matched no"),
         (lambda m: apply(m, AtomParam, target="features"), ValueError, "target='features' matched no"),
-        (lambda m: apply(m, AtomParam, num_atoms=10), ValueError, r"num_atoms must be in \[1, K\] = \[1, 9\]"),
+        (lambda m: apply(m, AtomParam, levels=2, sub_atoms=10), ValueError, r"sub_atoms must be in \[1, K\] = \[1, 9\]"),
     ],
 )
 def test_bad_calls_raise_and_leave_the_model_untouched(call, error, message):

@@ -32,6 +32,7 @@ def configs():
             "sparsity": st.floats(0.0, 0.95),
             "mask": st.sampled_from(["binary", "magnitude"]),
             "kernel_scale": st.floats(0.01, 1.0),
+            "start": st.sampled_from(["residual", "kernel"]),
         },
     )
 
@@ -47,17 +48,18 @@ def perturb(adapter: nn.Module, seed: int, size: float = 0.3) -> None:
             parameter.add_(size * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
 
 
-def oracle_kernel(adapter: SNELLParam) -> np.ndarray:
-    """The (d_out, d_in) dense kernel from scipy's pairwise distances, one kernel at a time."""
-    in_points = adapter.in_points.detach().double().numpy()
-    out_points = adapter.out_points.detach().double().numpy()
+def oracle_kernel(adapter: SNELLParam, prefix: str = "") -> np.ndarray:
+    """The (d_out, d_in) dense kernel from scipy's pairwise distances, one kernel at a time
+    (``prefix="initial_"``: from the frozen initial copies)."""
+    in_points = getattr(adapter, f"{prefix}in_points").detach().double().numpy()
+    out_points = getattr(adapter, f"{prefix}out_points").detach().double().numpy()
     signs = [(-1.0) ** h for h in range(adapter.num_kernels)]
     kernel = sum(
         adapter.kernel_scale * sign * scipy_cdist(out_points[h], in_points[h])
         for h, sign in enumerate(signs)
     )
     if isinstance(adapter, SNELLAParam):
-        alpha, gamma, beta = (float(getattr(adapter, name).detach()) for name in ("alpha", "gamma", "beta"))
+        alpha, gamma, beta = (float(getattr(adapter, f"{prefix}{name}").detach()) for name in ("alpha", "gamma", "beta"))
         scaled = kernel / gamma
         softmax = np.exp(scaled - scaled.max(axis=0)) / np.exp(scaled - scaled.max(axis=0)).sum(axis=0)
         kernel = kernel + alpha * softmax + beta
@@ -73,6 +75,7 @@ def test_zero_start_is_identity_at_init(case, config):
     cls = config.pop("cls")
     before = layer(x).detach()
     config["mask"] = "binary"
+    config.pop("start", None)
     assume(default_fits(cls(zero_start=True, **config), layer))
     parametrize.register_parametrization(layer, "weight", cls(zero_start=True, **config))
     assert relative_error(layer(x).detach(), before) <= 1e-12
@@ -89,14 +92,63 @@ def test_zero_start_is_identity_in_fp32(case, cls):
     assert relative_error(layer(x).detach(), before) <= 1e-6
 
 
+@given(layers(), st.sampled_from(ADAPTERS), st.sampled_from(["binary", "magnitude"]), st.floats(0.0, 0.95))
+def test_the_default_start_is_exactly_the_pretrained_layer(case, cls, mask, sparsity):
+    # issue 12: SNELLA's default (binary mask, kernel start) moved W by ~alpha/d_out per entry.
+    layer, x = case
+    before = layer(x).detach()
+    assume(default_fits(cls(), layer))
+    parametrize.register_parametrization(layer, "weight", cls(mask=mask, sparsity=sparsity))
+    assert adapter_of(layer).start == "residual"
+    assert torch.equal(layer.weight, layer.parametrizations.weight.original)
+    assert torch.equal(layer(x).detach(), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(32, 288), (10, 64), (768, 768)])
+def test_snella_default_leaves_the_weight_where_the_kernel_start_moves_it(shape, dtype):
+    # The issue's reproduction: the paper's start puts alpha * softmax ~ 1/d_out on every entry.
+    torch.manual_seed(0)
+    weight = (torch.randn(shape) * 0.036).to(dtype)
+    assert not SNELLAParam.from_weight(weight).delta(weight).any()
+    moved = SNELLAParam.from_weight(weight, start="kernel", scale=1.0).delta(weight).detach().float()
+    assert float(moved.norm() / weight.float().norm()) > 0.03
+    assert float(moved.mean()) == pytest.approx(1 / shape[0], rel=0.5)
+
+
 @pytest.mark.parametrize("cls", ADAPTERS)
-def test_default_start_moves_the_output(cls):
+def test_the_kernel_start_moves_the_output(cls):
     # The kernel of random points is dense and non-zero: the paper's update starts away from W.
     torch.manual_seed(0)
     layer = nn.Linear(12, 10, dtype=torch.float64)
     before = layer.weight.detach().clone()
-    parametrize.register_parametrization(layer, "weight", cls())
+    parametrize.register_parametrization(layer, "weight", cls(start="kernel"))
     assert not torch.allclose(layer.weight, before)
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_the_residual_start_keeps_its_count_when_the_allocator_moves_the_budget(cls):
+    # W_res = W - S_k0(K(theta_0)) is fixed at registration: a new kept count changes only S_k(K(theta)).
+    torch.manual_seed(0)
+    weight = torch.randn(6, 7, dtype=torch.float64)
+    adapter = cls.from_weight(weight, sparsity=0.5)
+    initial = adapter.initial_update(torch.float64)
+    adapter.set_keep_count(5)
+    kept = keep_largest_mask(adapter.kernel(torch.float64).detach().abs(), 5)
+    expected = adapter.kernel(torch.float64).detach() * kept * adapter.applied_scale - initial
+    torch.testing.assert_close(adapter.delta(weight).detach(), expected, rtol=0, atol=0)
+    assert int(adapter.initial_kept_entries) == 42 - 21
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "start"),
+    [({}, "residual"), ({"zero_start": True}, "zero"), ({"zero_start": False}, "kernel"),
+     ({"start": "zero", "zero_start": True}, "zero"), ({"start": "kernel"}, "kernel")],
+)
+def test_zero_start_is_the_older_spelling_of_start(kwargs, start):
+    adapter = SNELLParam(**kwargs)
+    assert adapter.start == start
+    assert type(adapter)(**adapter.config()).config() == adapter.config()
 
 
 # ----------------------------------------------------------------------------------- the formula
@@ -110,12 +162,16 @@ def test_update_is_the_masked_kernel(case, config, seed):
     parametrize.register_parametrization(layer, "weight", cls(**config))
     adapter = adapter_of(layer)
     perturb(adapter, seed)
-    kernel = oracle_kernel(adapter)
-    magnitude = np.abs(kernel).ravel()
-    keep = adapter.keep_count
-    threshold = np.sort(magnitude)[::-1][keep - 1] if keep else np.inf
-    kept = np.abs(kernel) >= threshold
-    expected = kernel * (np.abs(kernel) if adapter.mask == "magnitude" else 1.0) * kept
+
+    def sparsified(kernel: np.ndarray, keep: int) -> np.ndarray:
+        magnitude = np.abs(kernel).ravel()
+        threshold = np.sort(magnitude)[::-1][keep - 1] if keep else np.inf
+        kept = np.abs(kernel) >= threshold
+        return kernel * (np.abs(kernel) if adapter.mask == "magnitude" else 1.0) * kept * adapter.applied_scale
+
+    expected = sparsified(oracle_kernel(adapter), adapter.keep_count)
+    if adapter.start == "residual":
+        expected = expected - sparsified(oracle_kernel(adapter, "initial_"), int(adapter.initial_kept_entries))
     original = layer.parametrizations.weight.original
     delta = matrix(layer.weight - original).detach().numpy()
     np.testing.assert_allclose(delta, expected, rtol=1e-9, atol=1e-12)
@@ -123,7 +179,7 @@ def test_update_is_the_masked_kernel(case, config, seed):
 
 def test_snella_softmax_runs_over_the_output_axis():
     # With K = 0 (alpha, beta at their init) K' = alpha * softmax: each input column sums to alpha.
-    adapter = SNELLAParam.from_weight(torch.zeros(5, 7, dtype=torch.float64), rank=2, sparsity=0.0)
+    adapter = SNELLAParam.from_weight(torch.zeros(5, 7, dtype=torch.float64), rank=2, sparsity=0.0, start="kernel", scale=1.0)
     with torch.no_grad():
         adapter.kernel_coefficients.zero_()
         adapter.alpha.fill_(2.0)
@@ -136,7 +192,7 @@ def test_sparsity_fraction_is_exact(d_out, d_in, sparsity, seed, cls):
     torch.manual_seed(seed)
     weight = torch.randn(d_out, d_in, dtype=torch.float64)
     assume(default_fits(cls(sparsity=sparsity), weight))
-    adapter = cls.from_weight(weight, sparsity=sparsity)
+    adapter = cls.from_weight(weight, sparsity=sparsity, start="kernel")
     nonzero = int((adapter.delta(torch.zeros(d_out, d_in, dtype=torch.float64)) != 0).sum())
     assert nonzero == d_out * d_in - round(sparsity * d_out * d_in) == adapter.keep_count
 
@@ -153,7 +209,7 @@ def test_mask_threshold_handles_more_than_2_24_elements():
 
 def test_a_layer_above_2_24_elements_forwards():
     torch.manual_seed(0)
-    adapter = SNELLParam.from_weight(torch.zeros(4097, 4097), rank=2, sparsity=0.99)
+    adapter = SNELLParam.from_weight(torch.zeros(4097, 4097), rank=2, sparsity=0.99, start="kernel")
     update = adapter(torch.zeros(4097, 4097)).detach()
     assert adapter.keep_count == 4097 * 4097 - round(0.99 * 4097 * 4097)
     kept = update != 0
@@ -183,8 +239,9 @@ def test_gradients_reach_only_the_kept_kernel_entries(case, config, zero_start):
         parameter.requires_grad_(False)
     if zero_start:
         config["mask"] = "binary"
-    assume(default_fits(cls(zero_start=zero_start, **config), layer))
-    parametrize.register_parametrization(layer, "weight", cls(zero_start=zero_start, **config))
+        config["start"] = "zero"
+    assume(default_fits(cls(**config), layer))
+    parametrize.register_parametrization(layer, "weight", cls(**config))
     adapter = adapter_of(layer)
     perturb(adapter, 1)
     weight = layer.weight  # one evaluation, so the mask below is the one the graph used
@@ -196,7 +253,7 @@ def test_gradients_reach_only_the_kept_kernel_entries(case, config, zero_start):
     assert "parametrizations.weight.0.in_points" in with_grad
     # Straight-through mask: the gradient equals that of <probe * mask, D> (times |D| in magnitude mode).
     kept = keep_largest_mask(dense.detach().abs(), adapter.keep_count)
-    factor = dense.detach().abs() if adapter.mask == "magnitude" else 1.0
+    factor = (dense.detach().abs() if adapter.mask == "magnitude" else 1.0) * adapter.applied_scale
     expected = torch.autograd.grad((dense * probe * kept * factor).sum(), adapter.in_points)[0]
     torch.testing.assert_close(adapter.in_points.grad, expected)
 
@@ -227,11 +284,11 @@ def test_trainable_count_is_the_closed_form(case, cls, num_kernels, data):
 @pytest.mark.parametrize("cls", ADAPTERS)
 def test_keep_count_travels_with_the_state_dict_and_deepcopy(cls):
     layer = nn.Linear(6, 5)
-    parametrize.register_parametrization(layer, "weight", cls(sparsity=0.5))
+    parametrize.register_parametrization(layer, "weight", cls(sparsity=0.5, start="kernel"))
     adapter_of(layer).set_keep_count(4)
     twin = copy.deepcopy(layer)
     fresh = nn.Linear(6, 5)
-    parametrize.register_parametrization(fresh, "weight", cls(sparsity=0.5))
+    parametrize.register_parametrization(fresh, "weight", cls(sparsity=0.5, start="kernel"))
     fresh.load_state_dict(layer.state_dict())
     assert adapter_of(twin).keep_count == adapter_of(fresh).keep_count == 4
     assert int((fresh.weight != fresh.parametrizations.weight.original).sum()) == 4
@@ -242,8 +299,8 @@ def test_keep_count_travels_with_the_state_dict_and_deepcopy(cls):
 
 
 @pytest.mark.parametrize("cls", ADAPTERS)
-@pytest.mark.parametrize("zero_start", [False, True])
-def test_training_reduces_a_regression_loss(cls, zero_start):
+@pytest.mark.parametrize("start", ["residual", "zero", "kernel"])
+def test_training_reduces_a_regression_loss(cls, start):
     torch.manual_seed(0)
     layer = nn.Linear(10, 8)
     for parameter in layer.parameters():
@@ -251,8 +308,8 @@ def test_training_reduces_a_regression_loss(cls, zero_start):
     target = nn.Linear(10, 8)
     x = torch.randn(64, 10)
     y = target(x).detach()
-    parametrize.register_parametrization(layer, "weight", cls(rank=4, sparsity=0.2, zero_start=zero_start))
-    optimizer = torch.optim.Adam(adapter_of(layer).parameters(), lr=1e-2)
+    parametrize.register_parametrization(layer, "weight", cls(rank=4, sparsity=0.2, start=start))
+    optimizer = torch.optim.Adam(adapter_of(layer).parameters(), lr=3e-2)
     losses = []
     for _ in range(60):
         loss = (layer(x) - y).square().mean()
@@ -288,8 +345,14 @@ def test_bad_arguments(cls):
         cls(kernel_scale=0.0)
     with pytest.raises(TypeError, match="zero_start must be a bool"):
         cls(zero_start=1)
-    with pytest.raises(ValueError, match="zero_start=True needs mask='binary'"):
+    with pytest.raises(ValueError, match=r"start='zero' \(zero_start=True\) needs mask='binary'"):
         cls(zero_start=True, mask="magnitude")
+    with pytest.raises(ValueError, match=r"start='zero' \(zero_start=True\) needs mask='binary'"):
+        cls(start="zero", mask="magnitude")
+    with pytest.raises(ValueError, match="start must be one of"):
+        cls(start="identity")
+    with pytest.raises(ValueError, match="zero_start=False means start='kernel', but start='residual' was given"):
+        cls(start="residual", zero_start=False)
     with pytest.raises(ValueError, match="weight must have ndim"):
         cls.from_weight(torch.randn(4))
     with pytest.raises(TypeError, match="unexpected keyword argument 'num_atoms'"):
@@ -311,12 +374,12 @@ def test_an_out_of_range_rank_registers_nothing(cls):
 # ----------------------------------------------------------------------------------- Allocator
 
 
-def adapted_model(cls=SNELLAParam, sizes=((8, 12), (6, 8), (4, 6)), sparsity=0.1) -> nn.Sequential:
+def adapted_model(cls=SNELLAParam, sizes=((8, 12), (6, 8), (4, 6)), sparsity=0.1, start=None) -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(d_in, d_out) for d_out, d_in in sizes])
     for layer in model:
         layer.requires_grad_(False)
-        parametrize.register_parametrization(layer, "weight", cls(rank=2, sparsity=sparsity))
+        parametrize.register_parametrization(layer, "weight", cls(rank=2, sparsity=sparsity, start=start))
     return model
 
 
@@ -388,7 +451,7 @@ def test_importance_ema_matches_the_formula():
 
 @given(st.floats(0.0, 0.95), st.integers(1, 6), SEEDS)
 def test_update_budget_sets_layer_counts_to_the_scheduled_total(target, total_steps, seed):
-    model = adapted_model(cls=SNELLParam)
+    model = adapted_model(cls=SNELLParam, start="kernel")  # W' - W is then the kept kernel
     allocator = Allocator(model, target_sparsity=target, total_steps=total_steps)
     for t in range(1, total_steps + 1):
         backward(model, seed + t)
@@ -460,3 +523,46 @@ def test_allocator_load_is_atomic():
         target.load_state_dict(state)
     assert [adapter.keep_count for adapter in target.adapters] == counts
     assert all(not ema.any() for pair in target.exp_avg_importance for ema in pair)
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_the_default_scale_is_one_over_root_fan_in(cls):
+    # issue 12 (one learning rate): unscaled, a first Adam step moved the weights 10 to 70 times
+    # more than LoRA r=8's at the same lr; the update is now scaled by 1 / sqrt(fan_in).
+    weight = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    torch.manual_seed(0)
+    scaled = cls.from_weight(weight, start="kernel")
+    torch.manual_seed(0)
+    official = cls.from_weight(weight, start="kernel", scale=1.0)
+    assert scaled.applied_scale == pytest.approx(1 / 6) and scaled.config()["scale"] is None
+    torch.testing.assert_close(scaled.delta(weight), official.delta(weight) / 6)
+
+
+def test_an_adapter_file_written_before_start_and_scale_loads_as_it_was_saved(tmp_path):
+    # Such a file's config names zero_start (False: the kernel start) and no start or scale.
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from decomp.adapters import apply, load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 6))
+    old_style = apply(copy.deepcopy(plain), SNELLAParam, target=r"0", start="kernel", scale=1.0, rank=2)
+    path = tmp_path / "snella.safetensors"
+    save_adapter(old_style, path)
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    entries = json.loads(metadata["decomp.adapters"])
+    for entry in entries:
+        config = entry["config"]
+        del config["start"], config["scale"]
+        config["zero_start"] = False
+    save_file(tensors, str(path), metadata={**metadata, "decomp.adapters": json.dumps(entries)})
+    loaded = load_adapter(copy.deepcopy(plain), path)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(loaded(x), old_style(x))
+    adapter = adapter_of(loaded[0])
+    assert (adapter.start, adapter.applied_scale) == ("kernel", 1.0)

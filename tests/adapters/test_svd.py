@@ -90,7 +90,7 @@ def test_randomized_svd_matches_exact_on_a_low_rank_weight():
     exact = SVDParam.from_weight(W, rank=5, mode="pissa")
     randomized = SVDParam.from_weight(W, rank=5, mode="pissa", svd="randomized")
     torch.testing.assert_close(randomized.left @ randomized.right, exact.left @ exact.right)
-    torch.testing.assert_close(exact.left @ exact.right, W)
+    torch.testing.assert_close(exact.applied_scale * exact.left @ exact.right, W)
 
 
 @pytest.mark.parametrize("lora_alpha", [4, 8])
@@ -157,3 +157,12 @@ def test_explicit_rank_above_the_matrix_view_raises_in_count_too():
     with pytest.raises(ValueError, match=r"rank must be in \[1, 18\], got 19"):
         SVDParam.trainable_count((64, 2, 3, 3), rank=19)
     assert SVDParam.trainable_count((64, 2, 3, 3), rank=18, mode="lora_xs") == 18 * 18
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("pissa", 1 / 36**0.5), ("svfit", 1.0), ("lora_xs", 1.0)])
+def test_the_default_scale_is_the_one_learning_rate_rule(mode, expected):
+    # issue 12: PiSSA at c = 1 stepped 2 to 5 times more than LoRA r=8 at the same lr.
+    adapter = SVDParam.from_weight(torch.randn(8, 4, 3, 3, dtype=torch.float64), mode=mode)
+    assert adapter.applied_scale == pytest.approx(expected)
+    assert adapter.config()["scale"] is None
+    assert SVDParam.from_weight(torch.randn(8, 4, dtype=torch.float64), scale=2.0).applied_scale == 2.0

@@ -6,7 +6,7 @@ the package (``ScaledLowRank``, registered in ``tests/adapters/test_registry.py`
 :func:`decomp.adapters.registered` needs a case.
 ``factory`` returns a new, unbuilt adapter each call; ``layers`` names the layer kinds it
 supports (a subset of ``ALL_LAYERS``); ``expect_identity_at_init`` is False for methods whose
-update is not zero at init (SNELL/SNELLA kernels).
+update is not zero at init (SNELL/SNELLA's ``start="kernel"``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class AdapterCase(NamedTuple):
 ADAPTER_CASES: list[AdapterCase] = [
     AdapterCase("atom", lambda: AtomParam()),
     AdapterCase("atom-levels2", lambda: AtomParam(levels=2)),
+    AdapterCase("atom-coeff_l1", lambda: AtomParam(channel_block=2)),
+    AdapterCase("atom-coeff_bases_l1", lambda: AtomParam(levels=2, channel_block=2)),
     AdapterCase("ldu", lambda: LDUParam()),
     AdapterCase("svd-pissa", lambda: SVDParam()),
     AdapterCase("svd-pissa-randomized", lambda: SVDParam(svd="randomized")),
@@ -57,7 +59,8 @@ ADAPTER_CASES: list[AdapterCase] = [
     AdapterCase("lie-order1", lambda: LieParam(order=1)),
     AdapterCase("snell-zero-start", lambda: SNELLParam(zero_start=True)),
     AdapterCase("snella-zero-start", lambda: SNELLAParam(zero_start=True)),
-    AdapterCase("snell", lambda: SNELLParam(), expect_identity_at_init=False),
-    AdapterCase("snella-magnitude", lambda: SNELLAParam(mask="magnitude"), expect_identity_at_init=False),
+    AdapterCase("snella", lambda: SNELLAParam()),
+    AdapterCase("snella-magnitude", lambda: SNELLAParam(mask="magnitude")),
+    AdapterCase("snell-kernel", lambda: SNELLParam(start="kernel"), expect_identity_at_init=False),
     AdapterCase("scaled-low-rank-outside", lambda: ScaledLowRank()),
 ]

@@ -56,7 +56,7 @@ REBUILT = "decomp.adapters.rebuilt"
 # different pretrained weight must be refused. DCT "low"/"random" locations and LDU's scale
 # depend on the config only, and the others rebuild nothing.
 WEIGHT_DEPENDENT = {
-    "atom", "atom-levels2", "ldu", "svd-pissa", "svd-pissa-randomized", "svd-svfit",
+    "atom", "atom-levels2", "atom-coeff_l1", "atom-coeff_bases_l1", "ldu", "svd-pissa", "svd-pissa-randomized", "svd-svfit",
     "svd-lora_xs", "svd-lora_xs-normal", "dct", "kron",
 }  # fmt: skip
 

@@ -86,9 +86,11 @@ KERNEL_ADAPTER_OPTIONS = {
     "rank": Option("int", low=2, optional=True, multiple_of=2),  # num_kernels defaults to 2
     "num_kernels": positive_int(),
     "kernel_scale": POSITIVE_REAL,
+    "scale": Option("real", low=0.0, optional=True),
     "sparsity": Option("real", low=0.0, high=1.0, low_inclusive=True, optional=True),
     "mask": Option("choice", choices=("binary", "magnitude")),
-    "zero_start": Option("bool"),
+    "start": Option("choice", choices=("residual", "zero", "kernel"), optional=True),
+    "zero_start": Option("bool", optional=True),
 }
 
 OPTIONS: dict[type[AdapterParam], dict[str, Option]] = {
@@ -97,12 +99,13 @@ OPTIONS: dict[type[AdapterParam], dict[str, Option]] = {
         "levels": Option("int", low=1, high=2),
         "sub_atoms": positive_int(optional=True, context={"levels": 2}),
         "block": positive_int(optional=True),
+        "channel_block": positive_int(),
     },
     SVDParam: {
         "rank": positive_int(optional=True),
         "mode": Option("choice", choices=("pissa", "svfit", "lora_xs")),
         "svd": Option("choice", choices=("exact", "randomized")),
-        "scale": POSITIVE_REAL,
+        "scale": Option("real", low=0.0, optional=True),
         "init": Option("choice", choices=("zero", "normal"), context={"mode": "lora_xs"}),
         "seed": SEED,
     },
@@ -119,7 +122,7 @@ OPTIONS: dict[type[AdapterParam], dict[str, Option]] = {
     },
     LieParam: {
         "rank": positive_int(optional=True),
-        "scale": FINITE_REAL,
+        "scale": Option("real", optional=True),
         "order": Option("order"),
     },
     TuckerParam: {
@@ -131,7 +134,7 @@ OPTIONS: dict[type[AdapterParam], dict[str, Option]] = {
     },
     LDUParam: {
         "rank": positive_int(optional=True),
-        "scale": POSITIVE_REAL,
+        "scale": Option("real", low=0.0, optional=True),
     },
     SNELLParam: KERNEL_ADAPTER_OPTIONS,
     SNELLAParam: KERNEL_ADAPTER_OPTIONS,
@@ -314,10 +317,10 @@ def test_declared_options_are_the_constructor_in_declaration_order():
 
 def test_an_option_named_like_a_parameter_keeps_both():
     # LDUParam's keyword scale is the argument c (config, repr); the attribute scale is the
-    # trainable Parameter s, started at c / r.
+    # trained s = s0 (1 + t), started at c / r.
     adapter = LDUParam.from_weight(torch.randn(6, 4, dtype=torch.float64), rank=2, scale=3.0)
     assert adapter.config() == {"rank": 2, "scale": 3.0} and adapter.scale_argument == 3.0
-    assert isinstance(adapter.scale, nn.Parameter) and adapter.scale.tolist() == [1.5]
+    assert isinstance(adapter.relative_scale, nn.Parameter) and adapter.scale.tolist() == [1.5]
     assert repr(adapter).startswith("LDUParam(rank=2, scale=3.0, weight_shape=(6, 4)")
 
 
@@ -376,7 +379,10 @@ def consistent(cls: type[AdapterParam], kwargs: dict[str, Any]) -> dict[str, Any
         kernels = plain(kwargs.get("num_kernels", 2))
         if kwargs.get("rank") is not None:
             kwargs["rank"] = type(kwargs["rank"])(kernels * max(1, plain(kwargs["rank"]) // kernels))
-        if kwargs.get("zero_start"):
+        implied = {True: "zero", False: "kernel"}.get(kwargs.get("zero_start"))
+        if implied is not None and kwargs.get("start") is not None:
+            kwargs["start"] = implied
+        if kwargs.get("zero_start") or kwargs.get("start") == "zero":
             kwargs["mask"] = "binary"
     return kwargs
 
@@ -423,7 +429,7 @@ def test_good_options_are_stored_as_plain_values_and_round_trip(drawn, shape):
 def test_numpy_options_are_python_numbers_in_config():
     # issue 9: AtomParam checked num_atoms with check_int but stored the raw numpy value
     config = AtomParam(num_atoms=np.int64(4), levels=np.int32(2), sub_atoms=np.int8(2), block=np.uint8(2)).config()
-    assert config == {"num_atoms": 4, "levels": 2, "sub_atoms": 2, "block": 2}
+    assert config == {"num_atoms": 4, "levels": 2, "sub_atoms": 2, "block": 2, "channel_block": 1}
     assert all(type(value) is int for value in config.values())
     assert type(SNELLParam(rank=np.int64(4)).config()["rank"]) is int
     assert KronParam(b_shape=(np.int64(4), 6), c_shape=torch.Size([5, 8])).config() == {
