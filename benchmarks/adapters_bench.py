@@ -1,19 +1,24 @@
-"""Few-shot fine-tuning with every registered adapter against peft and full fine-tuning.
+"""Every registered adapter against peft and full fine-tuning: few-shot accuracy and cost at width.
 
 The task (:mod:`benchmarks.adapters_data`): a small ResNet-style CNN pretrained on digits 0-4 is
 fine-tuned on a few examples per class of digits 5-9 (a new 5-way head) and scored on a fixed
 held-out test set. One case per method of :func:`all_methods` (full fine-tuning, head only, peft
 LoRA/LoKr/LoHa, and every class of ``decomp.adapters.registered()`` at its defaults, through
-``apply(model, cls, target=<every layer but the head>, train_heads="head")``), plus
-``parameters``: each adapter's trainable count on standard architectures. Every method is trained
-the same way (AdamW, full batch, weight decay 0, BatchNorm in eval mode) at a learning rate chosen
-by cross-validation on the first seed's shots (:func:`select_lr`), never on the test set. The
-protocol, in full, is on the page; targets are in :mod:`benchmarks.targets`.
+``apply(model, cls, target=<every layer but the head>, train_heads="head")``) with BatchNorm
+frozen, one per method of :data:`BN_TRAIN_KEYS` with BatchNorm statistics adapting
+(``bn-train:<key>``), ``parameters`` (each adapter's trainable count on standard architectures)
+and one per method of :data:`SCALE_KEYS` at transformer width (``scale:<key>``: step time and peak
+memory on stacks of 1024- and 4096-wide linear layers, with and without ``parametrize.cached()``).
+Every method is trained the same way (AdamW, full batch, weight decay 0; the new head at its own
+fixed rate, everything else at a rate chosen by cross-validation on the first seed's shots,
+:func:`select_lr`, never on the test set). The protocol, in full, is on the page; targets are in
+:mod:`benchmarks.targets`.
 
 Usage::
 
-    python benchmarks/adapters_bench.py --threads 2
-    python benchmarks/adapters_bench.py --only 'AtomParam,full' --quick
+    python benchmarks/adapters_bench.py --threads 1
+    python benchmarks/adapters_bench.py --only 'AtomParam,full,bn-train:AtomParam' --quick
+    python benchmarks/adapters_bench.py --only 'scale:*' --threads 2
 """
 
 from __future__ import annotations
@@ -38,17 +43,12 @@ from torch import nn
 
 import decomp.adapters
 from benchmarks.adapters_data import Dataset, few_shot, fine_tuning_model, load_digits_split, shot_folds
-from benchmarks.harness import Area, Case, Check, Comparison, Context, Part, Timing, cases, main
+from benchmarks.harness import Area, Case, Check, Comparison, Context, Part, Timing, cases, main, timeit
 from benchmarks.targets import target
 from decomp.adapters.base import AdapterParam
 
 HEAD = "head"
 FINETUNE_CLASSES = 5
-# Extra rows: (adapter, constructor arguments). SNELLA's default starts away from the pretrained
-# weights (its kernel is non-zero at init), so its zero-start option gets a row of its own.
-ADAPTER_VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
-    "SNELLAParam-zero": ("SNELLAParam", {"zero_start": True})
-}
 LORA_RANKS = (4, 8)
 # peft's LyCORIS methods at peft's default rank 8: key -> (row name, config class name).
 LYCORIS_METHODS = {"lokr8": ("peft LoKr r=8", "LoKrConfig"), "loha8": ("peft LoHa r=8", "LoHaConfig")}
@@ -69,6 +69,9 @@ class Settings:
     # 1e-4 to 1e-1 in half-decade steps. In a 1-seed side run on the 3e-4..3e-2 grid the choices
     # spanned the whole grid, and LDUParam's validation accuracy still rose from 3e-2 to 0.1.
     lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    # The new head's own rate, fixed for every method: a fresh linear head needs about 1e-2 to
+    # 3e-2, an adapter far less, and one shared rate penalises exactly the small adapters.
+    head_lr: float = 3e-2
     folds: int = 2
     # The middle of the official SNELLA scripts' per-task target sparsities (0 to 0.93).
     snella_sparsity: float = 0.5
@@ -138,37 +141,30 @@ def prepare_adapter(cls: type[AdapterParam], **config: object) -> Callable[[nn.M
 
 @dataclass(frozen=True)
 class Method:
-    """One fine-tuning method: ``prepare`` makes a fresh model trainable its way, in place."""
+    """One fine-tuning method: ``prepare`` makes a fresh model trainable its way, in place.
 
-    name: str
-    prepare: Callable[[nn.Module], None] | None
-    ours: bool
-    unavailable: str = ""
-
-
-@dataclass(frozen=True)
-class Method:
-    """One fine-tuning method: ``prepare`` makes a fresh model trainable its way, in place."""
+    ``sweeps``: whether it trains anything besides the head, so that the lr grid means something
+    (head only trains the head at its own rate and has no rate to choose).
+    """
 
     name: str
     prepare: Callable[[nn.Module], None]
     ours: bool
+    sweeps: bool = True
 
 
 def all_methods() -> dict[str, Method]:
     """Every method by case name: the baselines, then every registered adapter class."""
     methods = {
         "full": Method("full fine-tuning", prepare_full, ours=False),
-        "head": Method("head only", freeze_all_but_head, ours=False),
+        "head": Method("head only", freeze_all_but_head, ours=False, sweeps=False),
     }
     for rank in LORA_RANKS:
         methods[f"lora{rank}"] = Method(f"peft LoRA r={rank}", prepare_peft("LoraConfig", rank), ours=False)
     for key, (name, config_name) in LYCORIS_METHODS.items():
         methods[key] = Method(name, prepare_peft(config_name, LYCORIS_RANK), ours=False)
-    adapters = {name: (name, {}) for name in decomp.adapters.registered()} | ADAPTER_VARIANTS
-    for key, (name, config) in adapters.items():
-        label = name + "".join(f" ({option}={value!r})" for option, value in config.items())
-        methods[key] = Method(label, prepare_adapter(decomp.adapters.registered()[name], **config), ours=True)
+    for name, cls in decomp.adapters.registered().items():
+        methods[name] = Method(name, prepare_adapter(cls), ours=True)
     return methods
 
 
@@ -259,20 +255,24 @@ def fine_tune(
     seed: int,
     steps: int,
     lr: float,
+    head_lr: float,
+    bn_train: bool,
     device: torch.device,
     snella_sparsity: float,
     measure_memory: bool,
 ) -> Run:
     """Fine-tune a fresh copy of the pretrained model with ``method``; score it on ``evaluate``.
 
-    ``steps`` full-batch AdamW steps on ``train`` at ``lr``, weight decay 0, in eval mode. When the
+    ``steps`` full-batch AdamW steps on ``train``, weight decay 0: the new head at ``head_lr``,
+    every other trainable parameter at ``lr``. BatchNorm keeps its pretrained statistics (eval
+    mode) unless ``bn_train``, which trains in train mode so the statistics adapt to the new
+    images (the official filter-atom recipe); scoring is always in eval mode. When the
     adapted model has SNELLA layers, the Allocator of :func:`snella_allocator` runs inside every
     step: ``allocator.step()`` right after the backward, ``allocator.update_budget(t)`` right
     after the ``t``-th optimizer step (``t`` from 1 to ``steps``). Every step but the first is
     timed; with ``measure_memory`` the first step is measured (:func:`step_peak_bytes`). ``quick``
     picks the quick pretrained network.
     """
-    # Eval mode throughout: BatchNorm keeps its pretrained statistics.
     model = fine_tuning_model(quick, FINETUNE_CLASSES, seed).to(device).eval()
     reference = logits(model, evaluate, device)
     method.prepare(model)
@@ -280,7 +280,13 @@ def fine_tune(
     deviation = (logits(model, evaluate, device) - reference).abs().max()
     init_deviation = float(deviation / reference.abs().max())
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    head = {id(parameter) for parameter in model.get_submodule(HEAD).parameters()}
+    groups = [
+        {"params": [p for p in trainable if id(p) not in head], "lr": lr},
+        {"params": [p for p in trainable if id(p) in head], "lr": head_lr},
+    ]
+    optimizer = torch.optim.AdamW([group for group in groups if group["params"]], weight_decay=0.0)
+    model.train(bn_train)
     allocator = snella_allocator(model, steps, snella_sparsity)
     images, labels = train.images.to(device), train.labels.to(device)
     budget_updates = itertools.count(1)
@@ -310,7 +316,7 @@ def fine_tune(
         step()
         sync()
         step_ms.append((time.perf_counter() - start) * 1e3)
-    scores = logits(model, evaluate, device)
+    scores = logits(model.eval(), evaluate, device)
     return Run(
         lr=lr,
         accuracy=100.0 * float((scores.argmax(dim=1) == evaluate.labels).float().mean()),
@@ -360,6 +366,8 @@ def select_lr(
     folds: int,
     seed: int,
     steps: int,
+    head_lr: float,
+    bn_train: bool,
     device: torch.device,
     snella_sparsity: float,
 ) -> LrSelection:
@@ -384,6 +392,8 @@ def select_lr(
                 seed=seed,
                 steps=steps,
                 lr=lr,
+                head_lr=head_lr,
+                bn_train=bn_train,
                 device=device,
                 snella_sparsity=snella_sparsity,
                 measure_memory=False,
@@ -395,19 +405,24 @@ def select_lr(
     return LrSelection(grid, tuple(accuracies), tuple(losses))
 
 
-def run_method(method: Method, settings: Settings, context: Context) -> list[tuple[Run, LrSelection]]:
+def run_method(
+    method: Method, settings: Settings, context: Context, *, bn_train: bool
+) -> list[tuple[Run, LrSelection]]:
     """``method`` over the seeds: the rate is chosen (:func:`select_lr`) once, on the first seed's
     shots, and reused; each seed's final run trains on all of its shots and is scored on the test
-    set, the first one measuring the peak memory of a step."""
+    set, the first one measuring the peak memory of a step. A method that trains only the head
+    (``sweeps=False``) has no rate to choose: its one-rate grid is the head's rate."""
     split = load_digits_split()
-    common = {"steps": settings.steps, "device": context.device, "snella_sparsity": settings.snella_sparsity}
+    common = {
+        "steps": settings.steps, "head_lr": settings.head_lr, "bn_train": bn_train, "device": context.device,
+        "snella_sparsity": settings.snella_sparsity,
+    }  # fmt: skip
+    grid = settings.lr_grid if method.sweeps else (settings.head_lr,)
     runs: list[tuple[Run, LrSelection]] = []
     for seed in range(settings.seeds):
         shots = few_shot(split.finetune_pool, settings.shots, seed)
         if not runs:
-            selection = select_lr(
-                method, context.quick, shots, grid=settings.lr_grid, folds=settings.folds, seed=seed, **common
-            )
+            selection = select_lr(method, context.quick, shots, grid=grid, folds=settings.folds, seed=seed, **common)
         run = fine_tune(
             method, context.quick, shots, split.finetune_test, seed=seed, lr=selection.chosen,
             measure_memory=not runs, **common,
@@ -420,38 +435,117 @@ def run_method(method: Method, settings: Settings, context: Context) -> list[tup
 ACCURACY_HEADER = (
     "Method", "Accuracy % (mean ± std)", "lr (per seed)", "Trainable", "Step ms (IQR)", "Peak MB", "Init deviation",
 )  # fmt: skip
+# The rates every adapter should train well at (issue 12, "one learning rate for all").
+SHARED_LRS = (1e-3, 3e-3)
+ROBUSTNESS = "One learning rate for all: validation accuracy at the shared rates against the best of the grid"
+ROBUSTNESS_HEADER = (
+    "Method", "Best val. acc. % (lr)", *(f"val. acc. % at lr {lr:g}" for lr in SHARED_LRS), "Worse shared rate - best",
+)  # fmt: skip
+BN_MODES = {False: "BatchNorm frozen", True: "BatchNorm statistics adapting"}
+BN_TRAIN_PREFIX = "bn-train:"
+# BatchNorm adapting is measured for what the issue's targets compare: head only, LoRA r=8, ours.
+BN_TRAIN_KEYS = ("head", ANCHOR_KEY, *decomp.adapters.registered())
 
 
-def measure_method(key: str, context: Context) -> Part:
-    """One method's row of the accuracy and learning-rate tables; its figures in ``data``."""
+def shared_rate_gap(grid: Sequence[float], accuracy: Sequence[float]) -> float | None:
+    """Points the worse of :data:`SHARED_LRS` trails the best ``accuracy`` over ``grid`` by (<= 0).
+
+    None when the grid lacks a shared rate.
+
+    >>> shared_rate_gap((1e-4, 1e-3, 3e-3), (60.0, 80.0, 78.0))
+    -2.0
+    """
+    if len(grid) != len(accuracy):
+        raise ValueError(f"grid and accuracy must have one entry per rate, got {len(grid)} and {len(accuracy)}")
+    if not set(SHARED_LRS) <= set(grid):
+        return None
+    return min(accuracy[list(grid).index(lr)] for lr in SHARED_LRS) - max(accuracy)
+
+
+def robustness_row(name: str, grid: Sequence[float], accuracy: Sequence[float], gap: float) -> tuple[str, ...]:
+    """A row of the shared-rate tables: the best accuracy (and its rate), those at the shared rates, the gap."""
+    best = max(range(len(grid)), key=lambda index: accuracy[index])
+    shared = [f"{accuracy[list(grid).index(lr)]:.1f}" for lr in SHARED_LRS]
+    return (name, f"{accuracy[best]:.1f} ({grid[best]:g})", *shared, f"{gap:+.1f}")
+
+
+def measure_method(key: str, context: Context, *, bn_train: bool = False) -> Part:
+    """One method's rows of the accuracy, learning-rate and shared-rate tables of BatchNorm mode
+    ``bn_train`` (see :func:`fine_tune`); its figures in ``data``."""
     method, protocol = all_methods()[key], settings(context)
+    mode = BN_MODES[bn_train]
     selection_header = ("Method", *(f"val. acc. % at lr {lr:g}" for lr in protocol.lr_grid))
     part = Part(facts=[
         f"fine-tuning: {protocol.shots} shots per class, {protocol.steps} steps, seeds 0..{protocol.seeds - 1}, "
-        f"lr grid {', '.join(f'{lr:g}' for lr in protocol.lr_grid)} by {protocol.folds}-fold cross-validation.",
+        f"lr grid {', '.join(f'{lr:g}' for lr in protocol.lr_grid)} by {protocol.folds}-fold cross-validation; "
+        f"the new head at its own lr {protocol.head_lr:g} in every method.",
     ])  # fmt: skip
     try:
-        runs = run_method(method, protocol, context)
+        runs = run_method(method, protocol, context, bn_train=bn_train)
     except Exception as error:  # noqa: BLE001 - a broken adapter is a row; the rest go on
         status = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
-        part.table(ACCURACY, ACCURACY_HEADER, [(method.name, status, *("-",) * 5)])
+        part.table(f"{ACCURACY} ({mode})", ACCURACY_HEADER, [(method.name, status, *("-",) * 5)])
         return part
     accuracies = [run.accuracy for run, _ in runs]
     mean, spread = statistics.fmean(accuracies), statistics.stdev(accuracies) if len(runs) > 1 else 0.0
     step = Timing.from_samples([ms for run, _ in runs for ms in run.step_ms])
     first, selection = runs[0]
-    part.table(ACCURACY, ACCURACY_HEADER, [(
+    part.table(f"{ACCURACY} ({mode})", ACCURACY_HEADER, [(
         method.name, f"{mean:.1f} ± {spread:.1f}", ", ".join(f"{run.lr:g}" for run, _ in runs),
         f"{first.trainable:,}",
         f"{step.median_ms:.2f} ({step.iqr_ms:.2f})", f"{first.peak_bytes / 2**20:.2f}",
         f"{max(run.init_deviation for run, _ in runs):.1e}",
     )])  # fmt: skip
+    gap = None
     if len(selection.grid) > 1:
-        part.table(SELECTION, selection_header, [(method.name, *(f"{a:.1f}" for a in selection.accuracy))])
+        part.table(f"{SELECTION} ({mode})", selection_header, [(method.name, *(f"{a:.1f}" for a in selection.accuracy))])
+        gap = shared_rate_gap(selection.grid, selection.accuracy)
+        if gap is not None:
+            row = robustness_row(method.name, selection.grid, selection.accuracy, gap)
+            part.table(f"{ROBUSTNESS} ({mode})", ROBUSTNESS_HEADER, [row])
     part.data = {
         "name": method.name, "ours": method.ours, "accuracy": mean, "accuracy_std": spread,
         "trainable": first.trainable, "step": asdict(step), "peak_bytes": first.peak_bytes,
+        "bn_train": bn_train, "shared_rate_gap": gap,
     }  # fmt: skip
+    return part
+
+
+CURVE_PREFIX = "lr-curve:"
+# The test-set curve is measured for the methods the shared-rate target is about: ours, and LoRA.
+CURVE_KEYS = (ANCHOR_KEY, *decomp.adapters.registered())
+CURVE = "One learning rate for all, on the test set: accuracy % per lr, mean of the seeds (BatchNorm frozen)"
+CURVE_ROBUSTNESS = "One learning rate for all, on the test set: the shared rates against the best (BatchNorm frozen)"
+
+
+def measure_curve(key: str, context: Context) -> Part:
+    """Method ``key``'s mean test accuracy over the seeds at every rate of the grid, BatchNorm frozen.
+
+    Not a way to choose the rate (the test set chooses nothing in the accuracy table): it shows how
+    much each rate costs, so the shared-rate target has a measure less noisy than the 50 images of
+    cross-validation.
+    """
+    method, protocol = all_methods()[key], settings(context)
+    split = load_digits_split()
+    part = Part(facts=[f"lr curve: every rate of the grid on each of seeds 0..{protocol.seeds - 1}, scored on the test set."])
+    means = []
+    for lr in protocol.lr_grid:
+        accuracies = [
+            fine_tune(
+                method, context.quick, few_shot(split.finetune_pool, protocol.shots, seed), split.finetune_test,
+                seed=seed, steps=protocol.steps, lr=lr, head_lr=protocol.head_lr, bn_train=False,
+                device=context.device, snella_sparsity=protocol.snella_sparsity, measure_memory=False,
+            ).accuracy
+            for seed in range(protocol.seeds)
+        ]  # fmt: skip
+        means.append(statistics.fmean(accuracies))
+    header = ("Method", *(f"test acc. % at lr {lr:g}" for lr in protocol.lr_grid))
+    part.table(CURVE, header, [(method.name, *(f"{accuracy:.1f}" for accuracy in means))])
+    gap = shared_rate_gap(protocol.lr_grid, means)
+    if gap is not None:
+        part.table(CURVE_ROBUSTNESS, ROBUSTNESS_HEADER, [robustness_row(method.name, protocol.lr_grid, means, gap)])
+    part.data = {"name": method.name, "ours": method.ours, "curve": {"lr": list(protocol.lr_grid), "accuracy": means},
+                 "shared_rate_gap": gap}  # fmt: skip
     return part
 
 
@@ -561,6 +655,123 @@ def measure_parameters(context: Context) -> Part:
     return part
 
 
+# --------------------------------------------------------------------------- transformer width
+
+
+@dataclass(frozen=True)
+class ScaleSettings:
+    """The transformer-width case: stacks of square ``nn.Linear`` layers (no bias), one per width.
+
+    ``widths`` holds ``(width, layers, timed steps)``; the input is ``batch x tokens x width``.
+    """
+
+    widths: tuple[tuple[int, int, int], ...] = ((1024, 4, 3), (4096, 2, 2))
+    batch: int = 4
+    tokens: int = 256
+
+
+SCALE_QUICK = ScaleSettings(widths=((32, 2, 2), (64, 1, 2)), batch=2, tokens=8)
+SCALE_PREFIX = "scale:"
+SCALE = "Transformer width: one training step (forward, backward, AdamW) per adapter"
+SCALE_HEADER = (
+    "Method", "Width x layers", "Trainable", "Step ms (IQR)", "Step ms, parametrize.cached()", "Peak MiB",
+    "Peak MiB, parametrize.cached()",
+)  # fmt: skip
+
+
+def scale_model(width: int, layers: int) -> nn.Sequential:
+    """``layers`` bias-free ``width x width`` linear layers in a row, weights drawn from seed 0.
+
+    >>> scale_model(8, 2)(torch.zeros(3, 8)).shape
+    torch.Size([3, 8])
+    """
+    torch.manual_seed(0)
+    return nn.Sequential(*(nn.Linear(width, width, bias=False) for _ in range(layers)))
+
+
+def prepare_scale(key: str, model: nn.Module) -> None:
+    """Adapt every linear layer of ``model`` with method ``key`` (peft LoRA r=8 or one of ours)."""
+    if key == ANCHOR_KEY:
+        import peft
+
+        model.requires_grad_(False)
+        names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        peft.inject_adapter_in_model(peft.LoraConfig(r=8, target_modules=names), model)
+        return
+    cls = decomp.adapters.registered()[key]
+    decomp.adapters.apply(model, cls, target=lambda name, module: isinstance(module, nn.Linear))
+
+
+def steady_peak_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[], object],
+                      device: torch.device) -> int:  # fmt: skip
+    """Peak memory of one ``step`` after the first: parameters, buffers and optimizer state
+    resident (gradients freed), plus the peak of what ``step`` allocates (:func:`step_peak_bytes`)."""
+    optimizer.zero_grad(set_to_none=True)
+    state = [value for entry in optimizer.state.values() for value in entry.values() if isinstance(value, torch.Tensor)]
+    return step_peak_bytes(itertools.chain(model.parameters(), model.buffers(), state), step, device)
+
+
+SCALE_KEYS = (ANCHOR_KEY, *decomp.adapters.registered())
+
+
+def measure_scale(key: str, context: Context) -> Part:
+    """Step time and peak memory of method ``key`` on every width of :class:`ScaleSettings`,
+    with and without ``parametrize.cached()`` around each step."""
+    from torch.nn.utils import parametrize
+
+    protocol = SCALE_QUICK if context.quick else ScaleSettings()
+    name = ANCHOR if key == ANCHOR_KEY else key
+    part = Part(facts=[
+        f"transformer width: widths x layers {', '.join(f'{w}x{n}' for w, n, _ in protocol.widths)}, input "
+        f"{protocol.batch} x {protocol.tokens} tokens, fp32, loss mean(output^2), AdamW; "
+        f"timed steps per width {', '.join(str(r) for _, _, r in protocol.widths)} after an untimed one.",
+    ])  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    widths, rows = {}, []
+    for width, layers, repeats in protocol.widths:
+        try:
+            model = scale_model(width, layers)
+            prepare_scale(key, model)
+        except Exception as error:  # noqa: BLE001 - a broken adapter is a row; the rest go on
+            rows.append((name, f"{width} x {layers}", f"failed: {type(error).__name__}: {str(error)[:160]}",
+                         *("-",) * 4))  # fmt: skip
+            continue
+        model.to(context.device)
+        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
+        inputs = torch.randn(protocol.batch, protocol.tokens, width, generator=generator).to(context.device)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            model(inputs).square().mean().backward()
+            optimizer.step()
+
+        def cached_step() -> None:
+            # One cache per step: the adapter's parameters change at every optimizer step.
+            with parametrize.cached():
+                step()
+
+        step()  # allocates the gradients and the optimizer state
+        measured = {}
+        for mode, run in (("plain", step), ("cached", cached_step)):
+            peak = steady_peak_bytes(model, optimizer, run, context.device)
+            timing = timeit(run, repeats=repeats, warmup=0, sync=context.sync)
+            measured[mode] = {"step": asdict(timing), "peak_bytes": peak}
+        count = sum(parameter.numel() for parameter in trainable)
+        widths[str(width)] = {"layers": layers, "trainable": count, **measured}
+        plain, cached = (Timing(**measured[mode]["step"]) for mode in ("plain", "cached"))
+        rows.append((
+            name, f"{width} x {layers}", f"{count:,}", f"{plain.median_ms:.1f} ({plain.iqr_ms:.1f})",
+            f"{cached.median_ms:.1f} ({cached.iqr_ms:.1f})",
+            *(f"{measured[mode]['peak_bytes'] / 2**20:.1f}" for mode in ("plain", "cached")),
+        ))  # fmt: skip
+        print(f"  {name} width {width}: step {plain.median_ms:.1f} ms, cached {cached.median_ms:.1f} ms", flush=True)
+    part.table(SCALE, SCALE_HEADER, rows)
+    if widths:
+        part.data = {"name": name, "ours": key != ANCHOR_KEY, "widths": widths}
+    return part
+
+
 # --------------------------------------------------------------------------- the area
 
 
@@ -568,11 +779,9 @@ def _step(data: dict) -> Timing:
     return Timing(**data["step"])
 
 
-def summary(parts: dict[str, Part]) -> Part:
-    """Step time against peft LoRA r=8 (a target for ours), peak memory, AtomParam's targets and
-    the ratios against LoKr and LoHa (information)."""
-    ran = {key: part.data for key, part in parts.items() if part.data}
-    result = Part()
+def _cnn_cost(ran: dict[str, dict], result: Part) -> None:
+    """Step time against peft LoRA r=8 (a target for ours), peak memory, AtomParam against full
+    fine-tuning and the ratios against LoKr and LoHa (information), BatchNorm frozen."""
     anchor, full, atom = ran.get(ANCHOR_KEY), ran.get("full"), ran.get("AtomParam")
     if anchor is not None:
         for key, data in ran.items():
@@ -601,20 +810,101 @@ def summary(parts: dict[str, Part]) -> Part:
             for data in ours
         ]  # fmt: skip
         result.table("Step time and peak memory against peft LoKr and LoHa (information, no target)", header, rows)
+
+
+def _accuracy_targets(ran: dict[str, dict], mode: str, result: Part) -> None:
+    """Issue 12's accuracy targets in one BatchNorm mode, between methods that both ran."""
+
+    def check(name: str, value: float, key: str, shown: str) -> None:
+        result.checks.append(Check(f"[{mode}] {name}", value, target(key), shown))
+
+    head, lora = ran.get("head"), ran.get(ANCHOR_KEY)
+    for data in (data for data in ran.values() if data["ours"]):
+        if head is not None:
+            gap = data["accuracy"] - head["accuracy"]
+            check(f"{data['name']} accuracy - head only's", gap, "adapters: accuracy vs head only", f"{gap:+.1f} points")
+        if data.get("shared_rate_gap") is not None:
+            gap = data["shared_rate_gap"]
+            check(f"{data['name']} val. accuracy at the worse of lr {' and '.join(f'{lr:g}' for lr in SHARED_LRS)}"
+                  " - the grid's best", gap, "adapters: shared learning rates vs the best", f"{gap:+.1f} points")  # fmt: skip
+    for key in ("SNELLAParam", "AtomParam"):
+        if key in ran and lora is not None:
+            gap = ran[key]["accuracy"] - lora["accuracy"]
+            check(f"{key} accuracy - {ANCHOR}'s", gap, f"adapters: {key} accuracy vs LoRA r=8", f"{gap:+.1f} points")
+    if "AtomParam" in ran and lora is not None and head is not None:
+        # The adapters' own parameters: both counts include the same new head, which head only trains.
+        ratio = (ran["AtomParam"]["trainable"] - head["trainable"]) / (lora["trainable"] - head["trainable"])
+        check(f"AtomParam trainable / {ANCHOR}'s (head excluded)", ratio, "adapters: AtomParam trainable vs LoRA r=8",
+              f"{ratio:.3f}x")  # fmt: skip
+    if "LDUParam" in ran:
+        spread = ran["LDUParam"]["accuracy_std"]
+        check("LDUParam accuracy std over seeds", spread, "adapters: LDUParam accuracy std", f"{spread:.1f} points")
+
+
+def _scale_cost(ran: dict[str, dict], result: Part) -> None:
+    """Every adapter's step time and peak memory against peft LoRA r=8's at each width: targets
+    on the plain step; the step under ``parametrize.cached()`` is information."""
+    anchor = ran.get(ANCHOR_KEY)
+    if anchor is None:
+        return
+    for data in (data for data in ran.values() if data["ours"]):
+        for width, measured in data["widths"].items():
+            if width not in anchor["widths"]:
+                continue
+            lora = anchor["widths"][width]
+            lora_step = _step(lora["plain"])
+            for mode, bound in (("plain", target("adapters: width step time vs LoRA r=8")), ("cached", None)):
+                label = f"{data['name']} step, width {width}" + (", cached()" if mode == "cached" else "")
+                result.comparisons.append(Comparison(label, _step(measured[mode]), ANCHOR, lora_step, bound))
+            ratio = measured["plain"]["peak_bytes"] / lora["plain"]["peak_bytes"]
+            bound = target("adapters: width peak memory vs LoRA r=8")
+            result.checks.append(Check(f"{data['name']} peak memory, width {width}", ratio, bound, f"{ratio:.2f}x"))
+
+
+def summary(parts: dict[str, Part]) -> Part:
+    """What only several cases together show: the cost targets against peft LoRA r=8 on the CNN
+    and at transformer width, and the accuracy targets in each BatchNorm mode."""
+    frozen, adapting, scale, curves = {}, {}, {}, {}
+    for key, part in parts.items():
+        if not part.data:
+            continue
+        if key.startswith(CURVE_PREFIX):
+            curves[key.removeprefix(CURVE_PREFIX)] = part.data
+        elif key.startswith(SCALE_PREFIX):
+            scale[key.removeprefix(SCALE_PREFIX)] = part.data
+        elif key.startswith(BN_TRAIN_PREFIX):
+            adapting[key.removeprefix(BN_TRAIN_PREFIX)] = part.data
+        else:
+            frozen[key] = part.data
+    result = Part()
+    _cnn_cost(frozen, result)
+    for bn_train, ran in ((False, frozen), (True, adapting)):
+        _accuracy_targets(ran, BN_MODES[bn_train], result)
+    for data in (data for data in curves.values() if data["ours"] and data["shared_rate_gap"] is not None):
+        gap = data["shared_rate_gap"]
+        name = f"[{BN_MODES[False]}] {data['name']} test accuracy at the worse of lr 1e-3 and 3e-3 - the grid's best"
+        result.checks.append(Check(name, gap, target("adapters: shared learning rates vs the best"), f"{gap:+.1f} points"))
+    _scale_cost(scale, result)
     return result
 
 
 def plot(parts: dict[str, Part]) -> dict[str, Callable[[Path], None]]:
-    """Accuracy against trainable parameters, for the methods that ran."""
-    ran = [part.data for part in parts.values() if part.data]
-    title = "Few-shot digits 5-9: accuracy vs trainable"
+    """Accuracy against trainable parameters (BatchNorm frozen), for the methods that ran."""
+    ran = [part.data for key, part in parts.items() if part.data and ":" not in key]
+    title = "Few-shot digits 5-9, BatchNorm frozen: accuracy vs trainable"
     return {"accuracy": functools.partial(plot_accuracy, ran, title=title)} if ran else {}
 
 
 AREA = Area(
     section="adapters",
     title="Adapters: few-shot fine-tuning on digits",
-    cases=(*cases(measure_method, all_methods()), Case("parameters", measure_parameters)),
+    cases=(
+        *cases(measure_method, all_methods()),
+        *cases(functools.partial(measure_method, bn_train=True), BN_TRAIN_KEYS, BN_TRAIN_PREFIX),
+        *cases(measure_curve, CURVE_KEYS, CURVE_PREFIX),
+        Case("parameters", measure_parameters),
+        *cases(measure_scale, SCALE_KEYS, SCALE_PREFIX),
+    ),
     summary=summary,
     plot=plot,
 )

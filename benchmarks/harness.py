@@ -24,6 +24,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -283,12 +284,16 @@ class Environment:
     python: str
     command: str
     device: str = "cpu"
+    # The code that ran: the commit and what was uncommitted (see :func:`revision`); results
+    # stored before it was recorded have "".
+    revision: str = ""
 
     def describe(self) -> str:
         device = "" if self.device == "cpu" else f"; device: {self.device}"
+        code = f"; code: {self.revision}" if self.revision else ""
         return (
             f"{self.date}; torch {self.torch_version}; {self.threads} threads "
-            f"({self.library_threads}); CPU: {self.cpu}; Python {self.python}{device}"
+            f"({self.library_threads}); CPU: {self.cpu}; Python {self.python}{device}{code}"
         )
 
 
@@ -335,6 +340,30 @@ def describe_device(device: torch.device) -> str:
     return device.type
 
 
+def revision(root: Path = REPO_ROOT) -> str:
+    """The commit ``root`` is checked out at and whether its tracked files differ from it.
+
+    ``"ed65e8b"`` for a clean tree, ``"ed65e8b + uncommitted changes in benchmarks, optim"`` (the
+    top-level folders of the changed tracked files) for a dirty one, ``"unknown (no git)"`` outside
+    a git checkout. Only reads the repository.
+    """
+
+    def git(*arguments: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *arguments], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
+
+    try:
+        commit = git("log", "-1", "--format=%h").strip()
+        changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    if not changed:
+        return commit
+    folders = sorted({path.split(" -> ")[-1].split("/")[0] for path in changed})
+    return f"{commit} + uncommitted changes in {', '.join(folders)}"
+
+
 def _current_command() -> str:
     executable = Path(sys.executable)
     try:
@@ -356,6 +385,7 @@ def environment(library_threads: str = "", *, command: str | None = None, device
         python=platform.python_version(),
         command=command if command is not None else _current_command(),
         device=device,
+        revision=revision(),
     )
 
 

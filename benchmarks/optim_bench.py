@@ -260,27 +260,36 @@ def measure_micro(context: Context) -> Part:
 
 @dataclass(frozen=True)
 class LMSettings:
-    """The LM run: model, budget, and every optimizer's hyper-parameters (same schedule for all)."""
+    """The LM run: model, budget, and every optimizer's hyper-parameters (same schedule for all).
 
-    shape: LlamaShape = dataclasses.field(default_factory=LlamaShape)
-    batch_size: int = 32
-    # 512 steps: all six methods in about 5 minutes on one H100 (bf16 autocast), ARO and
-    # RotatedAdam taking about half of it.
-    tokens: int = 2**22
-    # Embeddings, norms and the head, in every method.
+    The default is sized for two shared CPU cores (a run takes about a minute on one thread, so
+    every method's sweep and seeds take under an hour): a 0.92M-parameter model, 200 steps of
+    2,048 tokens.
+    """
+
+    shape: LlamaShape = dataclasses.field(
+        default_factory=lambda: LlamaShape(hidden=128, layers=4, heads=4, intermediate=384, seq_len=128)
+    )
+    batch_size: int = 16
+    tokens: int = 200 * 16 * 128
+    # Embeddings, norms and the head, in every method but AdamW (which sweeps one rate for all).
     base_lr: float = 1e-3
     rank_fraction: float = 0.25
     scale: float = 0.25
-    update_gap: int = 200
+    # Four subspaces in the 200 steps; GaLore's reference gap of 200 would leave only the first.
+    update_gap: int = 50
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     warmup_fraction: float = 0.05
     final_lr_fraction: float = 0.1
     clip_norm: float = 1.0
     val_fraction: float = 0.01
+    # Held-out windows of each of the two held-out sets (tuning and validation).
     max_val_windows: int = 256
     tail_steps: int = 50
+    # Seed of the sweep's runs; the best rate is rerun with seeds 1..seeds-1.
     seed: int = 0
+    seeds: int = 3
     autocast: bool = False
 
     @property
@@ -304,7 +313,7 @@ class LMSettings:
 
 LM_QUICK = LMSettings(
     shape=LlamaShape(hidden=32, layers=2, heads=2, intermediate=64, seq_len=32),
-    batch_size=4, tokens=4 * 32 * 12, update_gap=4, max_val_windows=8, tail_steps=4,
+    batch_size=4, tokens=4 * 32 * 12, update_gap=4, max_val_windows=8, tail_steps=4, seeds=2,
 )  # fmt: skip
 
 
@@ -369,38 +378,63 @@ def beside_adamw(make: Callable[[Params, LMSettings, float], torch.optim.Optimiz
     return lambda hidden, rest, settings, lr: [make(hidden, settings, lr), adamw(rest, settings)]
 
 
+def muon(params: Params, settings: LMSettings, lr: float) -> torch.optim.Optimizer:
+    """``torch.optim.Muon`` at its defaults (Nesterov momentum 0.95, 5 Newton-Schulz steps, the
+    original ``sqrt(max(1, m/n))`` lr adjustment) but weight decay 0, as every method here."""
+    return torch.optim.Muon(params, lr=lr, weight_decay=0.0)
+
+
 def aro(params: Params, settings: LMSettings, lr: float) -> torch.optim.Optimizer:
-    from optim.rotated import ARO
+    from optim import ARO
 
     return ARO(params, lr=lr, weight_decay=0.0)
 
 
-def rotated(params: Params, settings: LMSettings, lr: float) -> torch.optim.Optimizer:
-    from optim.rotated import RotatedAdam
+def rotated(basis: str) -> Callable[[Params, LMSettings, float], torch.optim.Optimizer]:
+    """:class:`~optim.RotatedAdam` with ``basis`` at its own defaults for that basis (SOAP's betas
+    (0.95, 0.95) for ``"eigen"``) but weight decay 0."""
 
-    return RotatedAdam(params, lr=lr, betas=settings.betas, eps=settings.eps, weight_decay=0.0)
+    def make(params: Params, settings: LMSettings, lr: float) -> torch.optim.Optimizer:
+        from optim import RotatedAdam
+
+        return RotatedAdam(params, lr=lr, basis=basis, weight_decay=0.0)
+
+    return make
 
 
 @dataclass(frozen=True)
 class LMMethod:
-    """A row of the LM benchmark: its label, the hidden matrices' learning rate, its optimizers."""
+    """A row of the LM benchmark: its label, the hidden matrices' learning rates to sweep, its
+    optimizers (built from the hidden matrices, the rest, the settings and one rate of ``grid``)."""
 
     label: str
-    lr: float
+    grid: tuple[float, ...]
     build: Builder
 
+    def __post_init__(self) -> None:
+        if not self.grid or any(not (math.isfinite(lr) and lr > 0) for lr in self.grid):
+            raise ValueError(f"grid must hold at least one finite rate > 0, got {self.grid!r}")
 
-# GaLore's reference LLaMA recipe: lr 0.01 with scale 0.25 on the projected matrices; AdamW's rate
-# 1e-3 was the best of 1e-3, 2e-3 and 4e-3 in a probe at this budget (H100, seed 0).
+
+# Every grid spans a factor of about 30 around the rate its authors recommend (nanoGPT's AdamW
+# 1e-3, Muon's usual 2e-2, GaLore's 1e-2 with scale 0.25, SOAP's 3e-3); ARO's (its step RMS is
+# 0.2 sqrt(max(m, n)) lr, 2.3x to 3.9x lr on these matrices) gets a fifth point because its
+# default is to be chosen from this sweep.
+ADAM_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
+PROJECTED_GRID = (3e-3, 1e-2, 3e-2, 1e-1)
 LM_METHODS: dict[str, LMMethod] = {
-    "adamw": LMMethod("AdamW", 1e-3, lambda hidden, rest, settings, lr: [adamw(hidden + rest, settings, lr)]),
-    "galore": LMMethod("GaLoreAdamW", 1e-2, build_galore),
-    "svd": LMMethod("SVDProjectedAdam", 1e-2, projected(SVDProjectedAdam)),
-    "dct": LMMethod("DCTProjectedAdam", 1e-2, projected(DCTProjectedAdam)),
-    "aro": LMMethod("ARO", 1e-3, beside_adamw(aro)),
-    "rotated": LMMethod("RotatedAdam (DCT basis)", 1e-3, beside_adamw(rotated)),
-    "dct-keep": LMMethod("DCTProjectedAdam (moments='keep')", 1e-2, projected(DCTProjectedAdam, moments="keep")),
-    "dct-gap50": LMMethod("DCTProjectedAdam (update_gap=50)", 1e-2, projected(DCTProjectedAdam, update_gap=50)),
+    "adamw": LMMethod("AdamW", ADAM_GRID, lambda hidden, rest, settings, lr: [adamw(hidden + rest, settings, lr)]),
+    "muon": LMMethod("torch.optim.Muon (hidden) + AdamW", (1e-2, 2e-2, 4e-2, 8e-2), beside_adamw(muon)),
+    "galore": LMMethod("GaLoreAdamW", PROJECTED_GRID, build_galore),
+    "dct": LMMethod("DCTProjectedAdam", PROJECTED_GRID, projected(DCTProjectedAdam)),
+    "dct-ef": LMMethod(
+        "DCTProjectedAdam (error_feedback=True)", PROJECTED_GRID, projected(DCTProjectedAdam, error_feedback=True)
+    ),
+    "aro": LMMethod("ARO (hidden) + AdamW", (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), beside_adamw(aro)),
+    "soap": LMMethod("SOAP: RotatedAdam(basis='eigen') (hidden) + AdamW", ADAM_GRID, beside_adamw(rotated("eigen"))),
+    "rotated-dct": LMMethod(
+        "RotatedAdam(basis='dct') (hidden) + AdamW; no published method", ADAM_GRID, beside_adamw(rotated("dct"))
+    ),
 }
 
 
@@ -456,14 +490,18 @@ def warm_up(settings: LMSettings, train: torch.Tensor, device: torch.device) -> 
 
 
 def train_lm(
-    method: LMMethod, settings: LMSettings, train: torch.Tensor, val_windows: torch.Tensor, device: torch.device
+    method: LMMethod, lr: float, settings: LMSettings, train: torch.Tensor, held_out: HeldOut, device: torch.device
 ) -> dict[str, Any]:
-    """Pretrain a fresh model (the same init for every method) with ``method``; score it."""
+    """Pretrain a fresh model with ``method`` at hidden-matrix rate ``lr``; score it on both held-out sets.
+
+    The initial weights and the batches are functions of ``settings.seed`` alone, so every method
+    and rate of one seed starts from the same model and sees the same bytes.
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = build_llama(settings.shape, settings.seed).to(device)
-    optimizers = method.build(*hidden_and_rest(model), settings, method.lr)
+    optimizers = method.build(*hidden_and_rest(model), settings, lr)
     steps = settings.steps
     factor = functools.partial(lr_factor, steps=steps, warmup=settings.warmup_steps, final=settings.final_lr_fraction)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, factor) for optimizer in optimizers]
@@ -500,7 +538,8 @@ def train_lm(
     return {
         "status": status,
         "train_loss": statistics.fmean(history[-min(settings.tail_steps, done) :]) if ok else math.nan,
-        "val_loss": validation_loss(model, val_windows, settings, device) if ok else math.nan,
+        "tune_loss": validation_loss(model, held_out.tune, settings, device) if ok else math.nan,
+        "val_loss": validation_loss(model, held_out.validation, settings, device) if ok else math.nan,
         "tokens_per_s": done * settings.tokens_per_step / elapsed,
         "optimizer_step": Timing.from_samples(step_ms),
         "state_bytes": state_bytes(optimizers)[0],
@@ -509,9 +548,20 @@ def train_lm(
     }
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """The two held-out sets: ``tune`` chooses each method's rate, ``validation`` scores the choice.
+
+    Both are ``(windows, seq_len)`` int64, consecutive windows of the held-out tail, ``tune`` first.
+    """
+
+    tune: torch.Tensor
+    validation: torch.Tensor
+
+
 @functools.cache
-def lm_data(quick: bool, device: torch.device) -> tuple[LMSettings, torch.Tensor, torch.Tensor, list[str]]:
-    """Settings, train tokens, validation windows and the run's facts, once per process.
+def lm_data(quick: bool, device: torch.device) -> tuple[LMSettings, torch.Tensor, HeldOut, list[str]]:
+    """Settings, train tokens, the held-out sets and the run's facts, once per process.
 
     The device is warmed up here (see :func:`warm_up`), so no method pays its lazy setup.
     """
@@ -519,7 +569,11 @@ def lm_data(quick: bool, device: torch.device) -> tuple[LMSettings, torch.Tensor
     settings = dataclasses.replace(settings, autocast=device.type == "cuda")
     corpus = load_corpus()
     train, val = split_tail(corpus.tokens, settings.val_fraction)
-    val_windows = validation_windows(val, settings.shape.seq_len, settings.max_val_windows)
+    windows = validation_windows(val, settings.shape.seq_len, 2 * settings.max_val_windows)
+    if windows.shape[0] < 2:
+        raise ValueError(f"the held-out tail ({val.numel()} tokens) holds fewer than two windows")
+    half = windows.shape[0] // 2
+    held_out = HeldOut(windows[:half], windows[half : 2 * half])
     model = warm_up(settings, train, device)
     hidden, _ = hidden_and_rest(model)
     shape, described = settings.shape, corpus.describe()
@@ -529,43 +583,84 @@ def lm_data(quick: bool, device: torch.device) -> tuple[LMSettings, torch.Tensor
         f"{sum(p.numel() for p in hidden):,} in the attention and MLP matrices; "
         + ("bf16 autocast." if settings.autocast else "fp32."),
         f"lm corpus: {described['files']} files, {described['bytes']:,} bytes (sha256 {described['sha256'][:12]}...); "
-        f"validation on {val_windows.numel():,} held-out bytes.",
+        f"held out: {held_out.tune.numel():,} bytes to choose the rate, the next {held_out.validation.numel():,} "
+        "to report the validation loss.",
         f"lm budget: {settings.steps} steps x {settings.tokens_per_step} tokens; warm-up {settings.warmup_steps} steps; "
         f"rank {settings.galore_rank}, scale {settings.scale:g}, refresh every {settings.update_gap} steps; "
-        f"embeddings, norms and head on AdamW at lr {settings.base_lr:g}.",
+        f"embeddings, norms and head on AdamW at lr {settings.base_lr:g} (but in the AdamW row); "
+        f"sweep on seed {settings.seed}, the best rate rerun on seeds {settings.seed}..{settings.seed + settings.seeds - 1}.",
     ]
-    return settings, train, val_windows, facts
+    return settings, train, held_out, facts
 
 
 LM_HEADER = (
-    "Optimizer", "Hidden-matrix lr", "Final train loss", "Validation loss", "Tokens/s",
+    "Optimizer", "Best hidden-matrix lr", "Validation loss (mean ± std)", "Final train loss", "Tokens/s",
     "Optimizer step ms", "State MiB", "Peak GPU MiB", "Status",
 )  # fmt: skip
+SWEEP_TABLE = "Learning-rate sweep (seed 0): held-out tuning loss per hidden-matrix lr, best in bold"
+SWEEP_HEADER = ("Optimizer", "lr: tuning loss", "Best lr", "Best at the grid's edge")
+
+
+def choose_lr(grid: tuple[float, ...], losses: list[float]) -> float:
+    """The rate of the lowest loss; a NaN loss (a diverged run) never wins, ties go to the first.
+
+    >>> choose_lr((1e-3, 1e-2, 1e-1), [2.0, 1.5, float("nan")])
+    0.01
+    """
+    if len(grid) != len(losses) or not grid:
+        raise ValueError(f"grid and losses must have one entry per rate, got {len(grid)} and {len(losses)}")
+    return grid[min(range(len(grid)), key=lambda index: (math.isnan(losses[index]), losses[index]))]
 
 
 def measure_lm(key: str, context: Context) -> Part:
-    """One method of :data:`LM_METHODS` on the shared corpus, batches and initial weights."""
+    """One method of :data:`LM_METHODS`: its rate sweep on the first seed, then the best rate on
+    every seed, on the shared corpus, batches and initial weights."""
     method = LM_METHODS[key]
-    settings, train, val_windows, facts = lm_data(context.quick, context.device)
+    settings, train, held_out, facts = lm_data(context.quick, context.device)
     part = Part(facts=list(facts))
     try:
-        result = train_lm(method, settings, train, val_windows, context.device)
+        sweep = []
+        for lr in method.grid:
+            sweep.append(train_lm(method, lr, settings, train, held_out, context.device))
+            print(f"  {method.label} lr {lr:g}: tuning loss {sweep[-1]['tune_loss']:.4f} ({sweep[-1]['status']})", flush=True)
+        best = choose_lr(method.grid, [run["tune_loss"] for run in sweep])
+        runs = [sweep[method.grid.index(best)]]
+        for seed in range(settings.seed + 1, settings.seed + settings.seeds):
+            runs.append(train_lm(method, best, dataclasses.replace(settings, seed=seed), train, held_out, context.device))
     except Exception as error:  # noqa: BLE001 -- a report: one failing method must not end it
         part.table(LM_TABLE, LM_HEADER, [(method.label, *("-",) * 7, failure(error))])
         return part
-    peak = result["peak_memory_bytes"]
+    losses = [run["val_loss"] for run in runs]
+    statuses = sorted({run["status"] for run in runs})
+    mean, spread = statistics.fmean(losses), statistics.stdev(losses) if len(losses) > 1 else 0.0
+    step = Timing.from_samples([run["optimizer_step"].median_ms for run in runs])
+    tokens_per_s = statistics.median(run["tokens_per_s"] for run in runs)
+    peak = runs[0]["peak_memory_bytes"]
     row = (
-        method.label, f"{method.lr:g}", f"{result['train_loss']:.4f}", f"{result['val_loss']:.4f}",
-        f"{result['tokens_per_s']:,.0f}", f"{result['optimizer_step'].median_ms:.2f}",
-        mib(result["state_bytes"]), "-" if peak is None else mib(peak), result["status"],
+        method.label, f"{best:g}", f"{mean:.4f} ± {spread:.4f}",
+        f"{statistics.fmean(run['train_loss'] for run in runs):.4f}", f"{tokens_per_s:,.0f}",
+        f"{step.median_ms:.2f}", mib(runs[0]["state_bytes"]), "-" if peak is None else mib(peak), "; ".join(statuses),
     )  # fmt: skip
     part.table(LM_TABLE, LM_HEADER, [row])
-    part.data = {"label": method.label, "val_loss": result["val_loss"], "curve": result["curve"]}
+    cells = ", ".join(
+        (f"**{lr:g}: {run['tune_loss']:.4f}**" if lr == best else f"{lr:g}: {run['tune_loss']:.4f}")
+        for lr, run in zip(method.grid, sweep)
+    )
+    edge = "yes" if len(method.grid) > 1 and best in (method.grid[0], method.grid[-1]) else "no"
+    part.table(SWEEP_TABLE, SWEEP_HEADER, [(method.label, cells, f"{best:g}", edge)])
+    part.data = {
+        "label": method.label, "lr": best, "val_loss": mean, "val_loss_std": spread,
+        "val_losses": losses, "state_bytes": runs[0]["state_bytes"], "curve": runs[0]["curve"],
+        "sweep": {"lr": list(method.grid), "tune_loss": [run["tune_loss"] for run in sweep]},
+    }  # fmt: skip
     return part
 
 
-def plot_lm_curves(curves: list[tuple[str, dict[str, list[float]]]], path: Path, *, title: str) -> None:
-    """Train-loss curves of every method that ran, against tokens (log-scale loss)."""
+def _line_plot(
+    lines: list[tuple[str, list[float], list[float]]], path: Path, *, title: str, xlabel: str, ylabel: str,
+    log_x: bool = False, log_y: bool = False, marker: str | None = None,
+) -> None:  # fmt: skip
+    """One ``(label, xs, ys)`` line per entry of ``lines`` on shared axes, saved to ``path``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FormatStrFormatter
@@ -573,19 +668,41 @@ def plot_lm_curves(curves: list[tuple[str, dict[str, list[float]]]], path: Path,
     figure = Figure(figsize=(8.0, 5.0), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    for label, curve in curves:
-        axes.plot([count / 1e6 for count in curve["tokens"]], curve["loss"], label=label, linewidth=1.2)
-    axes.set_yscale("log")
-    # Plain numbers on the log axis: the default 5x10^0 style is unreadable for losses near 1-5.
-    axes.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
-    axes.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
-    axes.set_xlabel("training tokens (millions)")
-    axes.set_ylabel("train loss (nats per byte, log scale)")
+    for label, xs, ys in lines:
+        axes.plot(xs, ys, label=label, linewidth=1.2, marker=marker)
+    if log_x:
+        axes.set_xscale("log")
+    if log_y:
+        axes.set_yscale("log")
+        # Plain numbers on the log axis: the default 5x10^0 style is unreadable for losses near 1-5.
+        axes.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
+        axes.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
+
+
+def plot_lr_sweeps(sweeps: list[tuple[str, dict[str, list[float]]]], path: Path, *, title: str) -> None:
+    """Held-out tuning loss against the hidden-matrix rate, one line per method (log x); a
+    diverged run's NaN loss is left out of its line."""
+    lines = []
+    for label, sweep in sweeps:
+        finite = [(lr, loss) for lr, loss in zip(sweep["lr"], sweep["tune_loss"]) if math.isfinite(loss)]
+        if finite:
+            lines.append((label, [lr for lr, _ in finite], [loss for _, loss in finite]))
+    _line_plot(lines, path, title=title, xlabel="hidden-matrix learning rate (log scale)",
+               ylabel="held-out tuning loss (nats per byte), seed 0", log_x=True, marker="o")  # fmt: skip
+
+
+def plot_lm_curves(curves: list[tuple[str, dict[str, list[float]]]], path: Path, *, title: str) -> None:
+    """Train-loss curves of every method that ran, against tokens (log-scale loss)."""
+    lines = [(label, [count / 1e6 for count in curve["tokens"]], curve["loss"]) for label, curve in curves]
+    _line_plot(lines, path, title=title, xlabel="training tokens (millions)",
+               ylabel="train loss (nats per byte, log scale)", log_y=True)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- cnn
@@ -708,25 +825,52 @@ def measure_cnn(key: str, context: Context) -> Part:
 # --------------------------------------------------------------------------- the area
 
 
+# The LM loss targets: (ours, anchor, key in benchmarks.targets), each the ratio of the two methods'
+# mean validation losses at their own best rates.
+LM_LOSS_TARGETS: tuple[tuple[str, str, str], ...] = (
+    ("lm:aro", "lm:muon", "optim: ARO validation loss vs Muon"),
+    ("lm:aro", "lm:adamw", "optim: ARO validation loss vs AdamW"),
+    ("lm:soap", "lm:adamw", "optim: SOAP validation loss vs AdamW"),
+    ("lm:dct", "lm:adamw", "optim: DCT validation loss vs AdamW"),
+    ("lm:dct", "lm:galore", "optim: DCT validation loss vs GaLore"),
+    ("lm:dct-ef", "lm:galore", "optim: DCT validation loss vs GaLore"),
+)
+# State bytes in the LM run against GaLore's: the bound on "DCT <= GaLore's loss at <= its bytes".
+LM_STATE_TARGETS: tuple[tuple[str, str, str], ...] = (
+    ("lm:dct", "lm:galore", "optim: DCT LM state bytes vs GaLore"),
+    ("lm:dct-ef", "lm:galore", "optim: DCT LM state bytes vs GaLore"),
+)
+
+
 def summary(parts: dict[str, Part]) -> Part:
-    """DCTProjectedAdam's LM validation loss against AdamW's and GaLoreAdamW's, where all ran."""
-    loss = {name: part.data.get("val_loss") for name, part in parts.items()}
-    dct, adamw, galore = loss.get("lm:dct"), loss.get("lm:adamw"), loss.get("lm:galore")
+    """The LM targets between methods that both ran: validation-loss ratios and state bytes."""
+    ran = {name: part.data for name, part in parts.items() if part.data.get("val_loss") is not None}
     checks = []
-    if dct is not None and adamw is not None:
-        bound = target("optim: DCT validation loss vs AdamW")
-        checks.append(Check("DCTProjectedAdam validation loss", dct / adamw, bound, f"{dct / adamw:.4f}x"))
-    if dct is not None and galore is not None:
-        bound = target("optim: DCT validation loss vs GaLore")
-        checks.append(Check("DCTProjectedAdam validation loss", dct / galore, bound, f"{dct:.4f} vs {galore:.4f}"))
+    for ours, anchor, key in LM_LOSS_TARGETS:
+        if ours in ran and anchor in ran:
+            mine, theirs = ran[ours]["val_loss"], ran[anchor]["val_loss"]
+            shown = f"{mine:.4f} / {theirs:.4f} = {mine / theirs:.4f}x"
+            checks.append(Check(f"{ran[ours]['label']} vs {ran[anchor]['label']}: validation loss", mine / theirs,
+                                target(key), shown))  # fmt: skip
+    for ours, anchor, key in LM_STATE_TARGETS:
+        if ours in ran and anchor in ran and "state_bytes" in ran[ours] and "state_bytes" in ran[anchor]:
+            ratio = ran[ours]["state_bytes"] / ran[anchor]["state_bytes"]
+            checks.append(Check(f"{ran[ours]['label']} vs {ran[anchor]['label']}: state bytes", ratio, target(key),
+                                f"{ratio:.3g}x"))  # fmt: skip
     return Part(checks=checks)
 
 
 def plot(parts: dict[str, Part]) -> dict[str, Callable[[Path], None]]:
-    """The LM loss curves, for the methods that ran."""
+    """The LM loss curves (seed 0 at the best rate) and the rate sweeps, for the methods that ran."""
     curves = [(part.data["label"], part.data["curve"]) for part in parts.values() if part.data.get("curve")]
-    title = "Byte-level LLaMA: train loss"
-    return {"lm_loss": functools.partial(plot_lm_curves, curves, title=title)} if curves else {}
+    sweeps = [(part.data["label"], part.data["sweep"]) for part in parts.values() if part.data.get("sweep")]
+    figures: dict[str, Callable[[Path], None]] = {}
+    if curves:
+        figures["lm_loss"] = functools.partial(plot_lm_curves, curves, title="Byte-level LLaMA: train loss")
+    if sweeps:
+        title = "Byte-level LLaMA: learning-rate sweeps"
+        figures["lm_lr"] = functools.partial(plot_lr_sweeps, sweeps, title=title)
+    return figures
 
 
 AREA = Area(

@@ -224,6 +224,8 @@ def test_select_lr_fits_on_fold_remainders_and_scores_on_held_out_folds(split, m
         folds=2,
         seed=2,
         steps=3,
+        head_lr=3e-2,
+        bn_train=False,
         device=torch.device("cpu"),
         snella_sparsity=0.5,
     )
@@ -260,6 +262,8 @@ def test_one_rate_grid_runs_nothing(split, monkeypatch):
         folds=2,
         seed=0,
         steps=2,
+        head_lr=3e-2,
+        bn_train=False,
         device=torch.device("cpu"),
         snella_sparsity=0.5,
     )
@@ -281,7 +285,7 @@ def test_rate_is_chosen_once_on_the_first_seed(split, monkeypatch):
     monkeypatch.setattr(bench, "fine_tune", fake_fine_tune)
     settings = bench.Settings(seeds=3, shots=2, steps=2, lr_grid=(3e-4, 1e-3, 1e-2))
     context = Context(quick=True, repeats=1, threads=1, device=torch.device("cpu"))
-    runs = bench.run_method(bench.Method("stub", None, ours=False), settings, context)
+    runs = bench.run_method(bench.Method("stub", None, ours=False), settings, context, bn_train=False)
     assert len(runs) == 3 and [seed for seed, _ in selections] == [0]
     assert torch.equal(selections[0][1].images, few_shot(split.finetune_pool, 2, 0).images)
     assert [lr for _, _, lr, _, _ in finals] == [1e-3] * 3
@@ -290,19 +294,66 @@ def test_rate_is_chosen_once_on_the_first_seed(split, monkeypatch):
         assert torch.equal(evaluate.images, split.finetune_test.images) and measure_memory == (seed == 0)
 
 
-def test_a_method_end_to_end_fills_its_rows(tiny_model, monkeypatch):
+def test_head_only_trains_at_the_heads_rate_and_chooses_none(tiny_model, monkeypatch):
     monkeypatch.setattr(bench, "QUICK", bench.Settings(seeds=2, shots=2, steps=2, lr_grid=(1e-3, 1e-2)))
     part = bench.measure_method("head", Context(quick=True, repeats=1, threads=1, device=torch.device("cpu")))
-    accuracy, selection = part.tables
+    (accuracy,) = part.tables  # no rate to choose: no selection table
     (row,) = accuracy["rows"]
+    assert accuracy["title"] == f"{bench.ACCURACY} (BatchNorm frozen)"
     assert row[0] == "head only" and row[3] == f"{5 * (2 * TINY_WIDTH + 1):,}" and row[6] == "0.0e+00"
-    assert len(row[2].split(", ")) == 2
-    assert selection["header"][1:] == ["val. acc. % at lr 0.001", "val. acc. % at lr 0.01"]
+    assert row[2] == "0.03, 0.03"
     assert part.data["peak_bytes"] > 0 and bench.Timing(**part.data["step"]).repeats == 2
 
 
+def test_an_adapter_end_to_end_fills_the_choice_and_shared_rate_tables(tiny_model, monkeypatch):
+    monkeypatch.setattr(bench, "QUICK", bench.Settings(seeds=2, shots=2, steps=2, lr_grid=(1e-4, 1e-3, 3e-3)))
+    context = Context(quick=True, repeats=1, threads=1, device=torch.device("cpu"))
+    part = bench.measure_method("LDUParam", context, bn_train=True)
+    accuracy, selection, shared = part.tables
+    mode = "(BatchNorm statistics adapting)"
+    assert [table["title"] for table in part.tables] == [
+        f"{bench.ACCURACY} {mode}", f"{bench.SELECTION} {mode}", f"{bench.ROBUSTNESS} {mode}"
+    ]
+    assert selection["header"][1:] == ["val. acc. % at lr 0.0001", "val. acc. % at lr 0.001", "val. acc. % at lr 0.003"]
+    scores = [float(cell) for cell in selection["rows"][0][1:]]
+    (row,) = shared["rows"]
+    assert row[2:4] == selection["rows"][0][2:4] and float(row[4]) == pytest.approx(min(scores[1:]) - max(scores))
+    assert part.data["bn_train"] is True and part.data["shared_rate_gap"] == pytest.approx(min(scores[1:]) - max(scores))
+
+
+def test_shared_rate_gap_needs_both_shared_rates():
+    assert bench.shared_rate_gap((1e-3, 1e-2), (50.0, 60.0)) is None
+    assert bench.shared_rate_gap((1e-3, 3e-3, 1e-2), (58.0, 61.0, 60.0)) == -3.0
+    assert bench.shared_rate_gap((1e-3, 3e-3), (58.0, 61.0)) == -3.0  # the best is a shared rate
+    with pytest.raises(ValueError, match="one entry per rate"):
+        bench.shared_rate_gap((1e-3, 3e-3), (58.0,))
+
+
+def test_test_set_curve_trains_every_rate_on_every_seed(tiny_model, monkeypatch):
+    monkeypatch.setattr(bench, "QUICK", bench.Settings(seeds=2, shots=2, steps=2, lr_grid=(1e-3, 3e-3, 1e-2)))
+    calls = []
+    real_fine_tune = bench.fine_tune
+
+    def recording(method, quick, train, evaluate, **options):
+        calls.append((options["lr"], options["seed"], options["bn_train"], len(evaluate)))
+        return real_fine_tune(method, quick, train, evaluate, **options)
+
+    monkeypatch.setattr(bench, "fine_tune", recording)
+    part = bench.measure_curve("AtomParam", Context(quick=True, repeats=1, threads=1, device=torch.device("cpu")))
+    test_size = len(load_digits_split().finetune_test)
+    assert calls == [(lr, seed, False, test_size) for lr in (1e-3, 3e-3, 1e-2) for seed in (0, 1)]
+    curve, shared = part.tables
+    means = part.data["curve"]["accuracy"]
+    assert [float(cell) for cell in curve["rows"][0][1:]] == pytest.approx(means, abs=0.05)
+    assert part.data["shared_rate_gap"] == pytest.approx(min(means[:2]) - max(means))
+    checks = bench.summary({"lr-curve:AtomParam": part}).checks
+    assert [check.name for check in checks] == [
+        "[BatchNorm frozen] AtomParam test accuracy at the worse of lr 1e-3 and 3e-3 - the grid's best"
+    ]
+
+
 def test_a_failing_method_is_a_row_with_its_error(monkeypatch):
-    def broken(method, settings, context):
+    def broken(method, settings, context, *, bn_train):
         raise RuntimeError("cannot adapt\nsecond line")
 
     monkeypatch.setattr(bench, "run_method", broken)
@@ -347,6 +398,8 @@ def test_loop_calls_the_allocator_after_every_backward_and_step(
             seed=0,
             steps=3,
             lr=1e-3,
+            head_lr=3e-2,
+            bn_train=False,
             device=torch.device("cpu"),
             snella_sparsity=0.4,
             measure_memory=measure_memory,
@@ -483,7 +536,135 @@ def test_lycoris_ratios_are_information_against_lokr_and_loha():
     assert bench.summary({"AtomParam": parts["AtomParam"]}).tables == []
 
 
-def test_cases_are_the_baselines_every_registered_adapter_and_the_parameter_table():
+def test_cases_are_the_baselines_every_adapter_in_both_batchnorm_modes_and_at_width():
     names = [case.name for case in bench.AREA.cases]
-    assert names[:6] == ["full", "head", "lora4", "lora8", "lokr8", "loha8"] and names[-1] == "parameters"
-    assert set(decomp.adapters.registered()) < set(names) and "SNELLAParam-zero" in names
+    adapters = list(decomp.adapters.registered())
+    assert names[:6] == ["full", "head", "lora4", "lora8", "lokr8", "loha8"] and names[6 : 6 + len(adapters)] == adapters
+    bn_train = [name.removeprefix("bn-train:") for name in names if name.startswith("bn-train:")]
+    scale = [name.removeprefix("scale:") for name in names if name.startswith("scale:")]
+    curves = [name.removeprefix("lr-curve:") for name in names if name.startswith("lr-curve:")]
+    assert bn_train == ["head", "lora8", *adapters] and scale == curves == ["lora8", *adapters]
+    assert "parameters" in names and len(names) == len(set(names))
+
+
+# --------------------------------------------------------------------------- head rate, BatchNorm mode
+
+
+@pytest.mark.parametrize("bn_train", [False, True])
+def test_head_gets_its_own_rate_and_batchnorm_adapts_only_in_train_mode(tiny_split, methods, monkeypatch, bn_train):
+    built, groups = [], []
+
+    def build(quick, num_classes, seed):
+        torch.manual_seed(seed)
+        built.append(SmallResNet(num_classes=num_classes, width=TINY_WIDTH))
+        return built[-1]
+
+    monkeypatch.setattr(bench, "fine_tuning_model", build)
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: groups.append(optimizer.param_groups))
+    try:
+        bench.fine_tune(
+            methods["lora8"], True, few_shot(tiny_split.finetune_pool, 2, seed=0), tiny_split.finetune_test,
+            seed=0, steps=2, lr=1e-3, head_lr=3e-2, bn_train=bn_train, device=torch.device("cpu"),
+            snella_sparsity=0.5, measure_memory=False,
+        )  # fmt: skip
+    finally:
+        handle.remove()
+    (model,) = built
+    backbone_group, head_group = groups[0]
+    assert backbone_group["lr"] == 1e-3 and head_group["lr"] == 3e-2
+    assert {id(p) for p in head_group["params"]} == {id(p) for p in model.head.parameters()}
+    assert backbone_group["params"] and all(p.requires_grad for p in backbone_group["params"])
+    assert not model.training  # scored in eval mode either way
+    statistics_moved = not torch.equal(model.stem[1].running_mean, torch.zeros_like(model.stem[1].running_mean))
+    assert statistics_moved == bn_train
+
+
+def _accuracy(name: str, ours: bool, accuracy: float, std: float = 0.0, trainable: int = 1_000,
+              gap: float | None = None) -> Part:  # fmt: skip
+    step = {"median_ms": 1.0, "min_ms": 1.0, "iqr_ms": 0.0, "repeats": 1}
+    return Part(data={"name": name, "ours": ours, "accuracy": accuracy, "accuracy_std": std, "trainable": trainable,
+                      "step": step, "peak_bytes": 100, "shared_rate_gap": gap})  # fmt: skip
+
+
+def test_accuracy_targets_in_both_batchnorm_modes():
+    frozen = {
+        "head": _accuracy("head only", False, 70.0, trainable=100),
+        "lora8": _accuracy("peft LoRA r=8", False, 90.0, trainable=10_100),
+        "SNELLAParam": _accuracy("SNELLAParam", True, 87.5, gap=-1.0),
+        "AtomParam": _accuracy("AtomParam", True, 72.0, trainable=1_100, gap=-2.5),
+        "LDUParam": _accuracy("LDUParam", True, 85.0, std=3.5),
+    }
+    adapting = {"bn-train:head": _accuracy("head only", False, 70.0), "bn-train:AtomParam": _accuracy("AtomParam", True, 74.0)}
+    checks = {check.name: check for check in bench.summary(frozen | adapting).checks}
+    frozen_met = {name.removeprefix("[BatchNorm frozen] "): c.met for name, c in checks.items() if "frozen" in name}
+    assert frozen_met == {
+        "SNELLAParam accuracy - head only's": True, "AtomParam accuracy - head only's": False,
+        "LDUParam accuracy - head only's": True,
+        "SNELLAParam val. accuracy at the worse of lr 0.001 and 0.003 - the grid's best": True,
+        "AtomParam val. accuracy at the worse of lr 0.001 and 0.003 - the grid's best": False,
+        "SNELLAParam accuracy - peft LoRA r=8's": False, "AtomParam accuracy - peft LoRA r=8's": False,
+        "AtomParam trainable / peft LoRA r=8's (head excluded)": True, "LDUParam accuracy std over seeds": False,
+    }  # fmt: skip
+    adapting_checks = [name for name in checks if name.startswith("[BatchNorm statistics adapting]")]
+    assert adapting_checks == ["[BatchNorm statistics adapting] AtomParam accuracy - head only's"]
+    assert checks[adapting_checks[0]].met is True and checks[adapting_checks[0]].shown == "+4.0 points"
+    atom_share = checks["[BatchNorm frozen] AtomParam trainable / peft LoRA r=8's (head excluded)"]
+    assert atom_share.value == pytest.approx(1_000 / 10_000) and atom_share.met
+
+
+# --------------------------------------------------------------------------- transformer width
+
+
+def test_steady_peak_counts_parameters_and_optimizer_state():
+    layer = nn.Linear(64, 64, bias=False)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    inputs = torch.randn(8, 64)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        layer(inputs).square().mean().backward()
+        optimizer.step()
+
+    step()
+    weight_bytes = 64 * 64 * 4
+    # weight + two moments resident, plus at least the gradient the step allocates
+    assert bench.steady_peak_bytes(layer, optimizer, step, torch.device("cpu")) >= 4 * weight_bytes
+
+
+@pytest.fixture(scope="module")
+def width_parts():
+    context = Context(quick=True, repeats=1, threads=1, device=torch.device("cpu"))
+    return {f"scale:{key}": bench.measure_scale(key, context) for key in ("lora8", "DCTParam")}
+
+
+def test_width_case_measures_both_modes_at_every_width(width_parts):
+    lora, dct = width_parts["scale:lora8"].data, width_parts["scale:DCTParam"].data
+    widths = [str(width) for width, _, _ in bench.SCALE_QUICK.widths]
+    assert list(lora["widths"]) == list(dct["widths"]) == widths
+    for width, layers, repeats in bench.SCALE_QUICK.widths:
+        measured = lora["widths"][str(width)]
+        assert measured["trainable"] == layers * 2 * 8 * width  # peft LoRA r=8: A and B per layer
+        for mode in ("plain", "cached"):
+            assert measured[mode]["peak_bytes"] > 0 and measured[mode]["step"]["repeats"] == repeats
+    (table,) = width_parts["scale:DCTParam"].tables
+    assert table["title"] == bench.SCALE and [row[1] for row in table["rows"]] == ["32 x 2", "64 x 1"]
+
+
+def test_width_targets_bound_the_plain_step_and_inform_on_the_cached_one(width_parts):
+    result = bench.summary(width_parts)
+    names = [(c.name, c.target is not None) for c in result.comparisons]
+    assert names == [
+        ("DCTParam step, width 32", True), ("DCTParam step, width 32, cached()", False),
+        ("DCTParam step, width 64", True), ("DCTParam step, width 64, cached()", False),
+    ]  # fmt: skip
+    assert [check.name for check in result.checks] == ["DCTParam peak memory, width 32", "DCTParam peak memory, width 64"]
+    assert all(check.target.threshold == 1.15 for check in result.checks)
+
+
+def test_a_failing_adapter_at_width_is_a_row(monkeypatch):
+    def broken(key, model):
+        raise RuntimeError("no such layer")
+
+    monkeypatch.setattr(bench, "prepare_scale", broken)
+    part = bench.measure_scale("AtomParam", Context(quick=True, repeats=1, threads=1, device=torch.device("cpu")))
+    assert part.data == {} and all(row[2] == "failed: RuntimeError: no such layer" for row in part.tables[0]["rows"])

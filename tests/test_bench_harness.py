@@ -426,3 +426,32 @@ def test_environment_records_versions_cpu_and_command():
     assert env.describe().startswith(env.date)
     default_command = environment().command
     assert Path(default_command.split()[0]).name.startswith("python")
+
+
+def test_revision_names_the_commit_and_whether_tracked_files_changed(tmp_path):
+    import subprocess
+
+    def git(*arguments: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *arguments], capture_output=True, text=True, check=True).stdout
+
+    assert harness.revision(tmp_path) == "unknown (no git)"
+    git("init", "-q")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    git("add", "pkg/a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    commit = git("log", "-1", "--format=%h").strip()
+    (tmp_path / "untracked.txt").write_text("not part of the code\n")
+    assert harness.revision(tmp_path) == commit
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
+    assert harness.revision(tmp_path) == f"{commit} + uncommitted changes in pkg"
+
+
+def test_environment_records_the_revision_and_old_results_load_without_one(tmp_path):
+    env = environment("pools", command="python x.py")
+    assert env.revision == harness.revision() and f"code: {env.revision}" in env.describe()
+    part = Part(facts=["rank 8"], env=env)
+    stored = part.to_json()
+    del stored["env"]["revision"]  # a results file written before the revision was recorded
+    old = Part.from_json(stored)
+    assert old.env.revision == "" and "code:" not in old.env.describe()

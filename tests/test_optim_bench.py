@@ -33,8 +33,9 @@ from optim import DCTProjectedAdam
 
 TINY_SHAPE = LlamaShape(hidden=16, layers=1, heads=2, intermediate=32, seq_len=16)
 TINY_LM = bench.LMSettings(
-    shape=TINY_SHAPE, batch_size=2, tokens=2 * 16 * 4, update_gap=2, val_fraction=0.1, max_val_windows=4, tail_steps=2
-)
+    shape=TINY_SHAPE, batch_size=2, tokens=2 * 16 * 4, update_gap=2, val_fraction=0.1, max_val_windows=4, tail_steps=2,
+    seeds=2,
+)  # fmt: skip
 TINY_MICRO = bench.MicroSettings(size=32, rank=4, svd_repeats=1)
 TINY_CNN = bench.CNNSettings(shots=2, steps=3, seeds=2, update_gap=2)
 QUICK = Context(quick=True, repeats=1, threads=1, device=torch.device("cpu"))
@@ -250,8 +251,67 @@ def test_lm_methods_share_init_and_data(parts):
     for part in lm.values():
         (row,) = part.tables[0]["rows"]
         assert row[-1] == "ok" and math.isfinite(part.data["val_loss"]) and row[7] == "-"  # no GPU peak
+        assert len(part.data["val_losses"]) == TINY_LM.seeds
     state = {name: float(part.tables[0]["rows"][0][6]) for name, part in lm.items()}
     assert state["lm:dct"] < state["lm:adamw"]  # AdamW keeps two moments of every parameter
+
+
+def test_lm_sweeps_the_grid_on_the_first_seed_then_reruns_the_best_on_every_seed(tiny, monkeypatch):
+    calls = []
+
+    def fake_train(method, lr, settings, train, held_out, device):
+        calls.append((lr, settings.seed))
+        # the tuning loss is lowest at the grid's second rate; validation loss differs per seed
+        tune = abs(method.grid.index(lr) - 1) + 1.0
+        return {"status": "ok", "train_loss": 1.0, "tune_loss": tune, "val_loss": 2.0 + settings.seed,
+                "tokens_per_s": 1.0, "optimizer_step": bench.Timing(1.0, 1.0, 0.0, 1), "state_bytes": 8,
+                "peak_memory_bytes": None, "curve": {"tokens": [1], "loss": [1.0]}}  # fmt: skip
+
+    monkeypatch.setattr(bench, "train_lm", fake_train)
+    part = bench.measure_lm("muon", QUICK)
+    grid = bench.LM_METHODS["muon"].grid
+    assert calls == [(lr, 0) for lr in grid] + [(grid[1], 1)]
+    assert part.data["lr"] == grid[1] and part.data["val_losses"] == [2.0, 3.0]
+    lm_row = part.tables[0]["rows"][0]
+    assert lm_row[1] == f"{grid[1]:g}" and lm_row[2] == "2.5000 ± 0.7071"
+    (sweep_row,) = part.tables[1]["rows"]
+    assert f"**{grid[1]:g}: 1.0000**" in sweep_row[1] and sweep_row[3] == "no"
+
+
+@given(st.lists(st.one_of(st.floats(0.5, 5.0), st.just(math.nan)), min_size=1, max_size=8))
+def test_choose_lr_takes_the_lowest_finite_loss_first(losses):
+    grid = tuple(10.0 ** -index for index in range(len(losses)))
+    chosen = bench.choose_lr(grid, losses)
+    finite = [loss for loss in losses if not math.isnan(loss)]
+    if finite:
+        assert losses[grid.index(chosen)] == min(finite)
+        assert grid.index(chosen) == losses.index(min(finite))  # ties: the first
+    else:
+        assert chosen == grid[0]
+
+
+@pytest.mark.parametrize("key", list(bench.LM_METHODS))
+def test_every_lm_method_builds_and_steps_on_the_split_it_names(key):
+    model = build_llama(TINY_SHAPE, 0)
+    hidden, rest = bench.hidden_and_rest(model)
+    method = bench.LM_METHODS[key]
+    try:
+        optimizers = method.build(hidden, rest, TINY_LM, method.grid[0])
+    except ImportError as error:  # galore-torch missing
+        pytest.skip(str(error))
+    stepped = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+    assert stepped == {id(p) for p in model.parameters()}  # every parameter, once
+    windows = torch.randint(0, 256, (2, TINY_SHAPE.seq_len))
+    before = [p.detach().clone() for p in hidden]
+    for _ in range(2):  # SOAP's first step only sets up its basis, as the official code's
+        bench.next_byte_loss(model, windows).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    assert all(not torch.equal(b, p) for b, p in zip(before, hidden))
+    if key in ("muon", "aro", "soap"):  # the Muon-style split: AdamW on embeddings, norms and head
+        assert isinstance(optimizers[1], torch.optim.AdamW)
+        assert {id(p) for group in optimizers[1].param_groups for p in group["params"]} == {id(p) for p in rest}
 
 
 def test_lm_run_is_deterministic(tiny):
@@ -270,15 +330,31 @@ def test_cnn_projects_conv_kernels_and_trains_the_same_parameters(parts):
 
 
 def with_losses(**losses: float) -> dict[str, Part]:
-    return {f"lm:{key}": Part(data={"val_loss": loss}) for key, loss in losses.items()}
+    return {
+        f"lm:{key}": Part(data={"label": key, "val_loss": loss, "state_bytes": 100 if key == "galore" else 90})
+        for key, loss in losses.items()
+    }
 
 
-def test_summary_applies_the_loss_targets_where_both_sides_ran():
+def test_summary_applies_the_loss_and_state_targets_where_both_sides_ran():
     met = bench.summary(with_losses(adamw=2.0, galore=2.05, dct=2.04)).checks
-    assert [check.met for check in met] == [True, True]
+    assert [(check.name, check.met) for check in met] == [
+        ("dct vs adamw: validation loss", True), ("dct vs galore: validation loss", True),
+        ("dct vs galore: state bytes", True),
+    ]  # fmt: skip
     missed = bench.summary(with_losses(adamw=2.0, galore=2.0, dct=2.05)).checks
-    assert [check.met for check in missed] == [False, False] and missed[0].shown == "1.0250x"
+    assert [check.met for check in missed] == [False, False, True]
+    assert missed[0].shown == "2.0500 / 2.0000 = 1.0250x"
     assert bench.summary(with_losses(dct=1.0)).checks == []
+
+
+def test_summary_holds_aro_to_muon_and_adamw_and_soap_to_adamw():
+    checks = bench.summary(with_losses(adamw=2.0, muon=1.9, aro=1.85, soap=2.01)).checks
+    assert [(check.name, check.met) for check in checks] == [
+        ("aro vs muon: validation loss", True), ("aro vs adamw: validation loss", True),
+        ("soap vs adamw: validation loss", False),
+    ]  # fmt: skip
+    assert [check.target.threshold for check in checks] == [1.0, 0.93, 1.0]
 
 
 def test_page_from_parts_measured_in_two_runs(parts, tmp_path):
@@ -290,7 +366,7 @@ def test_page_from_parts_measured_in_two_runs(parts, tmp_path):
     argv = ["--render", "--out", str(here), "--merge", str(elsewhere), "--page", str(page), "--threads", "1"]
     assert main(bench.AREA, argv) == 0
     text = page.read_text()
-    assert "old" not in text and f"#### {bench.LM_TABLE}" in text and f"#### {bench.CNN_TABLE}" in text
-    assert "| DCTProjectedAdam validation loss: <= 1.02x AdamW's |" in text
+    assert "\nold\n" not in text and f"#### {bench.LM_TABLE}" in text and f"#### {bench.CNN_TABLE}" in text
+    assert "| DCTProjectedAdam vs AdamW: validation loss: <= 1.02x AdamW's |" in text
     assert (page.parent / "img" / "optim_ratios.png").stat().st_size > 0
-    assert "](img/optim_lm_loss.png)" in text
+    assert "](img/optim_lm_loss.png)" in text and "](img/optim_lm_lr.png)" in text
