@@ -40,17 +40,28 @@ from decomp._sketch import extend_basis, frequent_directions
 __all__ = ["extend_basis", "frequent_directions", "project_off"]
 
 
-def project_off(matrix: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+def project_off(
+    matrix: torch.Tensor, basis: torch.Tensor | None, *, columns: bool = False
+) -> torch.Tensor:
     r""":math:`X - X B B^\top`: the rows of ``matrix`` (:math:`k \times d`) with their component
     in the span of the orthonormal ``basis`` (:math:`d \times p`) removed.
 
-    ``matrix`` itself (no copy) when there is no basis or it has no columns.
+    ``columns=True`` is the same projection of the transposed matrix, kept in its orientation:
+    :math:`Y - B B^\top Y` for the columns of ``matrix`` (:math:`d \times k`), so a caller that
+    holds :math:`X^\top` contiguously needs no strided transpose. ``matrix`` itself (no copy)
+    when there is no basis or it has no columns.
 
     Example:
         >>> project_off(torch.ones(2, 3), torch.eye(3)[:, :1])
         tensor([[0., 1., 1.],
                 [0., 1., 1.]])
+        >>> project_off(torch.ones(3, 2), torch.eye(3)[:, :1], columns=True)
+        tensor([[0., 0.],
+                [1., 1.],
+                [1., 1.]])
     """
     if basis is None or basis.shape[1] == 0:
         return matrix
+    if columns:
+        return matrix - basis @ (basis.mT @ matrix)
     return matrix - (matrix @ basis) @ basis.mT

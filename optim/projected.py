@@ -298,10 +298,7 @@ def _back(
     """
     if not transposed:
         return continual.project_off(direction @ basis.mT, protected)
-    update = basis @ direction.mT
-    if protected is None or protected.shape[1] == 0:
-        return update
-    return update - protected @ (protected.mT @ update)
+    return continual.project_off(basis @ direction.mT, protected, columns=True)
 
 
 def _refresh(

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optim import ProjectedAdam
+from optim.continual import project_off
 from tests.strategies import SEEDS, gaussian, orthonormal
 
 PROJECTORS = ("dct", "svd", "random")
@@ -173,3 +174,14 @@ def test_without_protect_no_sketch_is_kept(seed, rank):
     param.grad = gaussian((6, 5), seed + 1)
     optimizer.step()
     assert "sketch" not in optimizer.state[param] and optimizer.consolidate() == {}
+
+
+
+@given(seed=SEEDS, rows=st.integers(1, 6), dim=st.integers(1, 6), data=st.data())
+@settings(max_examples=20)
+def test_project_off_columns_is_the_row_projection_of_the_transpose(seed, rows, dim, data):
+    matrix = gaussian((rows, dim), seed)
+    basis = orthonormal(dim, data.draw(st.integers(0, dim), label="protected directions"), seed + 1)
+    projected = project_off(matrix, basis)
+    torch.testing.assert_close(project_off(matrix.mT.contiguous(), basis, columns=True), projected.mT)
+    assert torch.allclose(projected @ basis, torch.zeros(rows, basis.shape[1], dtype=basis.dtype), atol=1e-12)
