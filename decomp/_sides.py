@@ -1,5 +1,5 @@
-r"""The side rule: which orientation of an :math:`m \times n` matrix puts its smaller side where a
-method wants it.
+r"""The matrix view of a weight shape and the side rule: which orientation of an :math:`m \times n`
+matrix puts its smaller side where a method wants it.
 
 Sketching, projecting or rotating the smaller side keeps a method's work and memory at
 :math:`O(\min(m, n))` per column instead of :math:`O(\max(m, n))`. :func:`decomp.rsvd` and the
@@ -8,6 +8,23 @@ rotation wants it first. A square matrix is never transposed.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def matrix_dims(shape: Sequence[int]) -> tuple[int, int]:
+    r"""The matrix view's dimensions :math:`(d_0, \prod_{j \ge 1} d_j)` of a weight ``shape``.
+
+    A linear weight is its own view, ``(d_out, d_in)``; a conv weight is
+    ``(c_out, c_in/groups * prod(kernel))``, one row per output channel. From the shape alone, so
+    an N-D DTensor needs no (dispatched) reshape.
+
+    Example:
+        >>> matrix_dims((64, 32)), matrix_dims((64, 16, 3, 3))
+        ((64, 32), (64, 144))
+    """
+    return shape[0], math.prod(shape[1:])
 
 
 def transposes(rows: int, cols: int, smaller: str = "cols") -> bool:

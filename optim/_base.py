@@ -51,7 +51,6 @@ __all__ = [
     "integer",
     "first_nonfinite",
     "local",
-    "matrix_shape",
     "optional",
     "options_of",
     "real",
@@ -71,16 +70,6 @@ def state_dtype(param: torch.Tensor) -> torch.dtype:
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
     """The 2-D view an optimizer works on: ``(shape[0], -1)`` for N-D tensors (conv kernels)."""
     return tensor if tensor.ndim == 2 else tensor.reshape(tensor.shape[0], -1)
-
-
-def matrix_shape(tensor: torch.Tensor) -> tuple[int, int]:
-    """``as_matrix(tensor).shape`` without the reshape (a dispatched op on an N-D DTensor).
-
-    Example:
-        >>> matrix_shape(torch.zeros(8, 3, 2, 2))
-        (8, 12)
-    """
-    return tensor.shape[0], math.prod(tensor.shape[1:])
 
 
 _NOT_OPTIONS = ("self", "params", "__class__")

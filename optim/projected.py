@@ -84,7 +84,7 @@ import torch.distributed as dist
 
 from decomp._checks import check_int, check_real
 from decomp._deprecation import renamed_arguments, renamed_value
-from decomp._sides import transposes
+from decomp._sides import matrix_dims, transposes
 
 from . import continual
 from ._adam import adam_directions, apply_update
@@ -99,7 +99,6 @@ from ._base import (
     floating,
     integer,
     local,
-    matrix_shape,
     optional,
     options_of,
     real,
@@ -247,7 +246,7 @@ class _Orientation(NamedTuple):
 def _orientation(param: torch.Tensor, reduce: Callable | None) -> _Orientation:
     """The library's side rule (compress the smaller side, :func:`decomp._sides.transposes`),
     except on row shards (``reduce`` given), which always compress the columns."""
-    rows, cols = matrix_shape(param)
+    rows, cols = matrix_dims(param.shape)
     # Row shards must compress the (whole) columns so each rank projects its own rows.
     transposed = transposes(rows, cols) and reduce is None
     if transposed:
@@ -483,7 +482,7 @@ class ProjectedAdam(TensorStateOptimizer):
             super()._takes_adamw(param, group)
             or not group["matrix"]
             or group["rank"] is None
-            or max(matrix_shape(param)) >= group["max_dim"]
+            or max(matrix_dims(param.shape)) >= group["max_dim"]
         )
 
     def _matrix_layout(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:

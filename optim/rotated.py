@@ -28,7 +28,7 @@ import torch
 from decomp import dct, idct
 from decomp._checks import unit_scaled
 from decomp._qr import signed_qr
-from decomp._sides import transposes
+from decomp._sides import matrix_dims, transposes
 
 from ._adam import adam_direction, apply_update, init_moments
 from ._base import (
@@ -43,7 +43,6 @@ from ._base import (
     flag,
     floating,
     integer,
-    matrix_shape,
     optional,
     options_of,
     real,
@@ -112,6 +111,12 @@ _BASE_MAPS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "row_norm": _row_norm,
     "sign": _sign,
 }
+
+
+def _aro_transposes(rows: int, cols: int, group: dict[str, Any]) -> bool:
+    """Whether ARO steps :math:`W^\top` (so :math:`R` rotates its rows, the weight's columns):
+    ``rotate="smaller"`` on a tall weight, which keeps :math:`R` at :math:`\min(m, n)^2`."""
+    return group["rotate"] == "smaller" and transposes(rows, cols, smaller="rows")
 
 
 class _MatrixOrAdamW(TensorStateOptimizer):
@@ -328,8 +333,8 @@ class ARO(_MatrixOrAdamW):
         super().__init__(params, options_of(locals()))
 
     def _matrix_layout(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
-        rows, cols = matrix_shape(param)
-        side = rows if group["rotate"] == "rows" else min(rows, cols)
+        rows, cols = matrix_dims(param.shape)
+        side = cols if _aro_transposes(rows, cols, group) else rows
         return {
             "step": integer(),
             "momentum": floating(rows, cols),
@@ -351,7 +356,7 @@ class ARO(_MatrixOrAdamW):
             dtype = state_dtype(param)
             state["step"] = torch.tensor(0, dtype=torch.int64)
             state["momentum"] = torch.zeros(rows, cols, dtype=dtype, device=param.device)
-            side = rows if group["rotate"] == "rows" else min(rows, cols)
+            side = cols if _aro_transposes(rows, cols, group) else rows
             state["rotation"] = torch.eye(side, dtype=dtype, device=param.device)
         state["step"] += 1
         momentum, rotation = state["momentum"], state["rotation"]
@@ -359,8 +364,7 @@ class ARO(_MatrixOrAdamW):
 
         base_map = _BASE_MAPS[group["base"]]
         iters = group["sinkhorn_iters"]
-        # "smaller": a tall weight runs on its transpose, so R is min(m, n) square
-        tall = group["rotate"] == "smaller" and transposes(rows, cols, smaller="rows")
+        tall = _aro_transposes(rows, cols, group)
         framed = momentum.T if tall else momentum
         cross = framed @ base_map(rotation.T @ framed, iters).T
         rotation.copy_(signed_qr(unit_scaled(cross, (-2, -1))[0])[0])
@@ -540,7 +544,7 @@ class RotatedAdam(_MatrixOrAdamW):
         return {**group, **missing}
 
     def _matrix_layout(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
-        shape = matrix_shape(param)
+        shape = matrix_dims(param.shape)
         layout = {"step": integer(), "exp_avg": floating(*shape), "exp_avg_sq": floating(*shape)}
         if group["basis"] == "eigen":
             for side, size in zip(_SIDES, shape):

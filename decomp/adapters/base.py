@@ -51,7 +51,6 @@ import dataclasses
 import difflib
 import functools
 import inspect
-import math
 import sys
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
@@ -59,6 +58,7 @@ import torch
 from torch import nn
 
 from .._checks import _all_finite, check_int, check_real, check_tensor, compute_dtype
+from .._sides import matrix_dims
 from ._budget import default_budget
 
 DEFAULT_RANK = 8
@@ -71,19 +71,6 @@ def check_weight_shape(shape: Sequence[int]) -> None:
         raise ValueError(f"shape must be a weight shape with 2 to 5 dims (linear or conv 1-3 D), got {shape!r}")
     for index, size in enumerate(shape):
         check_int(size, f"shape[{index}]", low=1)
-
-
-def matrix_dims(shape: Sequence[int]) -> tuple[int, int]:
-    r"""The matrix view's dimensions :math:`(d_0, \prod_{j \ge 1} d_j)` of a weight ``shape``.
-
-    A linear weight is its own view, ``(d_out, d_in)``; a conv weight is
-    ``(c_out, c_in/groups * prod(kernel))``, one row per output channel.
-
-    Example:
-        >>> matrix_dims((64, 32)), matrix_dims((64, 16, 3, 3))
-        ((64, 32), (64, 144))
-    """
-    return shape[0], math.prod(shape[1:])
 
 
 def fan_in(shape: Sequence[int]) -> int:
@@ -100,7 +87,7 @@ def fan_in(shape: Sequence[int]) -> int:
         >>> fan_in((64, 32)), fan_in((64, 16, 3, 3))
         (32, 144)
     """
-    return math.prod(shape[1:])
+    return matrix_dims(shape)[1]
 
 
 def check_optional_scale(value: object, name: str, **bounds: Any) -> float | None:
