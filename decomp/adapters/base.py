@@ -57,7 +57,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
-from .._checks import _all_finite, check_int, check_real, check_tensor, compute_dtype
+from .._checks import _all_finite, check_int, check_tensor, compute_dtype
 from .._sides import matrix_dims
 from ._budget import default_budget
 
@@ -90,16 +90,6 @@ def fan_in(shape: Sequence[int]) -> int:
     return matrix_dims(shape)[1]
 
 
-def check_optional_scale(value: object, name: str, **bounds: Any) -> float | None:
-    """``None`` (the one-learning-rate rule's scale, resolved per layer) or :func:`check_real`'s float.
-
-    Example:
-        >>> check_optional_scale(None, "scale"), check_optional_scale(2, "scale", low=0.0)
-        (None, 2.0)
-    """
-    return None if value is None else check_real(value, name, **bounds)
-
-
 def matrix_view(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` reshaped to its matrix view (:func:`matrix_dims`): a view where the strides allow.
 
@@ -125,6 +115,7 @@ class Option:
     check_options: dict[str, Any]
     keyword_only: bool
     keyword: str | None
+    optional: bool = False
     attribute: str = ""  # the class attribute's name, set when the class is created
 
     def __set_name__(self, owner: type, attribute: str) -> None:
@@ -141,8 +132,11 @@ class Option:
         raise AttributeError(f"{type(instance).__name__}.{self.attribute} is set by its constructor")
 
     def checked(self, value: Any) -> Any:
-        """``value`` as the adapter keeps it: through ``check(value, name, **check_options)``."""
-        return value if self.check is None else self.check(value, self.name, **self.check_options)
+        """``value`` as the adapter keeps it: through ``check(value, name, **check_options)``
+        (``None`` kept as it is for an ``optional`` option)."""
+        if self.check is None or (self.optional and value is None):
+            return value
+        return self.check(value, self.name, **self.check_options)
 
     def parameter(self, annotation: Any = inspect.Parameter.empty) -> inspect.Parameter:
         """The constructor's parameter for this option (what ``inspect.signature`` shows)."""
@@ -157,6 +151,7 @@ def option(
     *,
     keyword_only: bool = False,
     keyword: str | None = None,
+    optional: bool = False,
     **check_options: Any,
 ) -> Any:
     """Declare a constructor option of an :class:`AdapterParam` subclass (a class attribute).
@@ -164,7 +159,8 @@ def option(
     Options are the constructor's parameters in declaration order (base classes' first), the
     first one the trainable budget (:attr:`AdapterParam.budget_option`); ``keyword_only`` ones
     come after the others. The constructor passes each value, the ``default`` included, through
-    ``check(value, name, **check_options)`` (``None``: kept as given), stores the result under the
+    ``check(value, name, **check_options)`` (``check=None``: kept as given; ``optional=True``: a
+    ``None`` value is kept as ``None``, whatever ``check`` is), stores the result under the
     attribute's name and then runs the class's cross-option rules
     (:meth:`AdapterParam._check_options`). ``keyword`` names the constructor keyword and config
     key where the attribute's own name is taken (LDU's ``scale`` is its trainable Parameter, so
@@ -178,7 +174,7 @@ def option(
         >>> RowScaleParam(4).config(), RowScaleParam.budget_option
         ({'rows': 4}, 'rows')
     """
-    return Option(default, check, check_options, keyword_only, keyword)
+    return Option(default, check, check_options, keyword_only, keyword, optional)
 
 
 def _refuse_unknown_keywords(owner: str, keywords: Sequence[str], options: Sequence[str]) -> None:

@@ -23,10 +23,6 @@ from .base import AdapterParam, check_weight_shape, matrix_dims, matrix_view, op
 DEFAULT_RANK = 4
 
 
-def _check_optional_pair(value: object, name: str) -> tuple[int, int] | None:
-    return None if value is None else _check_pair(value, name)
-
-
 class KronParam(AdapterParam):
     r"""Kronecker-sum update: :math:`W' = W + \sum_{k<r} \big(S_k B_k \otimes C_k - S^0_k B^0_k \otimes C^0_k\big)`.
 
@@ -96,8 +92,8 @@ class KronParam(AdapterParam):
     rebuilt_buffers: ClassVar[tuple[str, ...]] = ("S0", "B0", "C0")
 
     rank: int | None = option(None, check_optional_int, low=1)
-    b_shape: Sequence[int] | None = option(None, _check_optional_pair, keyword_only=True)
-    c_shape: Sequence[int] | None = option(None, _check_optional_pair, keyword_only=True)
+    b_shape: Sequence[int] | None = option(None, _check_pair, keyword_only=True, optional=True)
+    c_shape: Sequence[int] | None = option(None, _check_pair, keyword_only=True, optional=True)
 
     def _check_options(self) -> None:
         if (self.b_shape is None) != (self.c_shape is None):

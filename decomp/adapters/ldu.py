@@ -14,10 +14,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .._checks import check_optional_int
+from .._checks import check_optional_int, check_real
 from .._ldu import ldu
 from .._deprecation import renamed_arguments
-from .base import AdapterParam, check_optional_scale, fan_in, matrix_dims, matrix_view, option
+from .base import AdapterParam, fan_in, matrix_dims, matrix_view, option
 
 
 @renamed_arguments(alpha="scale")
@@ -112,7 +112,7 @@ class LDUParam(AdapterParam):
     rank: int | None = option(None, check_optional_int, low=1)
     # the argument c; the attribute ``scale`` is the trainable Parameter _build creates from it
     # None: s0 = 1 / sqrt(fan_in), the one-learning-rate rule; a number c: s0 = c / r (official)
-    scale_argument: float | None = option(None, check_optional_scale, keyword="scale", low=0.0)
+    scale_argument: float | None = option(None, check_real, keyword="scale", optional=True, low=0.0)
 
     def _rank(self, shape: tuple[int, ...]) -> int:
         return self._resolved_rank(

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .. import Tucker
-from .._checks import check_optional_int
-from .base import AdapterParam, check_optional_scale, fan_in, option
+from .._checks import check_optional_int, check_real
+from .base import AdapterParam, fan_in, option
 
 # below this |1 + dW| the first-order update has (nearly) zeroed an entry, which no weight inverts
 _FIRST_ORDER_PIVOT = 1e-6
@@ -110,7 +110,7 @@ class LieParam(AdapterParam):
 
     rank: int | None = option(None, check_optional_int, low=1)
     # None: sqrt(fan_in), the one-learning-rate rule, resolved per layer in _build
-    scale: float | None = option(None, check_optional_scale, keyword_only=True)
+    scale: float | None = option(None, check_real, keyword_only=True, optional=True)
     order: int | None = option(None, _check_order, keyword_only=True)
 
     def _count(self, shape: tuple[int, ...]) -> int:

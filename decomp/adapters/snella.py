@@ -22,7 +22,7 @@ from torch import nn
 
 from .._checks import check_bool, check_choice, check_int, check_optional_int, check_real
 from .._deprecation import deprecated_attributes
-from .base import AdapterParam, check_optional_scale, matrix_dims, option
+from .base import AdapterParam, matrix_dims, option
 
 __all__ = ["SNELLParam", "SNELLAParam", "Allocator", "capped_allocation", "keep_largest_mask"]
 
@@ -78,14 +78,6 @@ def _check_kernel_scale(kernel_scale: object, name: str) -> float:
     return float(kernel_scale)
 
 
-def _check_optional_bool(value: object, name: str) -> bool | None:
-    return None if value is None else check_bool(value, name)
-
-
-def _check_optional_start(value: object, name: str) -> str | None:
-    return None if value is None else check_choice(value, name, _STARTS)
-
-
 class _KernelAdapter(AdapterParam):
     r"""Shared machinery of :class:`SNELLParam` and :class:`SNELLAParam` (points, kernel, sparsification)."""
 
@@ -97,15 +89,15 @@ class _KernelAdapter(AdapterParam):
     num_kernels: int = option(2, check_int, keyword_only=True, low=1)
     kernel_scale: float = option(0.1, _check_kernel_scale, keyword_only=True)
     # None: 1 / sqrt(fan_in), the one-learning-rate rule, resolved per layer in _build
-    scale: float | None = option(None, check_optional_scale, keyword_only=True, low=0.0)
+    scale: float | None = option(None, check_real, keyword_only=True, optional=True, low=0.0)
     # None is the class's default_sparsity, resolved in _check_options; the attribute ``sparsity``
     # is the current fraction (a property)
     _initial_sparsity: float | None = option(None, keyword="sparsity", keyword_only=True)
     mask: str = option("binary", check_choice, keyword_only=True, choices=_MASK_MODES)
     # None is resolved in _check_options: from zero_start, else "residual"
-    start: str | None = option(None, _check_optional_start, keyword_only=True)
+    start: str | None = option(None, check_choice, keyword_only=True, optional=True, choices=_STARTS)
     # the older spelling of the start: True is start="zero", False the paper's start="kernel"
-    zero_start: bool | None = option(None, _check_optional_bool, keyword_only=True)
+    zero_start: bool | None = option(None, check_bool, keyword_only=True, optional=True)
 
     def _check_options(self) -> None:
         self.rank = check_optional_int(self.rank, "rank", low=self.num_kernels)

@@ -13,9 +13,9 @@ from typing import ClassVar, Sequence
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_int, check_optional_int
+from .._checks import check_choice, check_int, check_optional_int, check_real
 from .._rsvd import row_signs, rsvd
-from .base import AdapterParam, check_optional_scale, fan_in, matrix_dims, matrix_view, option
+from .base import AdapterParam, fan_in, matrix_dims, matrix_view, option
 
 _MODES = ("pissa", "svfit", "lora_xs")
 _SVD_METHODS = ("exact", "randomized")
@@ -116,7 +116,7 @@ class SVDParam(AdapterParam):
     mode: str = option("pissa", check_choice, choices=_MODES)
     svd: str = option("exact", check_choice, choices=_SVD_METHODS)
     # None: the one-learning-rate rule (pissa: 1 / sqrt(fan_in); svfit, lora_xs: 1), per layer
-    scale: float | None = option(None, check_optional_scale, low=0.0)
+    scale: float | None = option(None, check_real, optional=True, low=0.0)
     init: str = option("zero", check_choice, choices=_INITS)
     seed: int = option(0, check_int, low=0)
 
