@@ -718,6 +718,55 @@ class AdapterParam(nn.Module):
         work = weight.to(compute_dtype(weight.dtype))
         return self.compose(work, self.delta(work)).to(weight.dtype)
 
+    @property
+    def has_branch(self) -> bool:
+        """Whether this class computes :meth:`branch` without forming :math:`\\Delta W`: an additive
+        update (``compose`` is the base class's) whose class defines ``_branch``."""
+        cls = type(self)
+        return cls._branch is not AdapterParam._branch and cls.compose is AdapterParam.compose
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        r"""A linear layer's update applied to its input: :math:`x \Delta W^\top`, ``(..., n) -> (..., m)``.
+
+        What :func:`decomp.adapters.apply` runs on an adapted ``nn.Linear`` (its ``branch=True``
+        default): :math:`y = x W^\top + b + x \Delta W^\top`, the layer's output with
+        :math:`W' = W + \Delta W`, without forming :math:`\Delta W` or :math:`W'` (nor
+        :math:`\partial L / \partial W'` in the backward pass) -- LoRA's side branch, for every
+        method with a factored or otherwise structured update. Computed in fp32 for fp16/bf16
+        ``x`` (as :meth:`forward` computes :math:`\Delta W`) and returned in ``x``'s dtype.
+        Equal to ``F.linear(x, adapter.delta(W))`` up to rounding.
+
+        Raises:
+            TypeError: the class has no branch form (:attr:`has_branch` is False: Lie's
+                multiplicative update, SNELL's kernel, Atom's filter atoms) -- those layers keep
+                the weight path.
+            ValueError: the adapter is not built on a 2-D (linear) weight, or ``x``'s last dim is
+                not the weight's input size.
+
+        Example:
+            >>> from decomp.adapters import SVDParam
+            >>> weight = torch.randn(6, 4)
+            >>> adapter = SVDParam.from_weight(weight, rank=2)
+            >>> with torch.no_grad():
+            ...     _ = adapter.left.add_(0.1)
+            >>> x = torch.randn(3, 4)
+            >>> torch.allclose(adapter.branch(x), x @ adapter.delta(weight).T, atol=1e-6)
+            True
+        """
+        if not self.has_branch:
+            raise TypeError(f"{type(self).__name__} has no branch form; its layers keep the weight path")
+        if not self.is_built or len(self.weight_shape) != 2:
+            shape = None if self.weight_shape is None else tuple(self.weight_shape)
+            raise ValueError(f"branch needs an adapter built on a linear (2-D) weight, got weight shape {shape}")
+        if x.shape[-1:] != self.weight_shape[1:]:
+            raise ValueError(f"branch: x's last dim must be {self.weight_shape[1]}, got shape {tuple(x.shape)}")
+        return self._branch(x.to(compute_dtype(x.dtype))).to(x.dtype)
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`x \Delta W^\top` for ``x`` of shape ``(..., n)`` in the compute dtype (the hook a
+        structured method overrides; the base class has none)."""
+        raise NotImplementedError
+
     def rebuilt_state(self) -> dict[str, torch.Tensor]:
         """The built adapter's buffers named in :attr:`rebuilt_buffers`, by ``state_dict`` key.
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .._checks import check_choice, check_int, check_optional_int, check_real
-from .._dct import dct, idct
+from .._dct import _OrthonormalDCT, dct, idct
 from .._deprecation import renamed_arguments
 from .base import AdapterParam, matrix_dims, matrix_view, option
 
@@ -44,6 +44,14 @@ class DCTParam(AdapterParam):
 
     **Trainable parameters:** :math:`n` (``num_coefficients``). **Init:** :math:`a = 0`, so
     :math:`\Delta W = 0` and the layer reproduces its pretrained output exactly.
+
+    **Branch** (:meth:`branch`, a linear layer under :func:`decomp.adapters.apply`): a DCT of
+    each token, a gather, a scatter and an inverse DCT, :math:`O(m \log m + n_\mathrm{in} \log
+    n_\mathrm{in} + n)` flops per token, five such transforms forward and backward (the weight
+    path: an :math:`m \times n_\mathrm{in}` inverse 2-D DCT per step and
+    :math:`\partial L/\partial W'`, :math:`2 m n_\mathrm{in}` flops per token); it saves ``x``
+    (as LoRA's down-projection does), the coefficients and their indices for backward, not the
+    ``(..., n)`` gathered spectrum (which plain autograd keeps twice).
 
     Locations (chosen once, at build, deterministically; stored as the ``locations`` buffer of
     flat indices into :math:`S`, sorted):
@@ -160,3 +168,71 @@ class DCTParam(AdapterParam):
         spectrum = flat_spectrum.scatter(0, self.locations, coefficients).view(rows, columns)
         update = idct(idct(spectrum, dim=0, check_finite=False), dim=1, check_finite=False)
         return (self.scale * update).reshape(weight.shape)
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`x \Delta W^\top = c \operatorname{idct}\big(\operatorname{scatter}_\mathrm{rows}
+        (\operatorname{dct}(x)_{\mathrm{cols}} \odot a)\big)`, by :class:`_SparseSpectrumProduct`."""
+        columns_count = self.weight_shape[1]
+        rows, columns = self.locations.div(columns_count, rounding_mode="floor"), self.locations % columns_count
+        coefficients = self.scale * self.coefficients.to(x.dtype)
+        # Gathers along the last dim of a 2-D view run about 7x faster than of a 3-D one (CPU).
+        tokens = x.reshape(-1, columns_count)
+        product = _SparseSpectrumProduct.apply(tokens, coefficients, rows, columns, self.weight_shape[0])
+        return product.view(*x.shape[:-1], self.weight_shape[0])
+
+
+def _last_dim_transform(x: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """:func:`decomp.dct` (or ``idct``) along the last dim, differentiably, without its checks:
+    ``x`` is already in its compute dtype, and an empty batch (which the public functions refuse)
+    is a valid input to a linear layer."""
+    return _OrthonormalDCT.apply(x, x.ndim - 1, inverse)
+
+
+class _SparseSpectrumProduct(torch.autograd.Function):
+    r""":math:`y = \operatorname{idct}(Z)`, :math:`Z_{\ldots, r_k} \mathrel{+}= X_{\ldots, c_k} a_k`,
+    :math:`X = \operatorname{dct}(x)`: :math:`x (C^\top S D)^\top` for ``x`` ``(..., n)``, the
+    coefficients ``a`` ``(k,)`` at rows ``r`` and columns ``c`` of :math:`S` (``m x n``).
+
+    Plain autograd saves the gathered :math:`X_{\ldots, c}` (``(..., k)``; at the default
+    :math:`k = m + n` twice ``x``'s size) twice, for :math:`\partial L/\partial a` and the
+    scatter's shape. This saves ``x`` (as LoRA's down-projection does) and recomputes
+    :math:`X_{\ldots, c}` in backward, one more DCT and gather per token (measured at 4096 wide,
+    1024 tokens, one CPU thread: 250 ms per step instead of 215 ms, 0.2 MiB saved beyond ``x``
+    instead of 64 MiB). With :math:`G = \operatorname{dct}(\partial L/\partial y)_{\ldots, r}`
+    (idct's adjoint is dct, as both are orthonormal; the scatter's adjoint is the gather):
+
+    .. math::
+
+        \frac{\partial L}{\partial a_k} = \sum_{\ldots} G_{\ldots, k} X_{\ldots, c_k},
+        \qquad \frac{\partial L}{\partial x} = \operatorname{idct}
+        \big(\operatorname{scatter}_c(G \odot a)\big).
+
+    The backward is made of differentiable ops, so double backward works (``create_graph=True``,
+    ``torch.autograd.gradgradcheck``).
+    """
+
+    @staticmethod
+    def forward(
+        x: torch.Tensor, coefficients: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, rows_count: int
+    ) -> torch.Tensor:
+        products = _last_dim_transform(x, inverse=False).index_select(-1, columns).mul_(coefficients)
+        spectrum = products.new_zeros(*x.shape[:-1], rows_count).index_add_(-1, rows, products)
+        return _last_dim_transform(spectrum, inverse=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, coefficients, rows, columns, _ = inputs
+        ctx.save_for_backward(x, coefficients, rows, columns)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, coefficients, rows, columns = ctx.saved_tensors
+        grad_products = _last_dim_transform(grad, inverse=False).index_select(-1, rows)
+        grad_x = grad_coefficients = None
+        if ctx.needs_input_grad[1]:
+            gathered = _last_dim_transform(x, inverse=False).index_select(-1, columns)
+            grad_coefficients = (grad_products * gathered).reshape(-1, columns.numel()).sum(0)
+        if ctx.needs_input_grad[0]:
+            spectrum = grad_products.new_zeros(x.shape).index_add(-1, columns, grad_products * coefficients)
+            grad_x = _last_dim_transform(spectrum, inverse=True)
+        return grad_x, grad_coefficients, None, None, None

@@ -267,6 +267,7 @@ def apply(
     *,
     train_heads: ModuleSelector | None = None,
     progress: bool | None = None,
+    branch: bool = True,
     **config: Any,
 ) -> nn.Module:
     r"""Register an adapter on the targeted layers of ``model`` and freeze everything else.
@@ -307,6 +308,20 @@ def apply(
     matched by ``train_heads`` is a head with all its submodules: none of them is adapted and
     all their parameters become trainable (``requires_grad=True``, also where it was ``False``).
 
+    Linear layers compute the update as a side branch (``branch=True``, the default): an adapted
+    ``nn.Linear`` whose adapter has a branch form (:attr:`AdapterParam.has_branch`: DCT, Kron,
+    LDU, SVD, Tucker) runs :math:`y = x W^\top + b + x \Delta W^\top` with
+    :meth:`AdapterParam.branch`, which never forms :math:`W'` or :math:`\Delta W` and whose
+    backward never forms :math:`\partial L / \partial W'` (an :math:`m \times n` matrix and a
+    tokens :math:`\times m \times n` matmul per layer per step) -- what peft's LoRA does. The
+    result equals the weight path up to rounding (exactly at init, where :math:`\Delta W = 0`);
+    ``layer.weight`` still reads :math:`W'`, so code that reads the weight (``nn.MultiheadAttention``
+    reads its ``out_proj.weight``, :func:`merge`, a state dict) is unchanged. Convs, ``nn.Linear``
+    subclasses with their own ``forward``, methods without a branch form (Atom, Lie, SNELL,
+    SNELLA) and a layer on which another parametrization is later stacked compute :math:`W'`
+    (the weight path); so does every layer with ``branch=False``. Registering an adapter by hand
+    (``parametrize.register_parametrization``) gives the weight path.
+
     Repeated calls compose: when ``model`` already carries adapters (from an earlier call, or
     registered by hand), this call adapts its own targets (freezing their pretrained weights and
     biases, but not a tensor that another module holds too) and makes its own heads trainable,
@@ -337,6 +352,9 @@ def apply(
             every supported layer except the output layer.
         train_heads: modules whose own parameters stay trainable (same forms), e.g. ``["fc"]``.
         progress: show a progress bar while the adapters are built (None: automatic).
+        branch: run adapted ``nn.Linear`` layers as :math:`x W^\top + b + ` ``adapter.branch(x)``
+            where the method has a branch form (default True); ``False`` forms :math:`W'` every
+            forward, as ``register_parametrization`` alone does.
         **config: keyword arguments of ``adapter`` when it is a class.
 
     Returns:
@@ -349,7 +367,7 @@ def apply(
             ``nn.ConvTranspose2d``); ``target``/``train_heads`` of a wrong type (or a collection
             holding a non-string); ``model`` is wrapped in ``DistributedDataParallel`` (apply
             before wrapping); an unknown keyword in ``config`` (the message names the nearest
-            option); ``progress`` not a bool or None.
+            option); ``progress`` not a bool or None; ``branch`` not a bool.
         ValueError: ``target`` matched no module (or only heads, or only the output layer); a
             ``target``/``train_heads`` collection is empty or holds a name that matches no
             module; a string that is not a valid regex; a targeted layer already carries an
@@ -373,6 +391,7 @@ def apply(
     """
     make_adapter = _factory(adapter, config)
     _check_progress(progress)
+    _check_flag(branch, "branch")
     root = _unwrap(model, "apply", changes_parameters=True)
     modules = _modules(root)
     is_target = _selector(target, "target", root, modules)
@@ -446,9 +465,14 @@ def apply(
 
     first_call = not adapted_layers(root)
     registered = _register(planned, progress)
-    _commit(root, registered, heads, first_call)
+    _commit(root, registered, heads, first_call, branch)
     _log_summary("apply", root, planned, len(heads))
     return model
+
+
+def _check_flag(value: object, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def _check_progress(progress: object) -> None:
@@ -544,9 +568,10 @@ def _unregister(modules: Iterable[nn.Module]) -> None:
 
 
 def _commit(
-    root: nn.Module, registered: list[nn.Module], heads: list[nn.Module], first_call: bool
+    root: nn.Module, registered: list[nn.Module], heads: list[nn.Module], first_call: bool, branch: bool
 ) -> None:
-    """Make the new layers copy-safe and set ``requires_grad``: adapters and heads trainable.
+    """Make the new layers copy-safe, give linear ones the branch forward (``branch``) and set
+    ``requires_grad``: adapters and heads trainable.
 
     On a model's first adaptation everything else is frozen; later calls freeze only the layers
     they adapted, so what earlier calls (or the user) made trainable stays so -- including a
@@ -554,6 +579,8 @@ def _commit(
     """
     for module in registered:
         _make_copies_independent(module)
+        if branch and _takes_branch(module):
+            type(module).forward = _branch_forward
     adapter_tensors = {id(p) for layer in adapted_layers(root) for p in layer.adapter.parameters()}
     head_tensors = {id(p) for head in heads for p in head.parameters()}
     if first_call:
@@ -573,6 +600,25 @@ def _commit(
     for head in heads:
         for parameter in head.parameters():
             parameter.requires_grad_(True)
+
+
+def _takes_branch(module: nn.Module) -> bool:
+    """An adapted layer that runs ``nn.Linear.forward`` and whose adapter has a branch form."""
+    runs_linear_forward = parametrize.type_before_parametrizations(module).forward is nn.Linear.forward
+    return runs_linear_forward and module.parametrizations.weight[0].has_branch
+
+
+def _branch_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    r"""``nn.Linear.forward`` of a layer adapted with ``branch=True``: :math:`x W^\top + b + x \Delta W^\top`.
+
+    Installed on the layer's own parametrized class, so :func:`merge` and
+    ``remove_parametrizations`` (which restore the original class) take it away. A parametrization
+    stacked on the adapter afterwards changes what :math:`W'` is, so the layer then reads it.
+    """
+    chain = self.parametrizations.weight
+    if len(chain) != 1:
+        return nn.functional.linear(input, self.weight, self.bias)
+    return nn.functional.linear(input, chain.original, self.bias) + chain[0].branch(input)
 
 
 def _has_own_weight(module: nn.Module) -> bool:
@@ -968,7 +1014,7 @@ def _nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def load_adapter(
-    model: nn.Module, path: str | Path, *, progress: bool | None = None
+    model: nn.Module, path: str | Path, *, progress: bool | None = None, branch: bool = True
 ) -> nn.Module:
     """Load an adapter file written by :func:`save_adapter` into ``model`` (in place).
 
@@ -1012,7 +1058,8 @@ def load_adapter(
     so a class of your own loads into a model that already carries it.
 
     ``progress`` and logging as in :func:`apply` (the bar shows while adapters are built for an
-    unadapted model; one INFO line per call).
+    unadapted model; one INFO line per call). ``branch`` is :func:`apply`'s, for the adapters
+    this call registers (a model that already carries adapters keeps their forward).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -1026,7 +1073,8 @@ def load_adapter(
             model's weight differs from the one the adapter was saved with (another pretrained
             weight, or a decomposition not reproducible here: save with ``factors=True``).
         TypeError: ``model`` is wrapped in ``DistributedDataParallel`` and has no adapters yet
-            (load into the model before wrapping it); ``progress`` not a bool or None.
+            (load into the model before wrapping it); ``progress`` not a bool or None;
+            ``branch`` not a bool.
         ImportError: ``progress=True`` without ``tqdm`` installed.
 
     Example:
@@ -1042,6 +1090,7 @@ def load_adapter(
         ValueError: adapter file ... does not match the model: layer '0': weight shape ...
     """
     _check_progress(progress)
+    _check_flag(branch, "branch")
     root = _unwrap(model, "load_adapter")
     entries, extra_entries, rebuilt, saved = _read_adapter_file(path)
     extra = {entry["key"]: saved.pop(entry["key"]) for entry in extra_entries}
@@ -1077,7 +1126,7 @@ def load_adapter(
     except ValueError:
         _unregister(registered)
         raise
-    _commit(root, registered, [], first_call=True)
+    _commit(root, registered, [], first_call=True, branch=branch)
     _copy_tensors(root, saved)
     _copy_extra(root, extra_entries, extra)
     _log_summary(f"load_adapter from {path}", root, planned, 0)

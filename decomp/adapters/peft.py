@@ -258,7 +258,13 @@ class DecompLayer(nn.Module, BaseTunerLayer):
 
     ``forward(x)`` is the base layer's own forward with the weight :math:`A_k(\cdots A_1(W))` of
     the active adapters (the base layer itself when adapters are disabled or merged); ``x`` has
-    the shape the base layer takes. peft creates these layers; the example shows one alone.
+    the shape the base layer takes. On an ``nn.Linear`` whose active adapters all have a branch
+    form (:attr:`~decomp.adapters.AdapterParam.has_branch`) that is computed as
+    :math:`x W^\top + b + \sum_k x \Delta W_k^\top` with their
+    :meth:`~decomp.adapters.AdapterParam.branch`, never forming the adapted weight, as native
+    :func:`~decomp.adapters.apply`'s default and peft's LoRA do (a branch update does not depend on
+    the weight it is added to, so the chain is the sum of the updates). peft creates these
+    layers; the example shows one alone.
 
     Example:
         >>> layer = DecompLayer(torch.nn.Conv2d(4, 6, 3, padding_mode="reflect", padding=1), "default")
@@ -309,6 +315,12 @@ class DecompLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged or not any(name in self.decomp_adapters for name in self.active_adapters):
             return self.base_layer(x, *args, **kwargs)
+        active = [self.decomp_adapters[name] for name in self.active_adapters if name in self.decomp_adapters]
+        if type(self.base_layer).forward is nn.Linear.forward and all(adapter.has_branch for adapter in active):
+            output = self.base_layer(x, *args, **kwargs)
+            for adapter in active:
+                output = output + adapter.branch(x)
+            return output
         weight = self.adapted_weight()
         return torch.func.functional_call(self.base_layer, {"weight": weight}, (x, *args), kwargs)
 

@@ -58,6 +58,11 @@ class SVDParam(AdapterParam):
       :math:`R \sim \mathcal{N}(0, 10^{-10})` (std :math:`10^{-5}`), which is **not** identity at
       init (:math:`\Delta W \neq 0`, tiny).
 
+    **Branch** (:meth:`branch`, a linear layer under :func:`decomp.adapters.apply`): per token
+    :math:`4 r (m + n)` flops for PiSSA, :math:`2 r (m + n)` for SVFit and :math:`2 r (m + n) + 2 r^2`
+    for LoRA-XS, saving ``(..., 2r)`` (PiSSA) or ``(..., r)`` numbers beside ``x``; the weight
+    path forms the :math:`m \times n` update and :math:`\partial L/\partial W'` every step.
+
     For ``pissa`` and ``svfit`` the update is exactly zero at init, so the adapted layer's output
     equals the pretrained output exactly. ``scale`` multiplies the update as peft's
     ``lora_alpha / r`` does (the factors are divided so the initial product is unchanged); it
@@ -205,6 +210,25 @@ class SVDParam(AdapterParam):
         else:
             update = (self.left.to(dtype) @ self.core.to(dtype)) @ self.right.to(dtype)
         return (self.applied_scale * update).reshape(weight.shape)
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`x \Delta W^\top` as two thin products, in the algebra of :meth:`delta` (so it is
+        exactly zero where :meth:`delta` is): PiSSA :math:`c\,[x A^\top,\ x (A - A_0)^\top]
+        [B - B_0,\ B_0]^\top`, SVFit :math:`((x V_r) \odot c(\tau - \tau_0)) U_r^\top`, LoRA-XS
+        :math:`c\,((x A^\top) R^\top) B^\top`."""
+        dtype = x.dtype
+        if self.mode == "pissa":
+            left, right = self.left.to(dtype), self.right.to(dtype)
+            initial_left = self.initial_left.to(dtype)
+            # One (2r, n) and one (m, 2r) product instead of four thin ones and a sum.
+            stacked_right = torch.cat([right, right - self.initial_right.to(dtype)])
+            stacked_left = torch.cat([left - initial_left, initial_left], dim=1)
+            return (self.applied_scale * (x @ stacked_right.T)) @ stacked_left.T
+        if self.mode == "svfit":
+            change = self.singular_values.to(dtype) - self.initial_singular_values.to(dtype)
+            return ((x @ self.right.to(dtype).T) * (self.applied_scale * change)) @ self.left.to(dtype).T
+        core = self.applied_scale * self.core.to(dtype)
+        return ((x @ self.right.to(dtype).T) @ core.T) @ self.left.to(dtype).T
 
 
 def _count_at_rank(shape: tuple[int, ...], rank: int, mode: str) -> int:

@@ -72,6 +72,10 @@ class TuckerParam(AdapterParam):
 
     i.e. :math:`r^2 + r(d_{out} + d_{in})` on a linear layer (LoRA's count plus :math:`r^2`).
 
+    **Branch** (:meth:`branch`, a linear layer under :func:`decomp.adapters.apply`): LoRA's
+    :math:`2 r (d_{out} + d_{in})` flops per token plus :math:`2 r^2`, saving two ``(..., r)``
+    intermediates beside ``x``; the weight path forms the update and :math:`\partial L/\partial W'`.
+
     Args:
         rank: :math:`r`, the rank of both channel modes, an int in :math:`[1, \min(d_0, d_1)]`;
             ``None`` (default) is :math:`\min(8, d_0, d_1)`, lowered until the count is at most
@@ -149,6 +153,15 @@ class TuckerParam(AdapterParam):
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         factors = tuple(factor.to(weight.dtype) for factor in self.factors)
         return self.scale * Tucker(self.core.to(weight.dtype), factors, self.factored_modes).to_tensor()
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`x \Delta W^\top = s\, x U_1 G^\top U_0^\top` on a linear weight, a mode's factor left
+        out where it is not factored (the core is full on that mode)."""
+        factors = dict(zip(self.factored_modes, (factor.to(x.dtype) for factor in self.factors)))
+        if 1 in factors:
+            x = x @ factors[1]
+        x = x @ (self.scale * self.core.to(x.dtype)).T
+        return x @ factors[0].T if 0 in factors else x
 
 
 def _tucker_count(shape: Sequence[int], ranks: Sequence[int | None]) -> int:

@@ -78,3 +78,29 @@ def layers(draw, kinds: frozenset[str] = LAYER_KINDS, dtype: torch.dtype = torch
     size = max(dilation * (max(kernel) - 1) + 1, padding + 1) + draw(st.integers(0, 2))
     x = torch.randn(2, layer.in_channels, *([size] * spatial), generator=seeded(seed + 1))
     return layer.to(dtype), x.to(dtype)
+
+
+BATCH_SHAPES = st.sampled_from([(), (3,), (2, 3)])
+
+
+def perturbed(adapter: AdapterParam, seed: int) -> AdapterParam:
+    """``adapter`` with every Parameter moved by a standard normal draw (away from its init)."""
+    generator = seeded(seed)
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    return adapter
+
+
+def assert_branch_is_the_weight_path(adapter: AdapterParam, weight: torch.Tensor, x: torch.Tensor) -> None:
+    """``adapter.branch(x)`` (float64) equals ``x @ delta(W).T``, and so do its gradients in ``x``
+    and in every Parameter along a random output direction. Shared by the branch tests of the
+    adapters with a branch form."""
+    x = x.detach().requires_grad_()
+    inputs = (x, *adapter.parameters())
+    branch, weighted = adapter.branch(x), x @ adapter.delta(weight).T
+    torch.testing.assert_close(branch, weighted, rtol=1e-9, atol=1e-12)
+    direction = torch.randn(branch.shape, generator=seeded(0), dtype=branch.dtype)
+    gradients = [torch.autograd.grad((out * direction).sum(), inputs) for out in (branch, weighted)]
+    for mine, expected in zip(*gradients):
+        torch.testing.assert_close(mine, expected, rtol=1e-9, atol=1e-12)

@@ -1,4 +1,5 @@
-"""DCTParam (LoCA-style): identity at init, the update against scipy's idctn, location rules, errors."""
+"""DCTParam (LoCA-style): identity at init, the update against scipy's idctn, location rules, the linear
+branch (its autograd Function and what it saves), errors."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
-from decomp import dct_matrix
+from decomp import dct, dct_matrix, idct
 from decomp.adapters import DCTParam
+from decomp.adapters.dct import _SparseSpectrumProduct
 
-from tests.adapters.strategies import adapter_of, layers
+from tests.adapters.strategies import BATCH_SHAPES, adapter_of, assert_branch_is_the_weight_path, layers, perturbed, seeded
+from tests.strategies import SEEDS
 
 RULES = ("magnitude", "low", "random")
 
@@ -92,6 +95,86 @@ def test_fast_path_on_a_long_dim_matches_the_dense_formula():
     rows_basis, columns_basis = dct_matrix(8, dtype=torch.float64), dct_matrix(300, dtype=torch.float64)
     dense = rows_basis.T @ spectrum.view(8, 300) @ columns_basis
     torch.testing.assert_close(adapter.delta(W), dense, rtol=1e-10, atol=1e-12)
+
+
+@given(st.integers(1, 12), st.integers(1, 12), st.sampled_from(RULES), st.data(), SEEDS)
+def test_branch_is_exactly_zero_at_init_and_the_weight_path_after(rows, columns, rule, data, seed):
+    weight = torch.randn(rows, columns, generator=seeded(seed), dtype=torch.float64)
+    count = data.draw(st.one_of(st.none(), st.integers(1, rows * columns)))
+    scale = data.draw(st.floats(0.1, 10.0))
+    adapter = DCTParam.from_weight(weight, num_coefficients=count, locations=rule, scale=scale, seed=seed)
+    x = torch.randn(*data.draw(BATCH_SHAPES), columns, generator=seeded(seed + 1), dtype=torch.float64)
+    assert torch.equal(adapter.branch(x), torch.zeros(*x.shape[:-1], rows, dtype=x.dtype))
+    assert_branch_is_the_weight_path(perturbed(adapter, seed), weight, x)
+
+
+@pytest.mark.parametrize("shape", [(300, 8), (8, 300), (257, 230)])
+def test_branch_on_long_dims_takes_the_fft_path_and_is_the_weight_path(shape):
+    """Above 224 the transforms run by FFT instead of the cached basis: both dims are covered."""
+    weight = torch.randn(shape, generator=seeded(0), dtype=torch.float64)
+    adapter = perturbed(DCTParam.from_weight(weight, locations="random"), 1)
+    x = torch.randn(2, 3, shape[1], generator=seeded(2), dtype=torch.float64)
+    assert_branch_is_the_weight_path(adapter, weight, x)
+
+
+def test_branch_of_an_empty_batch_is_empty():
+    """nn.Linear takes a batch of zero rows; the DCT's own empty-input check must not refuse it."""
+    adapter = DCTParam.from_weight(torch.randn(6, 300))
+    assert adapter.branch(torch.zeros(0, 300)).shape == (0, 6)
+
+
+def spectrum_product_inputs(batch: tuple[int, ...], rows: int, columns: int, count: int) -> tuple:
+    """Float64 inputs of the branch's Function: x (*batch, columns), coefficients, distinct locations."""
+    locations = torch.randperm(rows * columns, generator=seeded(0))[:count].sort().values
+    x = torch.randn(*batch, columns, generator=seeded(1), dtype=torch.float64, requires_grad=True)
+    coefficients = torch.randn(count, generator=seeded(2), dtype=torch.float64, requires_grad=True)
+    return x, coefficients, locations // columns, locations % columns, rows
+
+
+@pytest.mark.parametrize(
+    ("batch", "rows", "columns", "count"), [((2, 3), 5, 7, 9), ((2,), 4, 230, 20), ((2,), 230, 3, 12)]
+)
+def test_the_branch_function_passes_gradcheck_and_gradgradcheck(batch, rows, columns, count):
+    """The hand-written backward (and, as its docstring says, double backward) against finite
+    differences; (4, 230) and (230, 3) put each side of the transform on its FFT path."""
+    inputs = spectrum_product_inputs(batch, rows, columns, count)
+    assert torch.autograd.gradcheck(_SparseSpectrumProduct.apply, inputs)
+    assert torch.autograd.gradgradcheck(_SparseSpectrumProduct.apply, inputs)
+
+
+def saved_numels(function, *inputs) -> list[tuple[int, bool]]:
+    """(numel, whether it is ``inputs[0]``'s storage) of every tensor autograd saves while
+    ``function(*inputs)`` runs."""
+    saved = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append((tensor.numel(), tensor.untyped_storage().data_ptr() == inputs[0].untyped_storage().data_ptr()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        function(*inputs)
+    return saved
+
+
+def test_branch_saves_x_and_no_gathered_spectrum():
+    """The Function saves x (already held as the layer's input), the coefficients and the
+    locations: nothing of the (..., count) gathered spectrum that plain autograd keeps, at the
+    default count m + n twice x's size. The plain composition is measured too, so the test
+    would see the difference."""
+    rows, columns = 12, 10
+    adapter = perturbed(DCTParam.from_weight(torch.randn(rows, columns, dtype=torch.float64)), 0)
+    count = adapter.coefficients.numel()
+    x = torch.randn(4, 5, columns, dtype=torch.float64, requires_grad=True)
+    saved = saved_numels(adapter.branch, x)
+    assert all(is_x or numel <= count for numel, is_x in saved)
+    assert any(is_x for _, is_x in saved)
+
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        gathered = dct(x, dim=-1)[..., adapter.locations % columns] * adapter.coefficients
+        spectrum = gathered.new_zeros(*x.shape[:-1], rows).index_add(-1, adapter.locations // columns, gathered)
+        return idct(spectrum, dim=-1)
+
+    assert any(numel == 4 * 5 * count for numel, _ in saved_numels(plain, x))
 
 
 def test_count_above_the_matrix_view_raises_and_leaves_layer_untouched():

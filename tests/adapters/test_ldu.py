@@ -1,4 +1,4 @@
-"""LDUParam (LoLDU): identity at init, closed forms against scipy's LU, training, errors."""
+"""LDUParam (LoLDU): identity at init, closed forms against scipy's LU, training, the linear branch, errors."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from decomp.adapters import LDUParam, apply, load_adapter, save_adapter
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tests.adapters.strategies import adapter_of, default_fits, layers
+from tests.adapters.strategies import BATCH_SHAPES, adapter_of, assert_branch_is_the_weight_path, default_fits, layers, perturbed, seeded
+from tests.strategies import SEEDS
 
 
 @given(layers(), st.booleans())
@@ -57,6 +58,18 @@ def test_closed_form_against_scipy_lu(layer_and_input, scale):
     unit_upper = U / U.diagonal()[:, None]
     expected = W + (s0 * P @ (L * step) @ unit_upper).reshape(W.shape)
     torch.testing.assert_close(layer.weight, expected, rtol=1e-8, atol=1e-8)
+
+
+@given(st.integers(1, 10), st.integers(1, 10), st.data(), SEEDS)
+def test_branch_is_exactly_zero_at_init_and_the_weight_path_after(rows, columns, data, seed):
+    weight = torch.randn(rows, columns, generator=seeded(seed), dtype=torch.float64)
+    rank = data.draw(st.one_of(st.none(), st.integers(1, min(rows, columns))))
+    scale = data.draw(st.one_of(st.none(), st.floats(0.1, 10.0)))
+    assume(default_fits(LDUParam(rank=rank), weight))
+    adapter = LDUParam.from_weight(weight, rank=rank, scale=scale)
+    x = torch.randn(*data.draw(BATCH_SHAPES), columns, generator=seeded(seed + 1), dtype=torch.float64)
+    assert torch.equal(adapter.branch(x), torch.zeros(*x.shape[:-1], rows, dtype=x.dtype))
+    assert_branch_is_the_weight_path(perturbed(adapter, seed), weight, x)
 
 
 def test_pivots_and_relative_scale_are_the_trainable_tensors_and_both_get_a_gradient():

@@ -331,6 +331,34 @@ def test_active_adapters_compose_in_order_as_merging_does():
     torch.testing.assert_close(outputs(merged), both, rtol=1e-5, atol=1e-6)
 
 
+def test_linear_layers_with_branch_adapters_run_the_branch_and_equal_the_weight_path():
+    """Two branch adapters active on a linear layer: base output plus both branches, equal to the
+    chain of adapted weights (and to the merged model); with a Lie adapter in the chain the layer
+    computes the adapted weight instead."""
+    base = small_convnet()
+    model = get_peft_model(copy.deepcopy(base), DecompConfig(method="SVDParam", target_modules=["4"]))
+    model.add_adapter("dct", DecompConfig(method="DCTParam", target_modules=["4"]))
+    model.add_adapter("lie", DecompConfig(method="LieParam", target_modules=["4"]))
+    for name in ("default", "dct", "lie"):
+        model.set_adapter(name)
+        perturb(model, 0.2)
+    layer = next(module for module in model.modules() if isinstance(module, DecompLayer))
+    x = torch.randn(3, layer.base_layer.in_features)
+    for names in (["default", "dct"], ["default", "dct", "lie"]):
+        model.base_model.set_adapter(names)
+        weighted = torch.nn.functional.linear(x, layer.adapted_weight(), layer.base_layer.bias)
+        torch.testing.assert_close(layer(x), weighted, rtol=1e-5, atol=1e-6)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            layer(x.requires_grad_())
+        weight_sized = [t for t in saved if t.shape == layer.base_layer.weight.shape]
+        assert (weight_sized == []) == (names == ["default", "dct"])
+    model.base_model.set_adapter(["default", "dct"])
+    both = outputs(model)
+    merged = model.merge_and_unload(adapter_names=["default", "dct"])
+    torch.testing.assert_close(outputs(merged), both, rtol=1e-5, atol=1e-6)
+
+
 def test_inject_adapter_in_model_and_peft_state_dicts():
     base = small_convnet()
     config = DecompConfig(method="LDUParam", target_modules=["0", "2"])

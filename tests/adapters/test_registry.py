@@ -45,6 +45,9 @@ class ScaledLowRank(AdapterParam):
         update = self.up.to(weight.dtype) @ self.down.to(weight.dtype)
         return (self.scale / self.down.shape[0]) * update.reshape(weight.shape)
 
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.scale / self.down.shape[0]) * (x @ self.down.to(x.dtype).T) @ self.up.to(x.dtype).T
+
 
 class UnregisteredLowRank(ScaledLowRank):
     """The same adapter under a name nobody registered."""

@@ -1,4 +1,5 @@
-"""SVDParam (PiSSA, SVFit, LoRA-XS): identity at init, closed forms against numpy's SVD, peft's PiSSA."""
+"""SVDParam (PiSSA, SVFit, LoRA-XS): identity at init, closed forms against numpy's SVD, peft's PiSSA,
+the linear branch against the weight path."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
-from decomp.adapters import SVDParam
-from tests.adapters.strategies import adapter_of, default_fits, layers
+from decomp.adapters import AdapterParam, SVDParam
+from tests.adapters.strategies import BATCH_SHAPES, adapter_of, assert_branch_is_the_weight_path, default_fits, layers, perturbed, seeded
+from tests.strategies import SEEDS
 
 MODES = ("pissa", "svfit", "lora_xs")
 
@@ -59,6 +61,25 @@ def test_closed_forms_against_numpy_svd(layer_and_input, mode, scale):
             adapter.core.copy_(torch.eye(rank, dtype=W.dtype))
             expected = W + scale * best
     torch.testing.assert_close(layer.weight, expected, rtol=1e-9, atol=1e-9)
+
+
+@given(st.integers(1, 10), st.integers(1, 10), st.sampled_from(MODES), st.data(), SEEDS)
+def test_branch_is_exactly_zero_at_init_and_the_weight_path_after(rows, columns, mode, data, seed):
+    weight = torch.randn(rows, columns, generator=seeded(seed), dtype=torch.float64)
+    assume(default_fits(SVDParam(mode=mode), weight))
+    scale = data.draw(st.one_of(st.none(), st.floats(0.25, 4.0)))
+    adapter = SVDParam.from_weight(weight, mode=mode, scale=scale)
+    x = torch.randn(*data.draw(BATCH_SHAPES), columns, generator=seeded(seed + 1), dtype=torch.float64)
+    assert torch.equal(adapter.branch(x), torch.zeros(*x.shape[:-1], rows, dtype=x.dtype))
+    assert_branch_is_the_weight_path(perturbed(adapter, seed), weight, x)
+
+
+def test_lora_xs_normal_init_branch_is_the_nonzero_update():
+    weight = torch.randn(9, 7, generator=seeded(0), dtype=torch.float64)
+    adapter = SVDParam.from_weight(weight, rank=3, mode="lora_xs", init="normal", scale=2.0)
+    x = torch.randn(4, 7, generator=seeded(1), dtype=torch.float64)
+    assert adapter.branch(x).abs().max() > 0
+    assert_branch_is_the_weight_path(adapter, weight, x)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -1,4 +1,4 @@
-"""TuckerParam (FLoRA): identity at init, the Tucker formula, merge, gradients, counts, errors."""
+"""TuckerParam (FLoRA): identity at init, the Tucker formula, merge, gradients, counts, the linear branch, errors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 
 from decomp.adapters import TuckerParam
 from tests.strategies import SEEDS, relative_error
-from tests.adapters.strategies import default_fits, layers
+from tests.adapters.strategies import BATCH_SHAPES, assert_branch_is_the_weight_path, default_fits, layers, seeded
 
 
 
@@ -71,6 +71,31 @@ def test_delta_is_the_tucker_product_and_merge_matches(case, config, seed):
     unmerged = layer(x)
     parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
     assert relative_error(layer(x).detach(), unmerged.detach()) < 1e-10
+
+
+@given(st.integers(1, 10), st.integers(1, 10), configs(), BATCH_SHAPES, SEEDS)
+def test_branch_is_exactly_zero_at_init_and_the_weight_path_after(rows, columns, config, batch, seed):
+    weight = torch.randn(rows, columns, generator=seeded(seed), dtype=torch.float64)
+    assume(default_fits(TuckerParam(**config), weight))
+    torch.manual_seed(seed)  # the "random" init draws from the global generator
+    adapter = TuckerParam.from_weight(weight, **config)
+    x = torch.randn(*batch, columns, generator=seeded(seed + 1), dtype=torch.float64)
+    assert torch.equal(adapter.branch(x), torch.zeros(*batch, rows, dtype=x.dtype))
+    perturb(adapter, seed)
+    assert_branch_is_the_weight_path(adapter, weight, x)
+
+
+def test_branch_keeps_the_core_full_on_a_mode_without_factor():
+    """No built adapter leaves a linear mode unfactored today; the branch still follows
+    ``factored_modes`` (the Tucker product with the core full on the other mode)."""
+    weight = torch.randn(6, 5, generator=seeded(0), dtype=torch.float64)
+    x = torch.randn(3, 5, generator=seeded(1), dtype=torch.float64)
+    for mode, core_shape in ((0, (2, 5)), (1, (6, 2))):
+        adapter = TuckerParam.from_weight(weight, rank=2, scale=1.5)
+        adapter.factored_modes = (mode,)
+        adapter.factors = nn.ParameterList([adapter.factors[mode]])
+        adapter.core = nn.Parameter(torch.randn(core_shape, generator=seeded(2), dtype=torch.float64))
+        assert_branch_is_the_weight_path(adapter, weight, x)
 
 
 @given(layers(dtype=torch.float32), configs())

@@ -3,7 +3,8 @@ covers every registered adapter class.
 
 Identity at init (and, where documented, its absence) over hypothesis-drawn layers (Linear,
 Conv1d/2d/3d with groups, dilation, stride and every padding mode), the closed-form trainable
-count, merge equivalence after a training step, gradients reaching only adapter tensors, adapter
+count, merge equivalence after a training step, gradients reaching only adapter tensors, the
+linear branch forward against the weight path, adapter
 save -> load into a fresh model, an atomic load (a file missing a tensor changes nothing),
 ``copy.deepcopy`` independence, bf16 and fp16 layers, the ``state_dict`` round trip, and the
 adapter's own refusal of a weight outside its ndim range.
@@ -167,6 +168,41 @@ def test_gradients_reach_only_adapter_tensors(case, data):
         assert parameter.grad is None and not parameter.requires_grad, name
     gradients = [p.grad for p in adapter_of(model.layer).parameters()]
     assert any(g is not None and bool(g.abs().sum() > 0) for g in gradients)
+
+
+LINEAR_CASES = [case for case in ADAPTER_CASES if "linear" in case.layers]
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=[case.name for case in LINEAR_CASES])
+@settings(max_examples=8)
+@given(data=st.data())
+def test_branch_forward_computes_the_weight_path(case, data):
+    """``apply``'s default branch forward on ``nn.Linear`` (classes with a branch form) equals the
+    weight path (``branch=False``): exactly at init where the update is zero, and up to rounding
+    after a training step, in the output and in every adapter gradient. A class without a branch
+    form keeps ``nn.Linear.forward``."""
+    layer, x = data.draw(layers(frozenset({"linear"}), torch.float64))
+    assume(default_fits(case.factory(), layer))
+    pretrained = layer(x).detach()
+    branched = apply(Wrapped(copy.deepcopy(layer), x), lambda name, module: case.factory(), target=r".*")
+    weighted = apply(Wrapped(layer, x), lambda name, module: case.factory(), target=r".*", branch=False)
+    weighted.load_state_dict(branched.state_dict())
+    adapter = adapter_of(branched.layer)
+    assert (type(branched.layer).forward is not nn.Linear.forward) == adapter.has_branch
+    assert type(weighted.layer).forward is nn.Linear.forward
+    if case.expect_identity_at_init and adapter.has_branch:
+        assert torch.equal(branched().detach(), pretrained)
+    train_step(branched)
+    weighted.load_state_dict(branched.state_dict())
+    direction = torch.randn(pretrained.shape, generator=seeded(3), dtype=torch.float64)
+    for model in (branched, weighted):
+        (model() * direction).sum().backward()
+    torch.testing.assert_close(branched(), weighted(), rtol=1e-9, atol=1e-12)
+    for mine, theirs in zip(adapter.parameters(), adapter_of(weighted.layer).parameters()):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-9, atol=1e-12)
+    if adapter.has_branch:
+        delta = adapter.delta(weighted.layer.parametrizations.weight.original)
+        torch.testing.assert_close(adapter.branch(x), x @ delta.T, rtol=1e-9, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------
