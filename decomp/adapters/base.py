@@ -495,6 +495,11 @@ class AdapterParam(nn.Module):
     #: their :func:`buffer_fingerprint`. A name that is a Parameter (or absent) in some mode of
     #: the adapter is ignored there.
     rebuilt_buffers: ClassVar[tuple[str, ...]] = ()
+    #: Options added after adapter files of the class were first written, with the value an
+    #: adapter file's config that lacks one means: the behaviour from before the option existed
+    #: (KronParam's ``scale``: 1.0). :func:`~decomp.adapters.load_adapter` reads a file's config
+    #: over these; a config built in code takes the option's current default.
+    saved_defaults: ClassVar[Mapping[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -673,7 +678,7 @@ class AdapterParam(nn.Module):
         Example:
             >>> from decomp.adapters import KronParam
             >>> KronParam(2, b_shape=(4, 6), c_shape=(5, 8)).config()
-            {'rank': 2, 'b_shape': [4, 6], 'c_shape': [5, 8]}
+            {'rank': 2, 'b_shape': [4, 6], 'c_shape': [5, 8], 'scale': None}
         """
         return {o.name: _config_value(getattr(self, o.attribute)) for o in type(self)._options}
 

@@ -1457,7 +1457,8 @@ def _described_adapters(
             with warnings.catch_warnings():
                 # An older file's option names (alpha=) are the file's, not the caller's, to update.
                 warnings.simplefilter("ignore", DeprecationWarning)
-                adapters.append(classes[entry["adapter"]](**entry["config"]))
+                cls = classes[entry["adapter"]]
+                adapters.append(cls(**{**cls.saved_defaults, **entry["config"]}))
         except (TypeError, ValueError) as error:
             problems.append(
                 f"layer {entry['name']!r}: {entry['adapter']} rejects the config "

@@ -1,17 +1,24 @@
-"""KronParam (SoKA-style): exact zero at init, Kronecker formula, KPSVD start, peft LoKr counts, errors."""
+"""KronParam (SoKA-style): exact zero at init, Kronecker formula, KPSVD start, peft LoKr counts, the
+one-learning-rate scale, the branch form, errors."""
 
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.nn.utils import parametrize
 
 from decomp import kpsvd
-from decomp.adapters import KronParam
-from tests.adapters.strategies import default_fits, layers
+from decomp.adapters import KronParam, apply, load_adapter, save_adapter
+from tests.adapters.strategies import BATCH_SHAPES, adapter_of, assert_branch_is_the_weight_path, default_fits, layers, seeded
 from tests.adapters.test_tucker_param import perturb
 from tests.strategies import SEEDS, relative_error
 
@@ -57,7 +64,7 @@ def test_delta_is_the_change_of_the_kronecker_sum_and_merge_matches(case, rank, 
     weight = layer.parametrizations.weight.original.detach()
     with torch.no_grad():
         change = kron_sum(adapter.S, adapter.B, adapter.C) - kron_sum(adapter.S0, adapter.B0, adapter.C0)
-    expected = weight + change.reshape(weight.shape)
+    expected = weight + adapter.applied_scale * change.reshape(weight.shape)
     assert relative_error(layer.weight.detach(), expected) < 1e-10
     unmerged = layer(x).detach()
     parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
@@ -120,6 +127,9 @@ def test_given_shapes_split_the_matrix_view():
         ({"b_shape": (2, 3)}, ValueError, "b_shape and c_shape must be given together"),
         ({"b_shape": (2, 3, 1), "c_shape": (1, 1)}, TypeError, "b_shape must be a pair"),
         ({"b_shape": (0, 3), "c_shape": (1, 1)}, ValueError, r"b_shape\[0\] must be >= 1"),
+        ({"scale": 0.0}, ValueError, "scale must be a float > 0"),
+        ({"scale": float("inf")}, ValueError, "scale"),
+        ({"scale": "1"}, TypeError, "scale must be a float > 0, got str"),
     ],
 )
 def test_bad_arguments_raise(kwargs, error, match):
@@ -130,3 +140,137 @@ def test_bad_arguments_raise(kwargs, error, match):
 def test_shapes_that_do_not_tile_the_weight_raise():
     with pytest.raises(ValueError, match=r"must multiply to the weight's matrix view \(d_out, d_in\*K\) = \(6, 36\)"):
         KronParam.from_weight(torch.randn(6, 4, 3, 3), b_shape=(3, 6), c_shape=(2, 5))
+
+
+def fits(weight: torch.Tensor, rank: int | None) -> bool:
+    """Whether ``KronParam(rank)`` builds on ``weight`` at the default shapes (``build`` checks the errors)."""
+    if not default_fits(KronParam(rank), weight):
+        return False
+    (m1, n1), (m2, n2) = KronParam.from_weight(weight, rank=1).term_shapes
+    return rank is None or rank <= min(m1 * n1, m2 * n2)
+
+
+def rule_scale(rank: int, b_shape: tuple[int, int], c_shape: tuple[int, int]) -> float:
+    """The documented ``scale=None`` rule, written out from the docstring's formula."""
+    p, q = b_shape[0] * b_shape[1], c_shape[0] * c_shape[1]
+    energy = min(1.0, rank * (p**-0.5 + q**-0.5) ** 2)
+    return math.sqrt(2 * rank / (energy * (p + q)))
+
+
+def unscaled_delta(adapter: KronParam, weight: torch.Tensor) -> torch.Tensor:
+    """The update as the class computed it before ``scale`` existed (the code of then, verbatim)."""
+    (m1, n1), (m2, n2) = adapter.term_shapes
+
+    def rearranged(S: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        rank = S.shape[0]
+        scaled = (S.to(weight.dtype)[:, None] * B.to(weight.dtype).reshape(rank, -1)).T
+        return scaled @ C.to(weight.dtype).reshape(rank, -1)
+
+    change = rearranged(adapter.S, adapter.B, adapter.C) - rearranged(adapter.S0, adapter.B0, adapter.C0)
+    matrix = change.reshape(m1, n1, m2, n2).permute(0, 2, 1, 3).reshape(m1 * m2, n1 * n2)
+    return matrix.reshape(weight.shape)
+
+
+@given(layers(dtype=torch.float32), RANKS, SEEDS)
+def test_scale_one_is_the_unscaled_update_bitwise(case, rank, seed):
+    """Adapters saved with ``scale=1.0`` (and files from before the option, loaded as 1.0) compute
+    exactly what they did."""
+    layer, _ = case
+    weight = layer.weight.detach()
+    assume(fits(weight, rank))
+    adapter = KronParam.from_weight(weight, rank=rank, scale=1.0)
+    perturb(adapter, seed)
+    with torch.no_grad():
+        assert torch.equal(adapter.delta(weight), unscaled_delta(adapter, weight))
+
+
+@given(layers(), RANKS, st.floats(0.01, 100.0), SEEDS)
+def test_scale_multiplies_the_update_and_the_default_is_the_rule(case, rank, scale, seed):
+    layer, _ = case
+    weight = layer.weight.detach()
+    assume(fits(weight, rank))
+    default, scaled = KronParam.from_weight(weight, rank=rank), KronParam.from_weight(weight, rank=rank, scale=scale)
+    assert default.applied_scale == pytest.approx(rule_scale(default.S.numel(), *default.term_shapes), rel=1e-12)
+    assert scaled.applied_scale == scale
+    perturb(scaled, seed)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled.delta(weight), scale * unscaled_delta(scaled, weight), rtol=1e-9, atol=1e-12)
+    assert KronParam.trainable_count(tuple(weight.shape), rank=rank, scale=scale) == default.num_trainable()
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 40), (1024, 256), (64, 32, 3, 3), (64, 3, 7, 7)])
+def test_the_rules_first_adam_step_is_lora_r8s(shape):
+    """The derivation of the rule: one Adam step at lr eta (every entry of S, B, C moves by +-eta)
+    on a weight of RMS 1/sqrt(n) moves it by about eta * sqrt(2r) of its norm (sqrt(8) eta at
+    r = 4, LoRA r=8's on a default-initialised layer); scale=1 moved it 2 to 9 times more."""
+    generator = seeded(0)
+    weight = torch.randn(shape, generator=generator) / math.sqrt(math.prod(shape[1:]))
+    lr = 1e-3
+    ratios = []
+    for scale in (None, 1.0):
+        adapter = KronParam.from_weight(weight, scale=scale)
+        optimizer = torch.optim.Adam(adapter.parameters(), lr=lr)
+        (adapter(weight) * torch.randn(shape, generator=seeded(1))).sum().backward()
+        optimizer.step()
+        with torch.no_grad():
+            ratios.append(float(adapter.delta(weight).norm() / weight.norm()))
+    target = lr * math.sqrt(2 * adapter.S.numel())
+    assert 0.8 * target < ratios[0] < 1.25 * target, (ratios, target)
+    assert ratios[1] > 1.9 * ratios[0]
+
+
+def test_config_round_trip_keeps_the_scale():
+    for scale in (None, 0.25, 1.0):
+        adapter = KronParam(2, b_shape=(4, 6), c_shape=(5, 8), scale=scale)
+        config = adapter.config()
+        assert config == {"rank": 2, "b_shape": [4, 6], "c_shape": [5, 8], "scale": scale}
+        again = KronParam(**config)
+        weight = torch.randn(20, 48, generator=seeded(0))
+        assert KronParam.from_weight(weight, **config).applied_scale == again.from_weight(weight, **config).applied_scale
+
+
+@given(st.integers(1, 12), st.integers(1, 12), RANKS, st.one_of(st.none(), st.floats(0.25, 4.0)), st.data(), SEEDS)
+def test_branch_is_exactly_zero_at_init_and_the_weight_path_after(rows, columns, rank, scale, data, seed):
+    weight = torch.randn(rows, columns, generator=seeded(seed), dtype=torch.float64)
+    assume(fits(weight, rank))
+    adapter = KronParam.from_weight(weight, rank=rank, scale=scale)
+    x = torch.randn(*data.draw(BATCH_SHAPES), columns, generator=seeded(seed + 1), dtype=torch.float64)
+    assert torch.equal(adapter.branch(x), torch.zeros(*x.shape[:-1], rows, dtype=x.dtype))
+    perturb(adapter, seed)
+    assert_branch_is_the_weight_path(adapter, weight, x)
+
+
+def test_branch_with_given_shapes_is_the_weight_path():
+    """A split other than the default one (here m1 n1 = 2 * 9 on a (6, 18) weight)."""
+    weight = torch.randn(6, 18, generator=seeded(0), dtype=torch.float64)
+    adapter = KronParam.from_weight(weight, rank=3, b_shape=(2, 9), c_shape=(3, 2), scale=0.7)
+    perturb(adapter, 1)
+    assert_branch_is_the_weight_path(adapter, weight, torch.randn(2, 5, 18, generator=seeded(2), dtype=torch.float64))
+
+
+def test_a_file_saved_before_scale_existed_loads_with_scale_one(tmp_path: Path):
+    """Regression: such a file has no 'scale' in its config; its factors trained the unscaled update."""
+    torch.manual_seed(0)
+    pretrained = nn.Sequential(nn.Linear(48, 20))
+    state = {key: value.clone() for key, value in pretrained.state_dict().items()}
+    trained = apply(pretrained, KronParam, target=["0"], scale=1.0)
+    perturb(adapter_of(trained[0]), 0)
+    x = torch.randn(3, 48, generator=seeded(1))
+    path = tmp_path / "kron.safetensors"
+    save_adapter(trained, path)
+    with safe_open(str(path), "pt") as handle:  # rewritten as an older version wrote it
+        metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
+    layers_metadata = json.loads(metadata["decomp.adapters"])
+    for layer in layers_metadata:
+        del layer["config"]["scale"]
+    metadata["decomp.adapters"] = json.dumps(layers_metadata)
+    save_file(tensors, str(path), metadata=metadata)
+    fresh = nn.Sequential(nn.Linear(48, 20))
+    fresh.load_state_dict(state)
+    load_adapter(fresh, path)
+    assert adapter_of(fresh[0]).applied_scale == 1.0
+    torch.testing.assert_close(fresh(x), trained(x), rtol=0, atol=0)
+    ruled = apply(nn.Sequential(nn.Linear(48, 20)), KronParam, target=["0"])  # scale=None: the rule
+    ruled[0].parametrizations.weight.original.data.copy_(state["0.weight"])
+    with pytest.raises(ValueError, match="'scale': 1.0"):
+        load_adapter(ruled, path)

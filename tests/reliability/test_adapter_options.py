@@ -119,6 +119,7 @@ OPTIONS: dict[type[AdapterParam], dict[str, Option]] = {
         "rank": positive_int(optional=True),
         "b_shape": Option("pair", optional=True, context={"c_shape": (2, 2)}),
         "c_shape": Option("pair", optional=True, context={"b_shape": (2, 2)}),
+        "scale": Option("real", low=0.0, optional=True),
     },
     LieParam: {
         "rank": positive_int(optional=True),
@@ -436,6 +437,7 @@ def test_numpy_options_are_python_numbers_in_config():
         "rank": None,
         "b_shape": [4, 6],
         "c_shape": [5, 8],
+        "scale": None,
     }
     assert LieParam(order=np.int64(1)).config()["order"] == 1
 
@@ -459,7 +461,8 @@ ROUND_TRIP_CASES = [
     (AtomParam, {"num_atoms": np.int64(2), "block": np.int32(2)}),
     (SVDParam, {"rank": np.int64(2), "scale": np.float32(0.5), "mode": np.str_("svfit")}),
     (DCTParam, {"num_coefficients": np.int16(5), "scale": np.float64(2.0), "seed": np.uint8(3)}),
-    (KronParam, {"rank": np.int64(2), "b_shape": (np.int64(2), np.int64(2)), "c_shape": [np.int64(3), 4]}),
+    (KronParam, {"rank": np.int64(2), "b_shape": (np.int64(2), np.int64(2)), "c_shape": [np.int64(3), 4],
+                 "scale": np.float32(0.5)}),
     (LieParam, {"rank": np.int64(2), "scale": Fraction(1, 4), "order": np.int64(1)}),
     (TuckerParam, {"rank": np.int64(2), "std": np.float32(0.05), "init": "random"}),
     (LDUParam, {"rank": np.int64(3), "scale": np.float32(2.0)}),
