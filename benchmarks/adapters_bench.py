@@ -10,8 +10,8 @@ frozen, one per method of :data:`BN_TRAIN_KEYS` with BatchNorm statistics adapti
 and one per method of :data:`SCALE_KEYS` at transformer width (``scale:<key>``: step time and peak
 memory on stacks of 1024- and 4096-wide linear layers, with and without ``parametrize.cached()``).
 Every method is trained the same way (AdamW, full batch, weight decay 0; the new head at its own
-fixed rate, everything else at a rate chosen by cross-validation on the first seed's shots,
-:func:`select_lr`, never on the test set). The protocol, in full, is on the page; targets are in
+fixed rate, everything else at a rate chosen on a validation set drawn beside the first seed's
+shots, :func:`select_lr`, never on the test set). The protocol, in full, is on the page; targets are in
 :mod:`benchmarks.targets`.
 
 Usage::
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import decomp.adapters
-from benchmarks.adapters_data import Dataset, few_shot, fine_tuning_model, load_digits_split, shot_folds
+from benchmarks.adapters_data import Dataset, few_shot, fine_tuning_model, load_digits_split, validation_set
 from benchmarks.harness import Area, Case, Check, Comparison, Context, Part, Timing, cases, main, timeit
 from benchmarks.targets import target
 from decomp.adapters.base import AdapterParam
@@ -56,7 +56,7 @@ LYCORIS_RANK = 8
 ANCHOR_KEY, ANCHOR = "lora8", "peft LoRA r=8"
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 ACCURACY = "Accuracy, parameters, time and memory"
-SELECTION = "Learning-rate choice (mean accuracy on the validation folds of the shots)"
+SELECTION = "Learning-rate choice (accuracy on the validation set, first seed)"
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,16 @@ class Settings:
     # The new head's own rate, fixed for every method: a fresh linear head needs about 1e-2 to
     # 3e-2, an adapter far less, and one shared rate penalises exactly the small adapters.
     head_lr: float = 3e-2
-    folds: int = 2
+    # Validation images per class for the rate choice, drawn from the pool beside the first seed's
+    # shots (100 images: one image is one point). Two-fold cross-validation on the 50 shots
+    # themselves (25 images per fold) was tried first and chose LDU's rate 2 decades off its
+    # test-curve peak.
+    validation_per_class: int = 20
     # The middle of the official SNELLA scripts' per-task target sparsities (0 to 0.93).
     snella_sparsity: float = 0.5
 
 
-QUICK = Settings(seeds=1, shots=2, steps=4, lr_grid=(1e-3, 1e-2))
+QUICK = Settings(seeds=1, shots=2, steps=4, lr_grid=(1e-3, 1e-2), validation_per_class=2)
 
 
 def settings(context: Context) -> Settings:
@@ -231,7 +235,7 @@ def snella_allocator(model: nn.Module, steps: int, target_sparsity: float) -> de
 
 @dataclass
 class Run:
-    """One fine-tuning run, scored on the set it was evaluated on (a validation fold or the test).
+    """One fine-tuning run, scored on the set it was evaluated on (the validation set or the test).
 
     ``loss`` is the mean cross-entropy on that set (NaN when the run diverged); ``step_ms`` holds
     every step but the first; ``peak_bytes`` is None unless the run measured it.
@@ -333,8 +337,8 @@ class LrSelection:
     """The mean validation scores of every rate of a grid, and the rate they choose."""
 
     grid: tuple[float, ...]
-    accuracy: tuple[float, ...]  # mean validation accuracy (%) over the folds, per rate
-    loss: tuple[float, ...]  # mean validation cross-entropy over the folds, per rate
+    accuracy: tuple[float, ...]  # validation accuracy (%), per rate
+    loss: tuple[float, ...]  # validation cross-entropy, per rate
 
     def __post_init__(self) -> None:
         if not self.grid or not len(self.grid) == len(self.accuracy) == len(self.loss):
@@ -345,7 +349,7 @@ class LrSelection:
 
     @property
     def chosen(self) -> float:
-        """The rate of best mean validation accuracy; ties go to the lower mean validation loss.
+        """The rate of best validation accuracy; ties go to the lower validation loss.
 
         A NaN loss (a run that diverged) counts as infinite; a tie in both goes to the first rate.
         """
@@ -361,9 +365,9 @@ def select_lr(
     method: Method,
     quick: bool,
     shots: Dataset,
+    validation: Dataset,
     *,
     grid: Sequence[float],
-    folds: int,
     seed: int,
     steps: int,
     head_lr: float,
@@ -371,45 +375,27 @@ def select_lr(
     device: torch.device,
     snella_sparsity: float,
 ) -> LrSelection:
-    """Score every rate of ``grid`` by ``folds``-fold cross-validation on the few-shot set.
-
-    For each rate and each pair of :func:`benchmarks.adapters_data.shot_folds`, a run trains on the
-    fit part and is scored on the held-out part; the scores are the means over the folds. A
-    one-rate grid needs no choice and runs nothing (its scores are NaN).
-    """
+    """Score every rate of ``grid``: a run trains on all of ``shots`` and is scored on
+    ``validation`` (:func:`benchmarks.adapters_data.validation_set`, disjoint from the shots and
+    the test set). A one-rate grid needs no choice and runs nothing (its scores are NaN)."""
     grid = tuple(grid)
     if len(grid) == 1:
         return LrSelection(grid, (math.nan,), (math.nan,))
-    splits = shot_folds(shots, folds)
-    accuracies, losses = [], []
-    for lr in grid:
-        runs = [
-            fine_tune(
-                method,
-                quick,
-                fit,
-                held_out,
-                seed=seed,
-                steps=steps,
-                lr=lr,
-                head_lr=head_lr,
-                bn_train=bn_train,
-                device=device,
-                snella_sparsity=snella_sparsity,
-                measure_memory=False,
-            )
-            for fit, held_out in splits
-        ]
-        accuracies.append(statistics.fmean(run.accuracy for run in runs))
-        losses.append(statistics.fmean(run.loss for run in runs))
-    return LrSelection(grid, tuple(accuracies), tuple(losses))
+    runs = [
+        fine_tune(
+            method, quick, shots, validation, seed=seed, steps=steps, lr=lr, head_lr=head_lr,
+            bn_train=bn_train, device=device, snella_sparsity=snella_sparsity, measure_memory=False,
+        )
+        for lr in grid
+    ]  # fmt: skip
+    return LrSelection(grid, tuple(run.accuracy for run in runs), tuple(run.loss for run in runs))
 
 
 def run_method(
     method: Method, settings: Settings, context: Context, *, bn_train: bool
 ) -> list[tuple[Run, LrSelection]]:
-    """``method`` over the seeds: the rate is chosen (:func:`select_lr`) once, on the first seed's
-    shots, and reused; each seed's final run trains on all of its shots and is scored on the test
+    """``method`` over the seeds: the rate is chosen (:func:`select_lr`) once, with the first seed's
+    shots and validation set, and reused; each seed's final run trains on all of its shots and is scored on the test
     set, the first one measuring the peak memory of a step. A method that trains only the head
     (``sweeps=False``) has no rate to choose: its one-rate grid is the head's rate."""
     split = load_digits_split()
@@ -422,7 +408,8 @@ def run_method(
     for seed in range(settings.seeds):
         shots = few_shot(split.finetune_pool, settings.shots, seed)
         if not runs:
-            selection = select_lr(method, context.quick, shots, grid=grid, folds=settings.folds, seed=seed, **common)
+            validation = validation_set(split.finetune_pool, settings.shots, settings.validation_per_class, seed)
+            selection = select_lr(method, context.quick, shots, validation, grid=grid, seed=seed, **common)
         run = fine_tune(
             method, context.quick, shots, split.finetune_test, seed=seed, lr=selection.chosen,
             measure_memory=not runs, **common,
@@ -477,7 +464,8 @@ def measure_method(key: str, context: Context, *, bn_train: bool = False) -> Par
     selection_header = ("Method", *(f"val. acc. % at lr {lr:g}" for lr in protocol.lr_grid))
     part = Part(facts=[
         f"fine-tuning: {protocol.shots} shots per class, {protocol.steps} steps, seeds 0..{protocol.seeds - 1}, "
-        f"lr grid {', '.join(f'{lr:g}' for lr in protocol.lr_grid)} by {protocol.folds}-fold cross-validation; "
+        f"lr grid {', '.join(f'{lr:g}' for lr in protocol.lr_grid)} chosen on seed 0 with {protocol.validation_per_class} "
+        "validation images per class from the pool, disjoint from the shots and the test set; "
         f"the new head at its own lr {protocol.head_lr:g} in every method.",
     ])  # fmt: skip
     try:
@@ -522,8 +510,8 @@ def measure_curve(key: str, context: Context) -> Part:
     """Method ``key``'s mean test accuracy over the seeds at every rate of the grid, BatchNorm frozen.
 
     Not a way to choose the rate (the test set chooses nothing in the accuracy table): it shows how
-    much each rate costs, so the shared-rate target has a measure less noisy than the 50 images of
-    cross-validation.
+    much each rate costs, so the shared-rate target has a measure less noisy than the 100
+    validation images.
     """
     method, protocol = all_methods()[key], settings(context)
     split = load_digits_split()
@@ -674,9 +662,14 @@ SCALE_QUICK = ScaleSettings(widths=((32, 2, 2), (64, 1, 2)), batch=2, tokens=8)
 SCALE_PREFIX = "scale:"
 SCALE = "Transformer width: one training step (forward, backward, AdamW) per adapter"
 SCALE_HEADER = (
-    "Method", "Width x layers", "Trainable", "Step ms (IQR)", "Step ms, parametrize.cached()", "Peak MiB",
-    "Peak MiB, parametrize.cached()",
+    "Method", "Width x layers", "Trainable", "Forward", "Step ms (IQR)", "Step ms, weight path",
+    "Step ms, weight path in parametrize.cached()", "Peak MiB", "Peak MiB, weight path",
+    "Peak MiB, weight path in parametrize.cached()",
 )  # fmt: skip
+# How each mode runs a step: apply's default forward (the branch on linear layers where the method
+# has one), the weight path (branch=False: W' formed every forward), and the weight path with one
+# parametrize.cached() per step.
+SCALE_MODES = ("plain", "weight", "cached")
 
 
 def scale_model(width: int, layers: int) -> nn.Sequential:
@@ -689,17 +682,19 @@ def scale_model(width: int, layers: int) -> nn.Sequential:
     return nn.Sequential(*(nn.Linear(width, width, bias=False) for _ in range(layers)))
 
 
-def prepare_scale(key: str, model: nn.Module) -> None:
-    """Adapt every linear layer of ``model`` with method ``key`` (peft LoRA r=8 or one of ours)."""
+def prepare_scale(key: str, model: nn.Module, branch: bool = True) -> bool:
+    """Adapt every linear layer of ``model`` with method ``key`` (peft LoRA r=8 or one of ours);
+    whether some layer runs the branch forward (``apply``'s ``branch``)."""
     if key == ANCHOR_KEY:
         import peft
 
         model.requires_grad_(False)
         names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
         peft.inject_adapter_in_model(peft.LoraConfig(r=8, target_modules=names), model)
-        return
+        return False
     cls = decomp.adapters.registered()[key]
-    decomp.adapters.apply(model, cls, target=lambda name, module: isinstance(module, nn.Linear))
+    decomp.adapters.apply(model, cls, target=lambda name, module: isinstance(module, nn.Linear), branch=branch)
+    return any(type(m).forward is not nn.Linear.forward for m in model.modules() if isinstance(m, nn.Linear))
 
 
 def steady_peak_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[], object],
@@ -714,58 +709,79 @@ def steady_peak_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, step: 
 SCALE_KEYS = (ANCHOR_KEY, *decomp.adapters.registered())
 
 
-def measure_scale(key: str, context: Context) -> Part:
-    """Step time and peak memory of method ``key`` on every width of :class:`ScaleSettings`,
-    with and without ``parametrize.cached()`` around each step."""
+def _scale_run(model: nn.Module, inputs: torch.Tensor, repeats: int, context: Context,
+               modes: tuple[str, ...]) -> dict[str, dict]:  # fmt: skip
+    """Step time and peak memory of one AdamW training step of ``model``, per ``modes``
+    (``"cached"``: inside one ``parametrize.cached()`` per step)."""
     from torch.nn.utils import parametrize
 
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(inputs).square().mean().backward()
+        optimizer.step()
+
+    def cached_step() -> None:
+        # One cache per step: the adapter's parameters change at every optimizer step.
+        with parametrize.cached():
+            step()
+
+    step()  # allocates the gradients and the optimizer state
+    measured = {}
+    for mode in modes:
+        run = cached_step if mode == "cached" else step
+        peak = steady_peak_bytes(model, optimizer, run, context.device)
+        timing = timeit(run, repeats=repeats, warmup=0, sync=context.sync)
+        measured[mode] = {"step": asdict(timing), "peak_bytes": peak}
+    return measured
+
+
+def measure_scale(key: str, context: Context) -> Part:
+    """Step time and peak memory of method ``key`` on every width of :class:`ScaleSettings`:
+    ``apply``'s default forward, the weight path, and the weight path in ``parametrize.cached()``
+    (the two are one model when no layer takes the branch)."""
     protocol = SCALE_QUICK if context.quick else ScaleSettings()
     name = ANCHOR if key == ANCHOR_KEY else key
     part = Part(facts=[
         f"transformer width: widths x layers {', '.join(f'{w}x{n}' for w, n, _ in protocol.widths)}, input "
         f"{protocol.batch} x {protocol.tokens} tokens, fp32, loss mean(output^2), AdamW; "
         f"timed steps per width {', '.join(str(r) for _, _, r in protocol.widths)} after an untimed one.",
+        "transformer width: 'branch' runs adapted linear layers as x W^T + b + adapter.branch(x) (apply's "
+        "default where the method has a branch form); 'weight' forms W' every forward (branch=False).",
     ])  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     widths, rows = {}, []
     for width, layers, repeats in protocol.widths:
+        inputs = torch.randn(protocol.batch, protocol.tokens, width, generator=generator).to(context.device)
         try:
             model = scale_model(width, layers)
-            prepare_scale(key, model)
+            branched = prepare_scale(key, model)
+            model.to(context.device)
+            measured = _scale_run(model, inputs, repeats, context, ("plain",) if branched else SCALE_MODES)
+            if branched:
+                del model
+                model = scale_model(width, layers)
+                prepare_scale(key, model, branch=False)
+                model.to(context.device)
+                measured |= _scale_run(model, inputs, repeats, context, ("weight", "cached"))
+            else:
+                measured["weight"] = measured["plain"]
         except Exception as error:  # noqa: BLE001 - a broken adapter is a row; the rest go on
             rows.append((name, f"{width} x {layers}", f"failed: {type(error).__name__}: {str(error)[:160]}",
-                         *("-",) * 4))  # fmt: skip
+                         *("-",) * 7))  # fmt: skip
             continue
-        model.to(context.device)
-        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
-        inputs = torch.randn(protocol.batch, protocol.tokens, width, generator=generator).to(context.device)
-
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            model(inputs).square().mean().backward()
-            optimizer.step()
-
-        def cached_step() -> None:
-            # One cache per step: the adapter's parameters change at every optimizer step.
-            with parametrize.cached():
-                step()
-
-        step()  # allocates the gradients and the optimizer state
-        measured = {}
-        for mode, run in (("plain", step), ("cached", cached_step)):
-            peak = steady_peak_bytes(model, optimizer, run, context.device)
-            timing = timeit(run, repeats=repeats, warmup=0, sync=context.sync)
-            measured[mode] = {"step": asdict(timing), "peak_bytes": peak}
-        count = sum(parameter.numel() for parameter in trainable)
-        widths[str(width)] = {"layers": layers, "trainable": count, **measured}
-        plain, cached = (Timing(**measured[mode]["step"]) for mode in ("plain", "cached"))
+        count = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+        widths[str(width)] = {"layers": layers, "trainable": count, "branch": branched, **measured}
+        timings = {mode: Timing(**measured[mode]["step"]) for mode in SCALE_MODES}
         rows.append((
-            name, f"{width} x {layers}", f"{count:,}", f"{plain.median_ms:.1f} ({plain.iqr_ms:.1f})",
-            f"{cached.median_ms:.1f} ({cached.iqr_ms:.1f})",
-            *(f"{measured[mode]['peak_bytes'] / 2**20:.1f}" for mode in ("plain", "cached")),
+            name, f"{width} x {layers}", f"{count:,}", "branch" if branched else "weight",
+            *(f"{timings[mode].median_ms:.1f} ({timings[mode].iqr_ms:.1f})" for mode in SCALE_MODES),
+            *(f"{measured[mode]['peak_bytes'] / 2**20:.1f}" for mode in SCALE_MODES),
         ))  # fmt: skip
-        print(f"  {name} width {width}: step {plain.median_ms:.1f} ms, cached {cached.median_ms:.1f} ms", flush=True)
+        print(f"  {name} width {width}: " + ", ".join(f"{m} {timings[m].median_ms:.1f} ms" for m in SCALE_MODES),
+              flush=True)  # fmt: skip
     part.table(SCALE, SCALE_HEADER, rows)
     if widths:
         part.data = {"name": name, "ours": key != ANCHOR_KEY, "widths": widths}
@@ -843,7 +859,8 @@ def _accuracy_targets(ran: dict[str, dict], mode: str, result: Part) -> None:
 
 def _scale_cost(ran: dict[str, dict], result: Part) -> None:
     """Every adapter's step time and peak memory against peft LoRA r=8's at each width: targets
-    on the plain step; the step under ``parametrize.cached()`` is information."""
+    on ``apply``'s default forward; the weight path, in and out of ``parametrize.cached()``, is
+    information where the default is the branch."""
     anchor = ran.get(ANCHOR_KEY)
     if anchor is None:
         return
@@ -853,8 +870,12 @@ def _scale_cost(ran: dict[str, dict], result: Part) -> None:
                 continue
             lora = anchor["widths"][width]
             lora_step = _step(lora["plain"])
-            for mode, bound in (("plain", target("adapters: width step time vs LoRA r=8")), ("cached", None)):
-                label = f"{data['name']} step, width {width}" + (", cached()" if mode == "cached" else "")
+            suffixes = {"plain": "", "weight": ", weight path", "cached": ", weight path in cached()"}
+            if not measured.get("branch"):
+                suffixes = {"plain": "", "cached": ", cached()"}
+            for mode, suffix in suffixes.items():
+                bound = target("adapters: width step time vs LoRA r=8") if mode == "plain" else None
+                label = f"{data['name']} step, width {width}{suffix}"
                 result.comparisons.append(Comparison(label, _step(measured[mode]), ANCHOR, lora_step, bound))
             ratio = measured["plain"]["peak_bytes"] / lora["plain"]["peak_bytes"]
             bound = target("adapters: width peak memory vs LoRA r=8")

@@ -42,7 +42,7 @@ __all__ = [
     "load_digits_split",
     "pretrain",
     "save_checkpoint",
-    "shot_folds",
+    "validation_set",
 ]
 
 SPLIT_SEED = 0
@@ -117,6 +117,22 @@ def load_digits_split(image_size: int = IMAGE_SIZE) -> DigitsSplit:
     return DigitsSplit(pretrain_train, pretrain_test, finetune_pool, finetune_test)
 
 
+def _drawn(pool: Dataset, first: int, stop: int, seed: int) -> Dataset:
+    """Positions ``first:stop`` of a seeded random order of every class of ``pool``."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in range(int(pool.labels.max()) + 1):
+        members = torch.nonzero(pool.labels == label).flatten()
+        chosen.append(members[torch.randperm(members.numel(), generator=generator)[first:stop]])
+    index = torch.cat(chosen)
+    return Dataset(pool.images[index], pool.labels[index])
+
+
+def _check_count(name: str, value: object, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise ValueError(f"{name} must be an int in [1, {high}] (the smallest class of the pool), got {value!r}")
+
+
 def few_shot(pool: Dataset, shots: int, seed: int) -> Dataset:
     """``shots`` examples of every class of ``pool``, without replacement; a function of ``seed``.
 
@@ -124,57 +140,25 @@ def few_shot(pool: Dataset, shots: int, seed: int) -> Dataset:
     >>> len(few_shot(split.finetune_pool, 3, seed=1))
     15
     """
-    counts = torch.bincount(pool.labels)
-    if isinstance(shots, bool) or not isinstance(shots, int) or not 1 <= shots <= int(counts.min()):
-        raise ValueError(
-            f"shots must be an int in [1, {int(counts.min())}] (the smallest class of the pool), "
-            f"got {shots!r}"
-        )
-    generator = torch.Generator().manual_seed(seed)
-    chosen = []
-    for label in range(counts.numel()):
-        members = torch.nonzero(pool.labels == label).flatten()
-        chosen.append(members[torch.randperm(members.numel(), generator=generator)[:shots]])
-    index = torch.cat(chosen)
-    return Dataset(pool.images[index], pool.labels[index])
+    _check_count("shots", shots, int(torch.bincount(pool.labels).min()))
+    return _drawn(pool, 0, shots, seed)
 
 
-def shot_folds(shots: Dataset, folds: int) -> list[tuple[Dataset, Dataset]]:
-    """Stratified ``folds``-fold splits of a few-shot set: ``(fit, validation)`` pairs.
+def validation_set(pool: Dataset, shots: int, per_class: int, seed: int) -> Dataset:
+    """``per_class`` examples of every class of ``pool`` that :func:`few_shot` ``(pool, shots,
+    seed)`` did not draw: the next ones of the same random order, so the two sets are disjoint.
 
-    The ``j``-th example of every class (in the set's order, which :func:`few_shot` draws at
-    random) goes to fold ``j % folds``; pair ``f`` validates on fold ``f`` and fits on the other
-    folds, so every example is validated exactly once and every class appears in every part.
-    Learning rates are chosen on these splits, never on the test set.
+    Learning rates are chosen on this set (as VTAB-1k's 200 validation images beside its 800
+    training ones), never on the test set.
 
-    Args:
-        shots: a few-shot set, labels ``0..C-1`` with every class present.
-        folds: the number of folds, from 2 to the fewest examples of a class.
-
-    Returns:
-        ``folds`` pairs ``(fit, validation)``; fit has about ``(folds - 1) / folds`` of the
-        examples of each class, validation the rest.
-
-    Example:
-        >>> split = load_digits_split()
-        >>> shots = few_shot(split.finetune_pool, 4, seed=0)
-        >>> [(len(fit), len(validation)) for fit, validation in shot_folds(shots, 2)]
-        [(10, 10), (10, 10)]
+    >>> split = load_digits_split()
+    >>> len(validation_set(split.finetune_pool, 3, 4, seed=1))
+    20
     """
-    counts = torch.bincount(shots.labels)
-    fewest = int(counts.min())
-    if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= fewest:
-        raise ValueError(f"folds must be an int in [2, {fewest}] (the fewest examples of a class), got {folds!r}")
-    fold_of = torch.empty_like(shots.labels)
-    for label in range(counts.numel()):
-        members = torch.nonzero(shots.labels == label).flatten()
-        fold_of[members] = torch.arange(members.numel()) % folds
-    pairs = []
-    for fold in range(folds):
-        held_out = fold_of == fold
-        fit = Dataset(shots.images[~held_out], shots.labels[~held_out])
-        pairs.append((fit, Dataset(shots.images[held_out], shots.labels[held_out])))
-    return pairs
+    smallest = int(torch.bincount(pool.labels).min())
+    _check_count("shots", shots, smallest)
+    _check_count("shots + per_class", shots + per_class if isinstance(per_class, int) else per_class, smallest)
+    return _drawn(pool, shots, shots + per_class, seed)
 
 
 # --------------------------------------------------------------------------- the network

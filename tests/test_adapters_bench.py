@@ -1,4 +1,4 @@
-"""Fast checks of the adapters benchmark: data, folds, rate choice, Allocator, peft, tables."""
+"""Fast checks of the adapters benchmark: data, validation set, rate choice, Allocator, peft, tables."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from benchmarks.adapters_data import (
     SmallResNet,
     few_shot,
     load_digits_split,
-    shot_folds,
+    validation_set,
 )
 from decomp.adapters.base import AdapterParam
 
@@ -117,46 +117,28 @@ def test_few_shot_is_deterministic_per_seed(split):
         few_shot(pool, smallest + 1, seed=0)
 
 
-# --------------------------------------------------------------------------- validation folds
+# --------------------------------------------------------------------------- validation set
 
 
-@st.composite
-def shots_and_folds(draw):
-    """A few-shot set in random order (image = its example's id) and a valid fold count."""
-    classes = draw(st.integers(2, 5))
-    per_class = draw(st.integers(2, 6))
-    labels = draw(st.permutations(list(range(classes)) * per_class))
-    ids = torch.arange(len(labels), dtype=torch.float32).view(-1, 1, 1, 1)
-    return Dataset(ids, torch.tensor(labels)), draw(st.integers(2, per_class))
+@given(shots=st.integers(1, 6), per_class=st.integers(1, 6), seed=st.integers(0, 50))
+def test_validation_set_is_stratified_and_disjoint_from_the_shots(split, shots, per_class, seed):
+    pool = split.finetune_pool
+    drawn = few_shot(pool, shots, seed)
+    validation = validation_set(pool, shots, per_class, seed)
+    assert torch.equal(torch.bincount(validation.labels), torch.full((5,), per_class))
+    rows = {tuple(image.flatten().tolist()) for image in drawn.images}
+    assert not any(tuple(image.flatten().tolist()) in rows for image in validation.images)
+    pool_rows = {tuple(image.flatten().tolist()) for image in pool.images}
+    assert all(tuple(image.flatten().tolist()) in pool_rows for image in validation.images)
+    assert torch.equal(validation.images, validation_set(pool, shots, per_class, seed).images)
 
 
-@given(shots_and_folds())
-def test_shot_folds_validate_every_example_exactly_once(case):
-    shots, folds = case
-    pairs = shot_folds(shots, folds)
-    assert len(pairs) == folds
-    every = set(shots.images.flatten().tolist())
-    validated = []
-    per_class = torch.bincount(shots.labels)
-    for fit, validation in pairs:
-        fit_ids = set(fit.images.flatten().tolist())
-        validation_ids = validation.images.flatten().tolist()
-        assert not fit_ids & set(validation_ids) and fit_ids | set(validation_ids) == every
-        validated += validation_ids
-        for part in (fit, validation):  # labels stay with their images, every class is present
-            assert torch.equal(shots.labels[part.images.flatten().long()], part.labels)
-            assert set(part.labels.tolist()) == set(range(per_class.numel()))
-        # Stratified: each class's validation share is its count / folds, rounded either way.
-        counts = torch.bincount(validation.labels, minlength=per_class.numel())
-        assert torch.all((counts >= per_class // folds) & (counts <= -(-per_class // folds)))
-    assert sorted(validated) == sorted(every)
-
-
-def test_shot_folds_rejects_bad_fold_counts(split):
-    shots = few_shot(split.finetune_pool, 3, seed=0)
-    for folds in (1, 4, True, 2.0):
-        with pytest.raises(ValueError, match=r"folds must be an int in \[2, 3\]"):
-            shot_folds(shots, folds)
+def test_validation_set_rejects_more_than_the_pool_holds(split):
+    smallest = int(torch.bincount(split.finetune_pool.labels).min())
+    with pytest.raises(ValueError, match=rf"shots \+ per_class must be an int in \[1, {smallest}\]"):
+        validation_set(split.finetune_pool, 10, smallest - 9, seed=0)
+    with pytest.raises(ValueError, match=r"shots \+ per_class must be an int"):
+        validation_set(split.finetune_pool, 10, 2.0, seed=0)
 
 
 # --------------------------------------------------------------------------- learning-rate choice
@@ -206,8 +188,9 @@ def _fake_run(lr: float, accuracy: float, loss: float = 1.0) -> bench.Run:
     )
 
 
-def test_select_lr_fits_on_fold_remainders_and_scores_on_held_out_folds(split, monkeypatch):
+def test_select_lr_trains_on_the_shots_and_scores_on_the_validation_set(split, monkeypatch):
     shots = few_shot(split.finetune_pool, 4, seed=2)
+    validation = validation_set(split.finetune_pool, 4, 3, seed=2)
     calls = []
 
     def recording_fine_tune(method, quick, train, evaluate, **options):
@@ -217,35 +200,16 @@ def test_select_lr_fits_on_fold_remainders_and_scores_on_held_out_folds(split, m
     monkeypatch.setattr(bench, "fine_tune", recording_fine_tune)
     method = bench.Method("stub", None, ours=False)
     selection = bench.select_lr(
-        method,
-        True,
-        shots,
-        grid=(0.5, 0.25),
-        folds=2,
-        seed=2,
-        steps=3,
-        head_lr=3e-2,
-        bn_train=False,
-        device=torch.device("cpu"),
-        snella_sparsity=0.5,
-    )
-    expected_pairs = shot_folds(shots, 2)
-    assert len(calls) == 4 and [options["lr"] for _, _, options in calls] == [0.5, 0.5, 0.25, 0.25]
-    for index, (train, evaluate, options) in enumerate(calls):
-        fit, held_out = expected_pairs[index % 2]
-        assert torch.equal(train.images, fit.images) and torch.equal(
-            evaluate.images, held_out.images
-        )
+        method, True, shots, validation, grid=(0.5, 0.25), seed=2, steps=3, head_lr=3e-2, bn_train=False,
+        device=torch.device("cpu"), snella_sparsity=0.5,
+    )  # fmt: skip
+    assert [options["lr"] for _, _, options in calls] == [0.5, 0.25]
+    for train, evaluate, options in calls:
+        assert train is shots and evaluate is validation
         assert not options["measure_memory"] and options["seed"] == 2 and options["steps"] == 3
     test_rows = {tuple(image.flatten().tolist()) for image in split.finetune_test.images}
-    evaluated = [evaluate for _, evaluate, _ in calls]
-    assert not any(
-        tuple(image.flatten().tolist()) in test_rows for e in evaluated for image in e.images
-    )
-    assert selection.accuracy == (50.0, 25.0) and selection.loss == (
-        (1 + 1 / 2) / 2,
-        (1 / 3 + 1 / 4) / 2,
-    )
+    assert not any(tuple(image.flatten().tolist()) in test_rows for image in validation.images)
+    assert selection.accuracy == (50.0, 25.0) and selection.loss == (1.0, 0.5)
     assert selection.chosen == 0.5
 
 
@@ -258,8 +222,8 @@ def test_one_rate_grid_runs_nothing(split, monkeypatch):
         bench.Method("stub", None, ours=False),
         True,
         few_shot(split.finetune_pool, 2, seed=0),
+        validation_set(split.finetune_pool, 2, 2, seed=0),
         grid=(3e-3,),
-        folds=2,
         seed=0,
         steps=2,
         head_lr=3e-2,
@@ -273,8 +237,8 @@ def test_one_rate_grid_runs_nothing(split, monkeypatch):
 def test_rate_is_chosen_once_on_the_first_seed(split, monkeypatch):
     selections, finals = [], []
 
-    def fake_select(method, quick, shots, *, grid, folds, seed, **options):
-        selections.append((seed, shots))
+    def fake_select(method, quick, shots, validation, *, grid, seed, **options):
+        selections.append((seed, shots, validation))
         return bench.LrSelection(tuple(grid), (0.0, 100.0, 0.0), (1.0,) * len(grid))
 
     def fake_fine_tune(method, quick, train, evaluate, *, lr, measure_memory, seed, **options):
@@ -286,8 +250,9 @@ def test_rate_is_chosen_once_on_the_first_seed(split, monkeypatch):
     settings = bench.Settings(seeds=3, shots=2, steps=2, lr_grid=(3e-4, 1e-3, 1e-2))
     context = Context(quick=True, repeats=1, threads=1, device=torch.device("cpu"))
     runs = bench.run_method(bench.Method("stub", None, ours=False), settings, context, bn_train=False)
-    assert len(runs) == 3 and [seed for seed, _ in selections] == [0]
+    assert len(runs) == 3 and [seed for seed, _, _ in selections] == [0]
     assert torch.equal(selections[0][1].images, few_shot(split.finetune_pool, 2, 0).images)
+    assert torch.equal(selections[0][2].images, validation_set(split.finetune_pool, 2, 20, 0).images)
     assert [lr for _, _, lr, _, _ in finals] == [1e-3] * 3
     for train, evaluate, _, measure_memory, seed in finals:
         assert torch.equal(train.images, few_shot(split.finetune_pool, 2, seed).images)
@@ -634,35 +599,48 @@ def test_steady_peak_counts_parameters_and_optimizer_state():
 @pytest.fixture(scope="module")
 def width_parts():
     context = Context(quick=True, repeats=1, threads=1, device=torch.device("cpu"))
-    return {f"scale:{key}": bench.measure_scale(key, context) for key in ("lora8", "DCTParam")}
+    return {f"scale:{key}": bench.measure_scale(key, context) for key in ("lora8", "DCTParam", "LieParam")}
 
 
-def test_width_case_measures_both_modes_at_every_width(width_parts):
-    lora, dct = width_parts["scale:lora8"].data, width_parts["scale:DCTParam"].data
+def test_width_case_measures_every_mode_at_every_width(width_parts):
+    lora, dct, lie = (width_parts[f"scale:{key}"].data for key in ("lora8", "DCTParam", "LieParam"))
     widths = [str(width) for width, _, _ in bench.SCALE_QUICK.widths]
-    assert list(lora["widths"]) == list(dct["widths"]) == widths
+    assert list(lora["widths"]) == list(dct["widths"]) == list(lie["widths"]) == widths
     for width, layers, repeats in bench.SCALE_QUICK.widths:
         measured = lora["widths"][str(width)]
         assert measured["trainable"] == layers * 2 * 8 * width  # peft LoRA r=8: A and B per layer
-        for mode in ("plain", "cached"):
-            assert measured[mode]["peak_bytes"] > 0 and measured[mode]["step"]["repeats"] == repeats
+        for data in (lora, dct, lie):
+            for mode in bench.SCALE_MODES:
+                entry = data["widths"][str(width)][mode]
+                assert entry["peak_bytes"] > 0 and entry["step"]["repeats"] == repeats
+        # DCT takes the branch and is measured on the weight path apart; Lie has no branch form.
+        assert dct["widths"][str(width)]["branch"] and not lie["widths"][str(width)]["branch"]
+        assert dct["widths"][str(width)]["weight"] != dct["widths"][str(width)]["plain"]
+        assert lie["widths"][str(width)]["weight"] == lie["widths"][str(width)]["plain"]
     (table,) = width_parts["scale:DCTParam"].tables
     assert table["title"] == bench.SCALE and [row[1] for row in table["rows"]] == ["32 x 2", "64 x 1"]
+    assert [row[3] for row in table["rows"]] == ["branch", "branch"]
 
 
-def test_width_targets_bound_the_plain_step_and_inform_on_the_cached_one(width_parts):
+def test_width_targets_bound_the_default_step_and_inform_on_the_weight_path(width_parts):
     result = bench.summary(width_parts)
     names = [(c.name, c.target is not None) for c in result.comparisons]
     assert names == [
-        ("DCTParam step, width 32", True), ("DCTParam step, width 32, cached()", False),
-        ("DCTParam step, width 64", True), ("DCTParam step, width 64, cached()", False),
+        ("DCTParam step, width 32", True), ("DCTParam step, width 32, weight path", False),
+        ("DCTParam step, width 32, weight path in cached()", False),
+        ("DCTParam step, width 64", True), ("DCTParam step, width 64, weight path", False),
+        ("DCTParam step, width 64, weight path in cached()", False),
+        ("LieParam step, width 32", True), ("LieParam step, width 32, cached()", False),
+        ("LieParam step, width 64", True), ("LieParam step, width 64, cached()", False),
     ]  # fmt: skip
-    assert [check.name for check in result.checks] == ["DCTParam peak memory, width 32", "DCTParam peak memory, width 64"]
+    assert [check.name for check in result.checks] == [
+        f"{name} peak memory, width {width}" for name in ("DCTParam", "LieParam") for width in (32, 64)
+    ]
     assert all(check.target.threshold == 1.15 for check in result.checks)
 
 
 def test_a_failing_adapter_at_width_is_a_row(monkeypatch):
-    def broken(key, model):
+    def broken(key, model, branch=True):
         raise RuntimeError("no such layer")
 
     monkeypatch.setattr(bench, "prepare_scale", broken)
