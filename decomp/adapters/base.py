@@ -743,7 +743,7 @@ class AdapterParam(nn.Module):
 
         Raises:
             TypeError: the class has no branch form (:attr:`has_branch` is False: Lie's
-                multiplicative update, SNELL's kernel, Atom's filter atoms) -- those layers keep
+                multiplicative update, SNELL's kernel, Atom's filter atoms, Kron) -- those layers keep
                 the weight path.
             ValueError: the adapter is not built on a 2-D (linear) weight, or ``x``'s last dim is
                 not the weight's input size.

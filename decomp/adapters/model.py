@@ -309,15 +309,15 @@ def apply(
     all their parameters become trainable (``requires_grad=True``, also where it was ``False``).
 
     Linear layers compute the update as a side branch (``branch=True``, the default): an adapted
-    ``nn.Linear`` whose adapter has a branch form (:attr:`AdapterParam.has_branch`: DCT, Kron,
-    LDU, SVD, Tucker) runs :math:`y = x W^\top + b + x \Delta W^\top` with
+    ``nn.Linear`` whose adapter has a branch form (:attr:`AdapterParam.has_branch`: DCT, LDU,
+    SVD, Tucker) runs :math:`y = x W^\top + b + x \Delta W^\top` with
     :meth:`AdapterParam.branch`, which never forms :math:`W'` or :math:`\Delta W` and whose
     backward never forms :math:`\partial L / \partial W'` (an :math:`m \times n` matrix and a
     tokens :math:`\times m \times n` matmul per layer per step) -- what peft's LoRA does. The
     result equals the weight path up to rounding (exactly at init, where :math:`\Delta W = 0`);
     ``layer.weight`` still reads :math:`W'`, so code that reads the weight (``nn.MultiheadAttention``
     reads its ``out_proj.weight``, :func:`merge`, a state dict) is unchanged. Convs, ``nn.Linear``
-    subclasses with their own ``forward``, methods without a branch form (Atom, Lie, SNELL,
+    subclasses with their own ``forward``, methods without a branch form (Atom, Kron, Lie, SNELL,
     SNELLA) and a layer on which another parametrization is later stacked compute :math:`W'`
     (the weight path); so does every layer with ``branch=False``. Registering an adapter by hand
     (``parametrize.register_parametrization``) gives the weight path.

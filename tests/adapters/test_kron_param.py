@@ -1,5 +1,5 @@
 """KronParam (SoKA-style): exact zero at init, Kronecker formula, KPSVD start, peft LoKr counts, the
-one-learning-rate scale, the branch form, errors."""
+one-learning-rate scale, errors."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from decomp import kpsvd
 from decomp.adapters import KronParam, apply, load_adapter, save_adapter
-from tests.adapters.strategies import BATCH_SHAPES, adapter_of, assert_branch_is_the_weight_path, default_fits, layers, seeded
+from tests.adapters.strategies import adapter_of, default_fits, layers, seeded
 from tests.adapters.test_tucker_param import perturb
 from tests.strategies import SEEDS, relative_error
 
@@ -227,25 +227,6 @@ def test_config_round_trip_keeps_the_scale():
         again = KronParam(**config)
         weight = torch.randn(20, 48, generator=seeded(0))
         assert KronParam.from_weight(weight, **config).applied_scale == again.from_weight(weight, **config).applied_scale
-
-
-@given(st.integers(1, 12), st.integers(1, 12), RANKS, st.one_of(st.none(), st.floats(0.25, 4.0)), st.data(), SEEDS)
-def test_branch_is_exactly_zero_at_init_and_the_weight_path_after(rows, columns, rank, scale, data, seed):
-    weight = torch.randn(rows, columns, generator=seeded(seed), dtype=torch.float64)
-    assume(fits(weight, rank))
-    adapter = KronParam.from_weight(weight, rank=rank, scale=scale)
-    x = torch.randn(*data.draw(BATCH_SHAPES), columns, generator=seeded(seed + 1), dtype=torch.float64)
-    assert torch.equal(adapter.branch(x), torch.zeros(*x.shape[:-1], rows, dtype=x.dtype))
-    perturb(adapter, seed)
-    assert_branch_is_the_weight_path(adapter, weight, x)
-
-
-def test_branch_with_given_shapes_is_the_weight_path():
-    """A split other than the default one (here m1 n1 = 2 * 9 on a (6, 18) weight)."""
-    weight = torch.randn(6, 18, generator=seeded(0), dtype=torch.float64)
-    adapter = KronParam.from_weight(weight, rank=3, b_shape=(2, 9), c_shape=(3, 2), scale=0.7)
-    perturb(adapter, 1)
-    assert_branch_is_the_weight_path(adapter, weight, torch.randn(2, 5, 18, generator=seeded(2), dtype=torch.float64))
 
 
 def test_a_file_saved_before_scale_existed_loads_with_scale_one(tmp_path: Path):
