@@ -3,6 +3,8 @@ branch (its autograd Function and what it saves), errors."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import scipy.fft
@@ -11,9 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from decomp import dct, dct_matrix, idct
 from decomp.adapters import DCTParam
+from decomp.adapters import dct as dct_module
 from decomp.adapters.dct import _SparseSpectrumProduct
 
 from tests.adapters.strategies import BATCH_SHAPES, adapter_of, assert_branch_is_the_weight_path, layers, perturbed, seeded
@@ -123,23 +127,78 @@ def test_branch_of_an_empty_batch_is_empty():
     assert adapter.branch(torch.zeros(0, 300)).shape == (0, 6)
 
 
-def spectrum_product_inputs(batch: tuple[int, ...], rows: int, columns: int, count: int) -> tuple:
-    """Float64 inputs of the branch's Function: x (*batch, columns), coefficients, distinct locations."""
+def spectrum_product_inputs(tokens: int, rows: int, columns: int, count: int) -> tuple:
+    """Float64 inputs of the branch's Function: x (tokens, columns), coefficients, distinct locations."""
     locations = torch.randperm(rows * columns, generator=seeded(0))[:count].sort().values
-    x = torch.randn(*batch, columns, generator=seeded(1), dtype=torch.float64, requires_grad=True)
+    x = torch.randn(tokens, columns, generator=seeded(1), dtype=torch.float64, requires_grad=True)
     coefficients = torch.randn(count, generator=seeded(2), dtype=torch.float64, requires_grad=True)
     return x, coefficients, locations // columns, locations % columns, rows
 
 
-@pytest.mark.parametrize(
-    ("batch", "rows", "columns", "count"), [((2, 3), 5, 7, 9), ((2,), 4, 230, 20), ((2,), 230, 3, 12)]
-)
-def test_the_branch_function_passes_gradcheck_and_gradgradcheck(batch, rows, columns, count):
+@pytest.fixture
+def chunks_of_three_tokens():
+    """A CPU budget of 3 elements a chunk, and each token counted as 1 element wide: chunks of 3
+    tokens whatever the widths (the token counts below are not multiples of 3)."""
+    token_chunks = dct_module._token_chunks
+
+    def three_tokens_each(tokens: int, width: int, device: torch.device):
+        return token_chunks(tokens, 1, device)
+
+    with mock.patch.dict(dct_module._CHUNK_ELEMENTS, {"cpu": 3}), \
+            mock.patch.object(dct_module, "_token_chunks", three_tokens_each):  # fmt: skip
+        yield
+
+
+SPECTRUM_SHAPES = [(5, 7, 9), (4, 230, 20), (230, 3, 12), (231, 6, 40)]
+
+
+@pytest.mark.parametrize(("rows", "columns", "count"), SPECTRUM_SHAPES)
+def test_the_branch_function_passes_gradcheck_and_gradgradcheck(rows, columns, count):
     """The hand-written backward (and, as its docstring says, double backward) against finite
-    differences; (4, 230) and (230, 3) put each side of the transform on its FFT path."""
-    inputs = spectrum_product_inputs(batch, rows, columns, count)
+    differences; (4, 230), (230, 3) and (231, 6) put each side of the transform on its FFT path,
+    at both parities."""
+    inputs = spectrum_product_inputs(2, rows, columns, count)
     assert torch.autograd.gradcheck(_SparseSpectrumProduct.apply, inputs)
     assert torch.autograd.gradgradcheck(_SparseSpectrumProduct.apply, inputs)
+
+
+@pytest.mark.parametrize(("rows", "columns", "count"), SPECTRUM_SHAPES)
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
+def test_each_backward_function_passes_gradcheck_in_chunks(rows, columns, count, needs, chunks_of_three_tokens):
+    """3-token chunks (5 tokens: a boundary inside the batch), for each set of inputs that needs a
+    gradient (each takes its own Function: the fused backward, the transposed product, the
+    sampled cross spectrum), to second order; gradcheck's fast mode (random projections)."""
+    x, coefficients, *rest = spectrum_product_inputs(5, rows, columns, count)
+    inputs = (x.requires_grad_(needs[0]), coefficients.requires_grad_(needs[1]), *rest)
+    assert torch.autograd.gradcheck(_SparseSpectrumProduct.apply, inputs, fast_mode=True)
+    assert torch.autograd.gradgradcheck(_SparseSpectrumProduct.apply, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize(("rows", "columns", "count"), SPECTRUM_SHAPES)
+def test_chunked_branch_is_the_whole_batch_computation(rows, columns, count, chunks_of_three_tokens):
+    """3-token chunks against one (T, k) pass written with the public transforms, to rounding (a
+    matmul's blocking, and so its rounding, depends on the number of rows)."""
+    tokens = 5
+    x, coefficients, rows_index, columns_index, _ = spectrum_product_inputs(tokens, rows, columns, count)
+    output = _SparseSpectrumProduct.apply(x, coefficients, rows_index, columns_index, rows)
+    gathered = dct(x, dim=-1)[..., columns_index] * coefficients
+    expected = idct(gathered.new_zeros(tokens, rows).index_add(-1, rows_index, gathered), dim=-1)
+    torch.testing.assert_close(output, expected, rtol=1e-12, atol=1e-12)
+    direction = torch.randn(output.shape, generator=seeded(3), dtype=output.dtype)
+    mine = torch.autograd.grad(output, (x, coefficients), direction)
+    reference = torch.autograd.grad(expected, (x, coefficients), direction)
+    for gradient, expected_gradient in zip(mine, reference):
+        torch.testing.assert_close(gradient, expected_gradient, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(300, 8), (8, 301), (226, 227)])
+def test_fft_path_with_every_frequency_is_the_weight_path(rows, columns):
+    """Every location of the spectrum (so the Nyquist frequency of the even length too) through the
+    gather from and the scatter into the rfft's half spectrum, against x @ delta(W).T."""
+    weight = torch.randn(rows, columns, generator=seeded(0), dtype=torch.float64)
+    adapter = perturbed(DCTParam.from_weight(weight, num_coefficients=rows * columns), 1)
+    x = torch.randn(5, columns, generator=seeded(2), dtype=torch.float64)
+    assert_branch_is_the_weight_path(adapter, weight, x)
 
 
 def saved_numels(function, *inputs) -> list[tuple[int, bool]]:
@@ -175,6 +234,53 @@ def test_branch_saves_x_and_no_gathered_spectrum():
         return idct(spectrum, dim=-1)
 
     assert any(numel == 4 * 5 * count for numel, _ in saved_numels(plain, x))
+
+
+class LargestResult(TorchDispatchMode):
+    """The largest numel of any tensor an aten op returns while the mode is on (backward included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for value in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel())
+        return result
+
+
+def largest_tensor_of_a_branch_step(rows: int, columns: int, tokens: int) -> tuple[int, int]:
+    """(largest tensor formed by the branch's forward and backward, coefficient count)."""
+    adapter = perturbed(DCTParam.from_weight(torch.randn(rows, columns, dtype=torch.float64)), 0)
+    x = torch.randn(tokens, columns, dtype=torch.float64, requires_grad=True)
+    with LargestResult() as mode:
+        adapter.branch(x).sum().backward()
+    return mode.largest, adapter.coefficients.numel()
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(12, 10), (300, 260)])
+def test_branch_in_chunks_forms_no_tensor_of_the_gathered_spectrum_size(rows, columns, chunks_of_three_tokens):
+    """Forward and backward in 3-token chunks: nothing larger than the input, the output or the
+    gradients (T x width); the (T, m + n) gathered spectrum never is (the next test shows the
+    measurement sees it when the batch is one chunk)."""
+    largest, count = largest_tensor_of_a_branch_step(rows, columns, tokens=20)
+    assert largest <= 20 * max(rows, columns) < 20 * count
+
+
+def test_a_batch_within_one_chunk_is_one_gathered_spectrum():
+    largest, count = largest_tensor_of_a_branch_step(12, 10, tokens=20)
+    assert largest == 20 * count
+
+
+@given(st.integers(0, 50), st.integers(1, 40), st.sampled_from([1, 7, 64, 2**20]))
+def test_token_chunks_cover_the_batch_in_order_within_the_budget(tokens, width, budget):
+    with mock.patch.dict(dct_module._CHUNK_ELEMENTS, {"meta": budget}):
+        chunks = list(dct_module._token_chunks(tokens, width, torch.device("meta")))
+    assert [index for chunk in chunks for index in range(chunk.start, chunk.stop)] == list(range(tokens))
+    assert all(0 < chunk.stop - chunk.start <= max(1, budget // width) for chunk in chunks)
+    assert len(chunks) == -(-tokens // max(1, budget // width))
 
 
 def test_count_above_the_matrix_view_raises_and_leaves_layer_untouched():
