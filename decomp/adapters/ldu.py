@@ -167,24 +167,25 @@ class LDUParam(AdapterParam):
         r"""The current scale :math:`s = s_0 (1 + t)`, shape ``(1,)`` (a function of ``relative_scale``)."""
         return self.initial_scale * (1 + self.relative_scale)
 
-    def delta(self, weight: torch.Tensor) -> torch.Tensor:
-        dtype = weight.dtype
+    def _coefficients(self, dtype: torch.dtype) -> torch.Tensor:
+        r""":math:`s z - s_0 z_0`, shape ``(r,)``, in ``dtype``: what :meth:`delta` and
+        :meth:`branch` put between :math:`P L_r` and :math:`U_r`."""
         initial_scale = self.initial_scale.to(dtype)
         # s0 (1 + 0) z0 - s0 z0 is exactly zero at init (1 + 0 and s0 * 1 are exact), so the
         # update is exactly zero too.
         scale = initial_scale * (1 + self.relative_scale.to(dtype))
-        coefficients = scale * self.pivots.to(dtype) - initial_scale * self.initial_pivots.to(dtype)
-        update = (self.left.to(dtype) * coefficients) @ self.right.to(dtype)
+        return scale * self.pivots.to(dtype) - initial_scale * self.initial_pivots.to(dtype)
+
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        dtype = weight.dtype
+        update = (self.left.to(dtype) * self._coefficients(dtype)) @ self.right.to(dtype)
         return update.reshape(weight.shape)
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
-        r""":math:`x \Delta W^\top = ((x U_r^\top) \odot (s z - s_0 z_0)) (P L_r)^\top`, the
-        coefficients computed as in :meth:`delta` (exactly zero at init)."""
+        r""":math:`x \Delta W^\top = ((x U_r^\top) \odot (s z - s_0 z_0)) (P L_r)^\top` (exactly zero
+        at init)."""
         dtype = x.dtype
-        initial_scale = self.initial_scale.to(dtype)
-        scale = initial_scale * (1 + self.relative_scale.to(dtype))
-        coefficients = scale * self.pivots.to(dtype) - initial_scale * self.initial_pivots.to(dtype)
-        return ((x @ self.right.to(dtype).T) * coefficients) @ self.left.to(dtype).T
+        return ((x @ self.right.to(dtype).T) * self._coefficients(dtype)) @ self.left.to(dtype).T
 
     def upgrade_state(self, state: dict[str, Any], prefix: str = "") -> None:
         r"""Rewrite, in ``state``, a scale saved before it was relative: key ``scale`` (holding

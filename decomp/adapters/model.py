@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.utils import parametrize
 
-from .._checks import _all_finite
+from .._checks import _all_finite, check_bool
 from .._select import (
     ALL_LINEAR,
     SUPPORTED_LAYERS,
@@ -391,7 +391,7 @@ def apply(
     """
     make_adapter = _factory(adapter, config)
     _check_progress(progress)
-    _check_flag(branch, "branch")
+    check_bool(branch, "branch")
     root = _unwrap(model, "apply", changes_parameters=True)
     modules = _modules(root)
     is_target = _selector(target, "target", root, modules)
@@ -468,11 +468,6 @@ def apply(
     _commit(root, registered, heads, first_call, branch)
     _log_summary("apply", root, planned, len(heads))
     return model
-
-
-def _check_flag(value: object, name: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def _check_progress(progress: object) -> None:
@@ -1090,7 +1085,7 @@ def load_adapter(
         ValueError: adapter file ... does not match the model: layer '0': weight shape ...
     """
     _check_progress(progress)
-    _check_flag(branch, "branch")
+    check_bool(branch, "branch")
     root = _unwrap(model, "load_adapter")
     entries, extra_entries, rebuilt, saved = _read_adapter_file(path)
     extra = {entry["key"]: saved.pop(entry["key"]) for entry in extra_entries}

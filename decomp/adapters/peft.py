@@ -313,9 +313,9 @@ class DecompLayer(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if self.merged or not any(name in self.decomp_adapters for name in self.active_adapters):
-            return self.base_layer(x, *args, **kwargs)
         active = [self.decomp_adapters[name] for name in self.active_adapters if name in self.decomp_adapters]
+        if self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
         if type(self.base_layer).forward is nn.Linear.forward and all(adapter.has_branch for adapter in active):
             output = self.base_layer(x, *args, **kwargs)
             for adapter in active:
