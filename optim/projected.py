@@ -710,7 +710,7 @@ class ProjectedAdam(TensorStateOptimizer):
 
     @property
     def _bases(self) -> dict[torch.Tensor, tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
-        """Parameter -> (the projector state tensors, the basis built from them).
+        r"""Parameter -> (the projector state tensors, the basis built from them).
 
         Outside :meth:`state_dict` (a :math:`d \times r` basis per matrix, rebuilt on demand),
         and outside pickles and deep copies: ``torch.optim.Optimizer.__getstate__`` keeps only

@@ -114,7 +114,7 @@ _BASE_MAPS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
 
 
 def _aro_transposes(rows: int, cols: int, group: dict[str, Any]) -> bool:
-    """Whether ARO steps :math:`W^\top` (so :math:`R` rotates its rows, the weight's columns):
+    r"""Whether ARO steps :math:`W^\top` (so :math:`R` rotates its rows, the weight's columns):
     ``rotate="smaller"`` on a tall weight, which keeps :math:`R` at :math:`\min(m, n)^2`."""
     return group["rotate"] == "smaller" and transposes(rows, cols, smaller="rows")
 
@@ -710,7 +710,7 @@ def _first_eigen_state(matrix: torch.Tensor, group: dict[str, Any]) -> dict[str,
 
 
 def _shampoo_beta(group: dict[str, Any]) -> float:
-    """:math:`\beta_s`: ``shampoo_beta``, or :math:`\beta_2` when it is ``None``."""
+    r""":math:`\beta_s`: ``shampoo_beta``, or :math:`\beta_2` when it is ``None``."""
     beta = group["shampoo_beta"]
     return group["betas"][1] if beta is None else beta
 

@@ -361,3 +361,21 @@ def test_untranslatable_math_fails_the_build():
     pytest.importorskip("latex2mathml")
     with pytest.raises(ValueError, match="cannot translate"):
         load_docs_extension("mathml").to_mathml("\\notacommand{x}", display=True)
+
+
+SOURCE_DIRS = ("decomp", "optim", "benchmarks", "examples", "tests")
+
+
+def test_no_string_holds_a_control_character_from_an_unescaped_backslash():
+    r"""A docstring with math must be raw: unless it is, ``\beta`` starts with a backspace and
+    ``W^\top`` renders as ``W^``, a TAB, ``op``, with no warning at import (``\t``, ``\b``,
+    ``\f``, ``\a``, ``\v``, ``\r`` are valid escapes). Regression: three docstrings of ``optim``."""
+    control = re.compile(r"[\t\b\f\a\v\r]")  # in a class, \b is the backspace
+    found = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for directory in SOURCE_DIRS
+        for path in sorted((ROOT / directory).rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and control.search(node.value)
+    ]
+    assert found == [], f"strings with a control character (write them as raw strings): {found}"
