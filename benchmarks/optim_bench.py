@@ -384,10 +384,16 @@ def muon(params: Params, settings: LMSettings, lr: float) -> torch.optim.Optimiz
     return torch.optim.Muon(params, lr=lr, weight_decay=0.0)
 
 
-def aro(params: Params, settings: LMSettings, lr: float) -> torch.optim.Optimizer:
-    from optim import ARO
+def aro(rotate: str) -> Callable[[Params, LMSettings, float], torch.optim.Optimizer]:
+    """:class:`~optim.ARO` at its defaults but weight decay 0, rotating ``rotate`` (named in every
+    case, so a case's meaning does not follow the default)."""
 
-    return ARO(params, lr=lr, weight_decay=0.0)
+    def make(params: Params, settings: LMSettings, lr: float) -> torch.optim.Optimizer:
+        from optim import ARO
+
+        return ARO(params, lr=lr, weight_decay=0.0, rotate=rotate)
+
+    return make
 
 
 def rotated(basis: str) -> Callable[[Params, LMSettings, float], torch.optim.Optimizer]:
@@ -416,12 +422,13 @@ class LMMethod:
             raise ValueError(f"grid must hold at least one finite rate > 0, got {self.grid!r}")
 
 
-# Every grid spans a factor of about 30 around the rate its authors recommend (nanoGPT's AdamW
-# 1e-3, Muon's usual 2e-2, GaLore's 1e-2 with scale 0.25, SOAP's 3e-3); ARO's (its step RMS is
-# 0.2 sqrt(max(m, n)) lr, 2.3x to 3.9x lr on these matrices) gets a fifth point because its
-# default is to be chosen from this sweep.
+# Every coarse grid spans a factor of about 30 around the rate its authors recommend (nanoGPT's
+# AdamW 1e-3, Muon's usual 2e-2, GaLore's 1e-2 with scale 0.25, SOAP's 3e-3); ARO's (its step RMS
+# is 0.2 sqrt(max(m, n)) lr, 2.3x to 3.9x lr on these matrices) gets a fifth point because its
+# default is to be chosen from this sweep. Every sweep then adds refinement()'s rates.
 ADAM_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
 PROJECTED_GRID = (3e-3, 1e-2, 3e-2, 1e-1)
+ARO_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 LM_METHODS: dict[str, LMMethod] = {
     "adamw": LMMethod("AdamW", ADAM_GRID, lambda hidden, rest, settings, lr: [adamw(hidden + rest, settings, lr)]),
     "muon": LMMethod("torch.optim.Muon (hidden) + AdamW", (1e-2, 2e-2, 4e-2, 8e-2), beside_adamw(muon)),
@@ -436,7 +443,8 @@ LM_METHODS: dict[str, LMMethod] = {
         "DCTProjectedAdam (rank fraction 0.3125: GaLore's state bytes)", PROJECTED_GRID,
         projected(DCTProjectedAdam, rank=0.3125),
     ),
-    "aro": LMMethod("ARO (hidden) + AdamW", (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), beside_adamw(aro)),
+    "aro": LMMethod("ARO (hidden) + AdamW; rotate='rows', the paper's", ARO_GRID, beside_adamw(aro("rows"))),
+    "aro-smaller": LMMethod("ARO (hidden) + AdamW; rotate='smaller'", ARO_GRID, beside_adamw(aro("smaller"))),
     "soap": LMMethod("SOAP: RotatedAdam(basis='eigen') (hidden) + AdamW", ADAM_GRID, beside_adamw(rotated("eigen"))),
     "rotated-dct": LMMethod(
         "RotatedAdam(basis='dct') (hidden) + AdamW; no published method", ADAM_GRID, beside_adamw(rotated("dct"))
@@ -618,19 +626,51 @@ def choose_lr(grid: tuple[float, ...], losses: list[float]) -> float:
     return grid[min(range(len(grid)), key=lambda index: (math.isnan(losses[index]), losses[index]))]
 
 
+def refinement(grid: tuple[float, ...], best: float) -> tuple[float, ...]:
+    """The rates a sweep adds after its coarse grid: the geometric midpoint between ``best`` and
+    each of its neighbours on ``grid`` (sorted), and at an edge of the grid one coarse step
+    beyond it with its midpoint too, each rounded to two significant digits (the rate trained
+    is the rate shown). Every method's sweep refines by this one rule.
+
+    >>> refinement((1e-3, 3e-3, 1e-2), 3e-3)
+    (0.0017, 0.0055)
+    >>> refinement((1e-2, 2e-2, 4e-2), 4e-2)
+    (0.028, 0.057, 0.08)
+    """
+    rates = sorted(grid)
+    if len(rates) < 2:
+        return ()
+    index = rates.index(best)
+    neighbours = [rates[i] for i in (index - 1, index + 1) if 0 <= i < len(rates)]
+    if index in (0, len(rates) - 1):
+        beyond = best * best / neighbours[0]
+        neighbours.append(beyond)
+    points = {float(f"{math.sqrt(best * other):.2g}") for other in neighbours}
+    if index in (0, len(rates) - 1):
+        points.add(float(f"{beyond:.2g}"))
+    return tuple(sorted(points - set(rates)))
+
+
 def measure_lm(key: str, context: Context) -> Part:
-    """One method of :data:`LM_METHODS`: its rate sweep on the first seed, then the best rate on
-    every seed, on the shared corpus, batches and initial weights."""
+    """One method of :data:`LM_METHODS`: its rate sweep on the first seed (the coarse grid, then
+    :func:`refinement` around its best), then the best rate of the sweep on every seed, on the
+    shared corpus, batches and initial weights."""
     method = LM_METHODS[key]
     settings, train, held_out, facts = lm_data(context.quick, context.device)
     part = Part(facts=list(facts))
     try:
-        sweep = []
-        for lr in method.grid:
-            sweep.append(train_lm(method, lr, settings, train, held_out, context.device))
-            print(f"  {method.label} lr {lr:g}: tuning loss {sweep[-1]['tune_loss']:.4f} ({sweep[-1]['status']})", flush=True)
-        best = choose_lr(method.grid, [run["tune_loss"] for run in sweep])
-        runs = [sweep[method.grid.index(best)]]
+
+        def tuned(lr: float) -> dict[str, Any]:
+            run = train_lm(method, lr, settings, train, held_out, context.device)
+            print(f"  {method.label} lr {lr:g}: tuning loss {run['tune_loss']:.4f} ({run['status']})", flush=True)
+            return run
+
+        sweep = {lr: tuned(lr) for lr in method.grid}
+        coarse_best = choose_lr(method.grid, [sweep[lr]["tune_loss"] for lr in method.grid])
+        sweep.update({lr: tuned(lr) for lr in refinement(method.grid, coarse_best)})
+        grid = tuple(sorted(sweep))
+        best = choose_lr(grid, [sweep[lr]["tune_loss"] for lr in grid])
+        runs = [sweep[best]]
         for seed in range(settings.seed + 1, settings.seed + settings.seeds):
             runs.append(train_lm(method, best, dataclasses.replace(settings, seed=seed), train, held_out, context.device))
     except Exception as error:  # noqa: BLE001 -- a report: one failing method must not end it
@@ -649,15 +689,15 @@ def measure_lm(key: str, context: Context) -> Part:
     )  # fmt: skip
     part.table(LM_TABLE, LM_HEADER, [row])
     cells = ", ".join(
-        (f"**{lr:g}: {run['tune_loss']:.4f}**" if lr == best else f"{lr:g}: {run['tune_loss']:.4f}")
-        for lr, run in zip(method.grid, sweep)
+        (f"**{lr:g}: {sweep[lr]['tune_loss']:.4f}**" if lr == best else f"{lr:g}: {sweep[lr]['tune_loss']:.4f}")
+        for lr in grid
     )
-    edge = "yes" if len(method.grid) > 1 and best in (method.grid[0], method.grid[-1]) else "no"
+    edge = "yes" if len(grid) > 1 and best in (grid[0], grid[-1]) else "no"
     part.table(SWEEP_TABLE, SWEEP_HEADER, [(method.label, cells, f"{best:g}", edge)])
     part.data = {
         "label": method.label, "lr": best, "val_loss": mean, "val_loss_std": spread,
         "val_losses": losses, "state_bytes": runs[0]["state_bytes"], "curve": runs[0]["curve"],
-        "sweep": {"lr": list(method.grid), "tune_loss": [run["tune_loss"] for run in sweep]},
+        "sweep": {"lr": list(grid), "tune_loss": [sweep[lr]["tune_loss"] for lr in grid]},
     }  # fmt: skip
     return part
 
@@ -836,6 +876,8 @@ def measure_cnn(key: str, context: Context) -> Part:
 LM_LOSS_TARGETS: tuple[tuple[str, str, str], ...] = (
     ("lm:aro", "lm:muon", "optim: ARO validation loss vs Muon"),
     ("lm:aro", "lm:adamw", "optim: ARO validation loss vs AdamW"),
+    ("lm:aro-smaller", "lm:muon", "optim: ARO validation loss vs Muon"),
+    ("lm:aro-smaller", "lm:adamw", "optim: ARO validation loss vs AdamW"),
     ("lm:soap", "lm:adamw", "optim: SOAP validation loss vs AdamW"),
     ("lm:dct", "lm:adamw", "optim: DCT validation loss vs AdamW"),
     ("lm:dct", "lm:galore", "optim: DCT validation loss vs GaLore"),

@@ -256,26 +256,57 @@ def test_lm_methods_share_init_and_data(parts):
     assert state["lm:dct"] < state["lm:adamw"]  # AdamW keeps two moments of every parameter
 
 
-def test_lm_sweeps_the_grid_on_the_first_seed_then_reruns_the_best_on_every_seed(tiny, monkeypatch):
-    calls = []
-
+def _fake_train(calls, tune_loss):
     def fake_train(method, lr, settings, train, held_out, device):
         calls.append((lr, settings.seed))
-        # the tuning loss is lowest at the grid's second rate; validation loss differs per seed
-        tune = abs(method.grid.index(lr) - 1) + 1.0
-        return {"status": "ok", "train_loss": 1.0, "tune_loss": tune, "val_loss": 2.0 + settings.seed,
+        return {"status": "ok", "train_loss": 1.0, "tune_loss": tune_loss(lr), "val_loss": 2.0 + settings.seed,
                 "tokens_per_s": 1.0, "optimizer_step": bench.Timing(1.0, 1.0, 0.0, 1), "state_bytes": 8,
                 "peak_memory_bytes": None, "curve": {"tokens": [1], "loss": [1.0]}}  # fmt: skip
 
-    monkeypatch.setattr(bench, "train_lm", fake_train)
-    part = bench.measure_lm("muon", QUICK)
+    return fake_train
+
+
+def test_lm_sweeps_the_grid_then_its_refinement_on_the_first_seed_then_reruns_the_best_on_every_seed(
+    tiny, monkeypatch
+):
+    calls = []
     grid = bench.LM_METHODS["muon"].grid
-    assert calls == [(lr, 0) for lr in grid] + [(grid[1], 1)]
+    # the tuning loss is lowest at the grid's second rate; validation loss differs per seed
+    monkeypatch.setattr(bench, "train_lm", _fake_train(calls, lambda lr: abs(math.log(lr / grid[1])) + 1.0))
+    part = bench.measure_lm("muon", QUICK)
+    refined = bench.refinement(grid, grid[1])
+    assert len(refined) == 2 and grid[0] < refined[0] < grid[1] < refined[1] < grid[2]
+    assert calls == [(lr, 0) for lr in grid + refined] + [(grid[1], 1)]
     assert part.data["lr"] == grid[1] and part.data["val_losses"] == [2.0, 3.0]
+    assert part.data["sweep"]["lr"] == sorted(grid + refined)
     lm_row = part.tables[0]["rows"][0]
     assert lm_row[1] == f"{grid[1]:g}" and lm_row[2] == "2.5000 ± 0.7071"
     (sweep_row,) = part.tables[1]["rows"]
     assert f"**{grid[1]:g}: 1.0000**" in sweep_row[1] and sweep_row[3] == "no"
+    shown = [float(cell.strip("*").split(":")[0]) for cell in sweep_row[1].split(", ")]
+    assert shown == sorted(grid + refined)
+
+
+def test_lm_reruns_a_refined_rate_when_it_beats_the_coarse_grid(tiny, monkeypatch):
+    calls = []
+    grid = bench.LM_METHODS["aro"].grid
+    between = bench.refinement(grid, grid[2])[1]  # between the grid's third and fourth rates
+    monkeypatch.setattr(bench, "train_lm", _fake_train(calls, lambda lr: abs(math.log(lr / between)) + 1.0))
+    part = bench.measure_lm("aro", QUICK)
+    assert part.data["lr"] == between and calls[-1] == (between, 1)
+
+
+@pytest.mark.parametrize(
+    ("grid", "best", "expected"),
+    [
+        ((1e-4, 3e-4, 1e-3), 3e-4, (1.7e-4, 5.5e-4)),
+        ((1e-4, 3e-4, 1e-3), 1e-3, (5.5e-4, 1.8e-3, 3.3e-3)),  # an edge: one coarse step beyond
+        ((3e-3, 1e-3), 3e-3, (1.7e-3, 5.2e-3, 9e-3)),  # any order
+        ((1e-3,), 1e-3, ()),
+    ],
+)
+def test_refinement_adds_midpoints_around_the_best_and_a_step_beyond_an_edge(grid, best, expected):
+    assert bench.refinement(grid, best) == expected
 
 
 @given(st.lists(st.one_of(st.floats(0.5, 5.0), st.just(math.nan)), min_size=1, max_size=8))
@@ -309,7 +340,7 @@ def test_every_lm_method_builds_and_steps_on_the_split_it_names(key):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     assert all(not torch.equal(b, p) for b, p in zip(before, hidden))
-    if key in ("muon", "aro", "soap"):  # the Muon-style split: AdamW on embeddings, norms and head
+    if key in ("muon", "aro", "aro-smaller", "soap"):  # the Muon-style split: AdamW on the rest
         assert isinstance(optimizers[1], torch.optim.AdamW)
         assert {id(p) for group in optimizers[1].param_groups for p in group["params"]} == {id(p) for p in rest}
 
