@@ -497,8 +497,9 @@ class AdapterParam(nn.Module):
     rebuilt_buffers: ClassVar[tuple[str, ...]] = ()
     #: Options added after adapter files of the class were first written, with the value an
     #: adapter file's config that lacks one means: the behaviour from before the option existed
-    #: (KronParam's ``scale``: 1.0). :func:`~decomp.adapters.load_adapter` reads a file's config
-    #: over these; a config built in code takes the option's current default.
+    #: (KronParam's ``scale``: 1.0). :func:`~decomp.adapters.load_adapter` and a peft
+    #: ``DecompConfig`` read from ``adapter_config.json`` read a file's config over these; a config
+    #: built in code takes the option's current default.
     saved_defaults: ClassVar[Mapping[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

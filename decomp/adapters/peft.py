@@ -216,6 +216,10 @@ class DecompConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
+        # peft stamps peft_version on every config it creates, so one that arrives stamped was
+        # read from a file (adapter_config.json) and its options are those of the release that
+        # wrote it.
+        from_file = self.peft_version is not None
         super().__post_init__()
         self.peft_type = PEFT_TYPE
         if self.method is None or self.method == "":
@@ -231,10 +235,12 @@ class DecompConfig(PeftConfig):
             _json_value(value, f"options[{key!r}]")
         # Every option, defaults included, under its current name: the constructor validates them
         # (now, not at injection) and the saved file rebuilds the same adapter even if a later
-        # release changes a default.
+        # release changes a default. A file's options lack only those added after it was
+        # written, which mean what the class says they meant before (saved_defaults).
+        options = {**cls.saved_defaults, **self.options} if from_file else self.options
         self.options = {
             key: _json_value(value, f"{cls.__name__} option {key!r}")
-            for key, value in cls(**self.options).config().items()
+            for key, value in cls(**options).config().items()
         }
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)

@@ -745,3 +745,31 @@ def test_feature_table_cell(row, column, tmp_path):
         else:
             with pytest.raises(Exception):
                 CHECKS[row](column, tmp_path)
+
+
+def test_a_config_file_written_before_an_option_existed_loads_with_what_it_meant(tmp_path):
+    """Regression: an adapter_config.json from before KronParam's ``scale`` has no ``scale``; its
+    factors trained the unscaled update, so it loads with ``scale=1.0`` (``saved_defaults``) as
+    ``load_adapter`` does, not with the rule that a config built in code now gets."""
+    from peft import PeftConfig
+
+    base = nn.Sequential(nn.Linear(48, 20), nn.ReLU(), nn.Linear(20, 6))
+    config = DecompConfig(method="KronParam", options={"scale": 1.0}, target_modules=["0"])
+    model = get_peft_model(copy.deepcopy(base), config)
+    perturb(model)
+    x = torch.randn(3, 48)
+    expected = model(x)
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    written = json.loads(config_path.read_text())
+    del written["options"]["scale"]  # as the release before the option wrote it
+    config_path.write_text(json.dumps(written))
+    for loaded_config in (DecompConfig.from_pretrained(tmp_path), PeftConfig.from_pretrained(tmp_path)):
+        assert loaded_config.options["scale"] == 1.0
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert torch.equal(loaded(x), expected)
+    assert DecompConfig(method="KronParam", target_modules=["0"]).options["scale"] is None  # in code: the rule
+    again = DecompConfig.from_pretrained(tmp_path)  # a file that has the option keeps its value
+    again.options["scale"] = 0.5
+    again.save_pretrained(tmp_path / "half")
+    assert DecompConfig.from_pretrained(tmp_path / "half").options["scale"] == 0.5
