@@ -880,8 +880,7 @@ def save_adapter(
     """
     from safetensors.torch import save_file
 
-    if not isinstance(factors, bool):
-        raise TypeError(f"factors must be a bool, got {factors!r}")
+    check_bool(factors, "factors")
     root = _unwrap(model, "save_adapter")
     if not adapted_layers(root):
         raise ValueError("model has no adapters to save; call decomp.adapters.apply first")
