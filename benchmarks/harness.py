@@ -810,6 +810,8 @@ def main(area: Area, argv: Sequence[str] | None = None) -> int:
             continue
         part.env, part.quick = env, arguments.quick
         parts[case.name] = part
+        if arguments.out is not None:  # an interrupted run keeps the cases it finished
+            save_results(arguments.out, parts)
     unknown = sorted(set(parts) - {case.name for case in area.cases})
     if unknown:
         print(f"dropping stored parts of cases {area.section} no longer has: {unknown}")

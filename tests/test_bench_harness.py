@@ -389,6 +389,18 @@ def test_main_merges_parts_measured_elsewhere_and_quick_writes_nothing(tmp_path,
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_main_stores_each_case_as_it_finishes(tmp_path):
+    results = tmp_path / "demo.json"
+
+    def interrupted(context):
+        raise KeyboardInterrupt  # a run stopped by hand during its second case
+
+    area = dataclasses.replace(DEMO, cases=(DEMO.cases[0], Case("b", interrupted)))
+    with pytest.raises(KeyboardInterrupt):
+        main(area, ["--out", str(results), "--no-page", "--threads", "1"])
+    assert set(load_results(results)) == {"a"}
+
+
 # --------------------------------------------------------------------------- environment
 
 
