@@ -373,8 +373,11 @@ def _current_command() -> str:
     return shlex.join([str(executable), *sys.argv])
 
 
-def environment(library_threads: str = "", *, command: str | None = None, device: str = "cpu") -> Environment:
-    """The current run's environment; ``command`` defaults to this process's command line."""
+def environment(
+    library_threads: str = "", *, command: str | None = None, device: str = "cpu", code: str | None = None
+) -> Environment:
+    """The current run's environment; ``command`` defaults to this process's command line and
+    ``code`` (the revision) to the checkout's :func:`revision` now."""
     now = datetime.datetime.now(datetime.timezone.utc)
     return Environment(
         date=now.strftime("%Y-%m-%d %H:%M UTC"),
@@ -385,7 +388,7 @@ def environment(library_threads: str = "", *, command: str | None = None, device
         python=platform.python_version(),
         command=command if command is not None else _current_command(),
         device=device,
-        revision=revision(),
+        revision=revision() if code is None else code,
     )
 
 
@@ -800,9 +803,12 @@ def main(area: Area, argv: Sequence[str] | None = None) -> int:
     for path in arguments.merge:
         parts.update(load_results(path))
     context = Context(arguments.quick, arguments.repeats, arguments.threads, device)
+    # The code this process runs is what it imported at its start, whatever a later commit or edit
+    # of the checkout says by the time a case starts.
+    loaded = revision()
     for case in [] if arguments.render else arguments.cases:
         print(f"running {area.section}: {case.name} ...", flush=True)
-        env = environment(library_threads, device=describe_device(device))  # dated when it starts
+        env = environment(library_threads, device=describe_device(device), code=loaded)  # dated when it starts
         try:
             part = case.measure(context)
         except NotImplementedError as error:

@@ -389,6 +389,16 @@ def test_main_merges_parts_measured_elsewhere_and_quick_writes_nothing(tmp_path,
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_main_records_the_revision_the_process_started_from(tmp_path, monkeypatch):
+    """Regression: each case read the checkout's revision when it started, so a commit made
+    while a long run went on was credited with results of the code the process had imported."""
+    revisions = iter(["abc1234", "def5678", "0000000"])
+    monkeypatch.setattr(harness, "revision", lambda root=harness.REPO_ROOT: next(revisions))
+    results = tmp_path / "demo.json"
+    main(DEMO, ["--out", str(results), "--no-page", "--threads", "1"])
+    assert {part.env.revision for part in load_results(results).values()} == {"abc1234"}
+
+
 def test_main_stores_each_case_as_it_finishes(tmp_path):
     results = tmp_path / "demo.json"
 
