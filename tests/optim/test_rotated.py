@@ -511,16 +511,16 @@ def test_aro_rows_on_a_tall_weight_steps_inside_the_momentums_column_space(shape
         assert outside.norm() < 1e-2 * update.norm()
 
 
-def test_aro_rotates_the_rows_by_default_as_the_paper():
-    """Behaviour change: a tall weight's rotation is m x m (it was min(m, n)); "smaller" keeps
-    the old n x n one."""
+def test_aro_rotates_the_smaller_side_by_default():
+    """Behaviour change (issue 12, measured): a tall weight's rotation is min(m, n) x min(m, n)
+    again; "rows" (the paper's) gives the m x m one."""
     (w,) = parameters([(7, 3)], 0)
     w.grad = gaussian((7, 3), 1)
-    rows, smaller = ARO([w]), ARO([w], rotate="smaller")
+    default, rows = ARO([w]), ARO([w], rotate="rows")
+    default.step()
     rows.step()
-    smaller.step()
+    assert default.state[w]["rotation"].shape == (3, 3)
     assert rows.state[w]["rotation"].shape == (7, 7)
-    assert smaller.state[w]["rotation"].shape == (3, 3)
 
 
 @pytest.mark.parametrize(
