@@ -711,7 +711,7 @@ def _line_plot(
     from matplotlib.figure import Figure
     from matplotlib.ticker import FormatStrFormatter
 
-    figure = Figure(figsize=(8.0, 5.0), layout="constrained")
+    figure = Figure(figsize=(11.0, 5.0), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for label, xs, ys in lines:
@@ -727,7 +727,8 @@ def _line_plot(
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=7)
+    # Beside the axes: ten methods' legend inside them hid a curve.
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
 
