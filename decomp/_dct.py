@@ -163,6 +163,7 @@ class _MakhoulPlan(NamedTuple):
     coefficient_order: torch.Tensor  # [Re 0, Im 0, Re 1, ...] -> X: Re 0..n//2, Im (n-1)//2..1
     mirror: torch.Tensor  # for the inverse: 0, n-1, n-2, ..., n - n//2
     inverse_twiddle: torch.Tensor  # complex, one per rfft bin
+    output_order: torch.Tensor  # the inverse's irfft output w -> x: x = w[output_order]
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
@@ -180,6 +181,9 @@ def _makhoul_plan(n: int, dtype: torch.dtype, device: torch.device) -> _MakhoulP
         real_parts = torch.arange(0, 2 * half, 2)
         mirrored_imaginary_parts = 2 * torch.arange(n - half, 0, -1) + 1
         coefficient_order = torch.cat([real_parts, mirrored_imaginary_parts])
+        # x_{2j+1} = w_{j+1} and x_{2j} = w_{(n-j) % n}, w the irfft's time-reversed v.
+        position = torch.arange(n)
+        output_order = torch.where(position % 2 == 1, position // 2 + 1, (n - position // 2) % n)
         complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
         return _MakhoulPlan(
             reversed_v.to(device),
@@ -187,6 +191,7 @@ def _makhoul_plan(n: int, dtype: torch.dtype, device: torch.device) -> _MakhoulP
             coefficient_order.to(device),
             mirror.to(device),
             inverse_twiddle.to(complex_dtype).to(device),
+            output_order.to(device),
         )
 
 

@@ -249,11 +249,8 @@ class _ScatteredIDCT:
         self.n, self.index = n, index
         self.plan = _makhoul_plan(n, dtype, index.device) if n > _MATMUL_MAX_N else None
         if self.plan is not None:
-            bins = n // 2 + 1
-            self.spectrum_index = torch.where(index < bins, 2 * index, 2 * (n - index) + 1)
-            # The irfft returns v time-reversed, w: x_{2j+1} = w_{j+1}, x_0 = w_0, x_{2j} = w_{n-j}.
-            position = torch.arange(n, device=index.device)
-            self.output_order = torch.where(position % 2 == 1, position // 2 + 1, (n - position // 2) % n)
+            # Frequency r's place in the interleaved half spectrum, as the forward reads it.
+            self.spectrum_index = self.plan.coefficient_order[index]
 
     def __call__(self, values: torch.Tensor, out: torch.Tensor) -> None:
         """Write the result for ``values`` ``(tokens, k)`` into ``out`` ``(tokens, n)``, a contiguous view."""
@@ -269,7 +266,7 @@ class _ScatteredIDCT:
         spectrum = torch.view_as_complex(interleaved.view(tokens, bins, 2))
         spectrum *= self.plan.inverse_twiddle
         reversed_output = torch.fft.irfft(spectrum, n=self.n, dim=-1)
-        torch.index_select(reversed_output, -1, self.output_order, out=out)
+        torch.index_select(reversed_output, -1, self.plan.output_order, out=out)
 
 
 def _spectrum_pass(
