@@ -253,9 +253,9 @@ class ARO(_MatrixOrAdamW):
     normalises the rows of :math:`R^\top M^\top`; ``"rows"`` rotates the rows for every shape,
     :math:`R` is :math:`m \times m`, as the paper and the official code (``microsoft/dion``
     ``aro.py``) do. They differ only on tall weights, where ``"rows"`` works in a frame whose
-    rows past the :math:`n`-th are zero (above) and costs :math:`m^2` floats (64 MiB for an MLP
-    down-projection with :math:`m = 4096` in fp32, 3.8 GiB for a 32000-token embedding or LM
-    head) and an :math:`O(m^3)` QR against :math:`O(n^2 m)`. Measured (issue 12; the byte-level
+    rows past the :math:`n`-th are zero (above) and costs :math:`m^2` floats (462 MiB for an
+    11008 x 4096 MLP up-projection in fp32, where ``"smaller"`` keeps 64 MiB; 3.8 GiB for a
+    32000-token embedding or LM head) and an :math:`O(m^3)` QR against :math:`O(n^2 m)`. Measured (issue 12; the byte-level
     Llama of the optimizer benchmark, ARO on the attention and MLP matrices, each side at its
     best rate of one sweep, 3 seeds): validation loss 2.153 with ``"smaller"`` against 2.193
     with ``"rows"``, lower on each of the three seeds (by 0.033 to 0.050); the issue had
