@@ -642,13 +642,9 @@ def refinement(grid: tuple[float, ...], best: float) -> tuple[float, ...]:
         return ()
     index = rates.index(best)
     neighbours = [rates[i] for i in (index - 1, index + 1) if 0 <= i < len(rates)]
-    if index in (0, len(rates) - 1):
-        beyond = best * best / neighbours[0]
-        neighbours.append(beyond)
-    points = {float(f"{math.sqrt(best * other):.2g}") for other in neighbours}
-    if index in (0, len(rates) - 1):
-        points.add(float(f"{beyond:.2g}"))
-    return tuple(sorted(points - set(rates)))
+    beyond = [best * best / neighbours[0]] if index in (0, len(rates) - 1) else []
+    points = [math.sqrt(best * other) for other in neighbours + beyond] + beyond
+    return tuple(sorted({float(f"{point:.2g}") for point in points} - set(rates)))
 
 
 def measure_lm(key: str, context: Context) -> Part:
