@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import operator
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
@@ -310,6 +312,54 @@ def _layout_problem(state: Mapping[str, Any], layout: Mapping[str, StateSpec]) -
     return None
 
 
+class _Options(NamedTuple):
+    """The group's options a state layout may depend on: all but ``params`` and ``lr`` (which a
+    scheduler sets every step and no layout reads)."""
+
+    names: tuple[str, ...]
+    values: tuple[Any, ...]
+
+
+class _Fit(NamedTuple):
+    """A state found to fit its parameter, and what that finding rests on (cheap to compare)."""
+
+    param_shape: torch.Size
+    options: _Options
+    entries: tuple[tuple[str, weakref.ref, torch.Size, torch.dtype], ...]
+
+
+def _layout_options(group: Mapping[str, Any]) -> _Options:
+    names = tuple(name for name in group if name not in ("params", "lr"))
+    return _Options(names, tuple(group[name] for name in names))
+
+
+def _fit(param: torch.Tensor, options: _Options, state: Mapping[str, Any]) -> _Fit:
+    entries = tuple(
+        (key, weakref.ref(value), value.shape, value.dtype) for key, value in state.items()
+    )
+    return _Fit(param.shape, options, entries)
+
+
+def _still_fits(fit: _Fit, param: torch.Tensor, options: _Options, state: Mapping[str, Any]) -> bool:
+    """Whether nothing a layout check reads changed since ``fit``: the parameter's shape, each
+    option (the same object), and each state entry (the same tensor, with its shape and dtype).
+
+    Identity, not equality: a replaced tensor or option is checked again even when equal, and a
+    weak reference cannot be fooled by a new tensor at a freed one's address.
+    """
+    if param.shape != fit.param_shape or len(state) != len(fit.entries):
+        return False
+    if options.names != fit.options.names or not all(
+        map(operator.is_, options.values, fit.options.values)
+    ):
+        return False
+    for key, ref, shape, dtype in fit.entries:
+        value = state.get(key)
+        if value is None or ref() is not value or value.shape != shape or value.dtype != dtype:
+            return False
+    return True
+
+
 _MISMATCH_HINT = (
     "a state saved for other parameters, another parameter order or other options "
     "(rank, projector, basis, max_dim, protect)?"
@@ -453,16 +503,41 @@ class TensorStateOptimizer(torch.optim.Optimizer):
                     return f"parameter {where} (shape {tuple(param.shape)})"
         return f"a parameter of shape {tuple(param.shape)}"
 
-    def _check_state(self, param: torch.Tensor, group: dict[str, Any]) -> None:
-        """Raise ``ValueError`` if ``param``'s state does not fit it (an empty state always does)."""
-        layout = self._state_layout(param, group)
+    def _check_state(
+        self,
+        param: torch.Tensor,
+        group: dict[str, Any],
+        options: _Options | None = None,
+    ) -> None:
+        """Raise ``ValueError`` if ``param``'s state does not fit it (an empty state always does).
+
+        A state that fitted at the last check and whose entries, options and parameter shape are
+        the very same objects since (:func:`_still_fits`) is not checked again: the steady steps
+        of many small matrices spent a tenth of their time here. ``options`` is
+        :func:`_layout_options` of ``group`` (computed here if not given).
+        """
+        if options is None:
+            options = _layout_options(group)
         state = self.state.get(param)
-        if state:
-            problem = _layout_problem(state, layout)
-            if problem is not None:
-                raise ValueError(
-                    f"the optimizer state of {self._describe(param)} {problem}; {_MISMATCH_HINT}"
-                )
+        known = self._fitting.get(param)
+        if state and known is not None and _still_fits(known, param, options, state):
+            return
+        layout = self._state_layout(param, group)  # raises for a parameter the options cannot serve
+        if not state:
+            return
+        problem = _layout_problem(state, layout)
+        if problem is not None:
+            raise ValueError(
+                f"the optimizer state of {self._describe(param)} {problem}; {_MISMATCH_HINT}"
+            )
+        self._fitting[param] = _fit(param, options, state)
+
+    @property
+    def _fitting(self) -> dict[torch.Tensor, _Fit]:
+        """Parameter -> the last state found to fit it (:meth:`_check_state`); outside
+        :meth:`state_dict`, pickles and deep copies, as ``torch.optim.Optimizer.__getstate__``
+        keeps only the defaults, state and groups."""
+        return self.__dict__.setdefault("_fitting_states", {})
 
     # ------------------------------------------------------------------------------ step
 
@@ -504,6 +579,7 @@ class TensorStateOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             lr = group["lr"]
             options = {**group, "lr": float(lr)} if isinstance(lr, torch.Tensor) else group
+            layout_options = _layout_options(group)
             fallback, matrices = [], []
             for param in group["params"]:
                 grad = param.grad
@@ -514,7 +590,7 @@ class TensorStateOptimizer(torch.optim.Optimizer):
                         f"sparse gradients are not supported ({self._describe(param)}); "
                         f"use torch.optim.SparseAdam"
                     )
-                self._check_state(param, group)
+                self._check_state(param, group, layout_options)
                 pair = (param, -grad if group["maximize"] else grad)
                 (fallback if self._takes_adamw(param, group) else matrices).append(pair)
             work.append((options, fallback, matrices))

@@ -116,6 +116,38 @@ def test_a_failing_step_changes_nothing_and_a_passing_one_is_documented(
 # ------------------------------------------------------------------------------ regressions
 
 
+IN_PLACE_EDITS = ["resize", "extra key", "parameter reshaped", "option replaced"]
+
+
+@pytest.mark.parametrize("edit", IN_PLACE_EDITS)
+@pytest.mark.parametrize("name", NAMES)
+def test_regression_an_edit_after_a_step_that_passed_its_check_is_still_caught(name, edit):
+    """The step skips the layout check of a state whose entries, options and parameter shape
+    are the very objects it last found fitting; every edit that keeps those objects but changes
+    what the check reads must still raise, and change nothing."""
+    params = make_params(SHAPES, 0)
+    optimizer = RELIABILITY_FACTORIES[name](params)
+    run(optimizer, params, range(3))  # the third step's check found the state fitting
+    state = optimizer.state[params[0]]
+    if edit == "resize":
+        key = _floating_key(state)
+        state[key].resize_(state[key].shape[0] + 1, *state[key].shape[1:])
+    elif edit == "extra key":
+        state["extra"] = torch.zeros(1)
+    elif edit == "parameter reshaped":
+        params[0].data = torch.randn(7, 4)
+    else:
+        change = _layout_option(name)
+        if change is None:
+            pytest.skip("ARO has no option that changes its state's layout")
+        optimizer.param_groups[0].update(change)
+    set_grads(params, 3)
+    before = snapshot(optimizer)
+    with pytest.raises(ValueError, match="expected"):
+        optimizer.step()
+    assert_same(before, snapshot(optimizer))
+
+
 def twins(factory, shape=(6, 4), seed=0):
     """The same parameter twice, each with its own optimizer from ``factory``."""
     first, second = (nn.Parameter(p.detach().clone()) for p in make_params([shape], seed) * 2)
