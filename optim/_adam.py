@@ -7,8 +7,11 @@ One formula (``torch.optim.AdamW``'s): decoupled weight decay before the update,
     m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
     u = \frac{m / (1-\beta_1^t)}{\sqrt{v / (1-\beta_2^t)} + \epsilon}.
 
-The projected and rotated optimizers compute ``u`` in a subspace or a rotated basis and map it
-back; parameters they do not handle (1-D ones, say) take :func:`adamw_step` unchanged.
+The projected and rotated optimizers compute :math:`q = m / (\sqrt{v / (1-\beta_2^t)} +
+\epsilon)` (:func:`adam_ratio`) in a subspace or a rotated basis, map it back (a linear map) and
+fold :math:`1/(1-\beta_1^t)`, with any scale of theirs, into the step size of
+:func:`apply_update`: the same :math:`u`, two elementwise passes fewer per matrix. Parameters they
+do not handle (1-D ones, say) take :func:`adamw_step` unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from decomp._checks import compute_dtype
 
-__all__ = ["adam_direction", "adam_directions", "adamw_step", "apply_update", "init_moments"]
+__all__ = ["adam_ratio", "adam_ratios", "adamw_step", "apply_update", "first_bias_correction", "init_moments"]
 
 
 def init_moments(state: dict[str, torch.Tensor], like: torch.Tensor) -> None:
@@ -42,7 +45,12 @@ def _denominator(exp_avg_sq: torch.Tensor, step: int, beta2: float, eps: float) 
     return (exp_avg_sq.sqrt() / ((1 - beta2**step) ** 0.5)).add_(eps)
 
 
-def adam_direction(
+def first_bias_correction(step: int, betas: tuple[float, float]) -> float:
+    r""":math:`1 - \beta_1^t`, which divides :func:`adam_ratio` to give Adam's direction."""
+    return 1 - betas[0] ** step
+
+
+def adam_ratio(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
@@ -50,32 +58,31 @@ def adam_direction(
     betas: tuple[float, float],
     eps: float,
 ) -> torch.Tensor:
-    r"""Update the moments in place with ``grad`` and return the bias-corrected Adam direction.
+    r"""Update the moments in place with ``grad`` and return
+    :math:`q = m / (\sqrt{v / (1-\beta_2^t)} + \epsilon)`: Adam's direction times
+    :math:`1 - \beta_1^t` (:func:`first_bias_correction`).
 
     ``step`` is the number of moment updates including this one (:math:`t \ge 1`). ``grad``,
     ``exp_avg`` and ``exp_avg_sq`` share one shape and dtype (the state dtype).
+
+    Example:
+        >>> m, v = torch.zeros(2), torch.zeros(2)
+        >>> adam_ratio(torch.tensor([2.0, -3.0]), m, v, 1, (0.9, 0.999), 0.0)  # 0.1 sign(g)
+        tensor([ 0.1000, -0.1000])
     """
     _update_moments(grad, exp_avg, exp_avg_sq, betas)
-    denom = _denominator(exp_avg_sq, step, betas[1], eps)
-    return (exp_avg / (1 - betas[0] ** step)).div_(denom)
+    return exp_avg / _denominator(exp_avg_sq, step, betas[1], eps)
 
 
-def adam_directions(
+def adam_ratios(
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
     steps: list[int],
     betas: tuple[float, float],
     eps: float,
-    *,
-    foreach: bool,
 ) -> list[torch.Tensor]:
-    """:func:`adam_direction` over lists; ``foreach=True`` uses the multi-tensor kernels."""
-    if not foreach:
-        return [
-            adam_direction(grad, exp_avg, exp_avg_sq, step, betas, eps)
-            for grad, exp_avg, exp_avg_sq, step in zip(grads, exp_avgs, exp_avg_sqs, steps)
-        ]
+    """:func:`adam_ratio` over lists with multi-tensor kernels, bitwise the same per tensor."""
     beta1, beta2 = betas
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -83,9 +90,7 @@ def adam_directions(
     denoms = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denoms, [(1 - beta2**step) ** 0.5 for step in steps])
     torch._foreach_add_(denoms, eps)
-    directions = torch._foreach_div(exp_avgs, [1 - beta1**step for step in steps])
-    torch._foreach_div_(directions, denoms)
-    return list(directions)
+    return list(torch._foreach_div(exp_avgs, denoms))
 
 
 def adamw_step(
@@ -113,11 +118,24 @@ def adamw_step(
 
 
 def apply_update(
-    param: torch.Tensor, direction: torch.Tensor, *, lr: float, weight_decay: float
+    param: torch.Tensor,
+    direction: torch.Tensor,
+    *,
+    lr: float,
+    weight_decay: float,
+    factor: float = 1.0,
 ) -> None:
-    r""":math:`W \leftarrow W (1 - \eta\lambda) - \eta\, U`, computed in the state dtype."""
+    r""":math:`W \leftarrow W (1 - \eta\lambda) - \eta\, c\, U` (``factor`` :math:`c`), computed in
+    the state dtype; ``direction`` :math:`U` is reshaped to the parameter's shape."""
+    if direction.shape != param.shape:  # a reshape costs a dispatch even when it is a view
+        direction = direction.reshape(param.shape)
+    if param.dtype == direction.dtype:  # what _in_dtype does, without its generator (hot path)
+        if weight_decay:
+            param.mul_(1 - lr * weight_decay)
+        param.add_(direction, alpha=-lr * factor)
+        return
     with _in_dtype(param, direction.dtype, lr=lr, weight_decay=weight_decay) as target:
-        target.add_(direction.reshape(target.shape), alpha=-lr)
+        target.add_(direction, alpha=-lr * factor)
 
 
 @contextlib.contextmanager

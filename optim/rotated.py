@@ -30,7 +30,7 @@ from decomp._checks import unit_scaled
 from decomp._qr import signed_qr
 from decomp._sides import matrix_dims, transposes
 
-from ._adam import adam_direction, apply_update, init_moments
+from ._adam import adam_ratio, apply_update, first_bias_correction, init_moments
 from ._base import (
     COMMON_OPTIONS,
     _adam_betas,
@@ -415,10 +415,7 @@ class ARO(_MatrixOrAdamW):
         else:
             scale = 1.0
         apply_update(
-            param,
-            update.mul_(scale).reshape(param.shape),
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
+            param, update, lr=group["lr"], weight_decay=group["weight_decay"], factor=scale
         )
 
 
@@ -689,17 +686,17 @@ class RotatedAdam(_MatrixOrAdamW):
         state["step"] += 1
         matrix = as_matrix(grad).to(dtype)
         rotated = dct(dct(matrix, dim=-1, check_finite=False), dim=0, check_finite=False)
-        direction = adam_direction(
-            rotated,
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            int(state["step"]),
-            group["betas"],
-            group["eps"],
+        step = int(state["step"])
+        ratio = adam_ratio(
+            rotated, state["exp_avg"], state["exp_avg_sq"], step, group["betas"], group["eps"]
         )
-        update = idct(idct(direction, dim=0, check_finite=False), dim=-1, check_finite=False)
+        update = idct(idct(ratio, dim=0, check_finite=False), dim=-1, check_finite=False)
         apply_update(
-            param, update.reshape(param.shape), lr=group["lr"], weight_decay=group["weight_decay"]
+            param,
+            update,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            factor=1 / first_bias_correction(step, group["betas"]),
         )
 
     @staticmethod
@@ -712,7 +709,7 @@ class RotatedAdam(_MatrixOrAdamW):
         matrix = as_matrix(grad).to(state_dtype(param))
         state["step"] += 1
         adam_steps = int(state["step"]) - 1
-        direction = adam_direction(
+        ratio = adam_ratio(
             _to_basis(matrix, state),
             state["exp_avg"],
             state["exp_avg_sq"],
@@ -720,9 +717,12 @@ class RotatedAdam(_MatrixOrAdamW):
             group["betas"],
             group["eps"],
         )
-        update = _from_basis(direction, state)
         apply_update(
-            param, update.reshape(param.shape), lr=group["lr"], weight_decay=group["weight_decay"]
+            param,
+            _from_basis(ratio, state),
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            factor=1 / first_bias_correction(adam_steps, group["betas"]),
         )
         _accumulate_grams(state, matrix, _shampoo_beta(group))
         if adam_steps % group["update_gap"] == 0:
