@@ -142,38 +142,42 @@ def galore_adamw() -> type[torch.optim.Optimizer]:
 
 @dataclass(frozen=True)
 class MicroSettings:
-    """The parameter's side ``n``, the projection rank and scale, GaLore refresh repeats."""
+    """The parameter's side ``n``, the projection rank and scale, GaLore refresh repeats, and
+    the steps per timed sample of the LM-size rows."""
 
     size: int = 4096
     rank: int = 128
     scale: float = 0.25
     # GaLore's refresh is a full SVD, about 17 s a step on two CPU threads: timed fewer times.
     svd_repeats: int = 3
+    # A steady step of the LM's 28 small matrices takes a few ms: each sample times a block of
+    # steps, so that one descheduling of the process does not make a sample.
+    lm_steps_per_sample: int = 20
 
 
-MICRO_QUICK = MicroSettings(size=256, rank=16, svd_repeats=1)
-MicroBuilder = Callable[[nn.Parameter, MicroSettings], torch.optim.Optimizer]
+MICRO_QUICK = MicroSettings(size=256, rank=16, svd_repeats=1, lm_steps_per_sample=2)
+MicroBuilder = Callable[[list[nn.Parameter], int, float], torch.optim.Optimizer]
 
 
 def _galore_micro(gap: int) -> MicroBuilder:
-    def build(param: nn.Parameter, settings: MicroSettings) -> torch.optim.Optimizer:
-        group = {"params": [param], "rank": settings.rank, "update_proj_gap": gap, "scale": settings.scale}
+    def build(params: list[nn.Parameter], rank: int, scale: float) -> torch.optim.Optimizer:
+        group = {"params": params, "rank": rank, "update_proj_gap": gap, "scale": scale}
         return galore_adamw()([{**group, "proj_type": "std"}], lr=1e-3, no_deprecation_warning=True)
 
     return build
 
 
 def _ours_micro(cls: type[torch.optim.Optimizer], gap: int) -> MicroBuilder:
-    def build(param: nn.Parameter, settings: MicroSettings) -> torch.optim.Optimizer:
-        return cls([param], lr=1e-3, rank=settings.rank, update_gap=gap, scale=settings.scale)
+    def build(params: list[nn.Parameter], rank: int, scale: float) -> torch.optim.Optimizer:
+        return cls(params, lr=1e-3, rank=rank, update_gap=gap, scale=scale)
 
     return build
 
 
-# Every optimizer the micro-benchmark times, by row name.
+# Every optimizer the micro-benchmark times on the one large matrix, by row name.
 MICRO_ROWS: dict[str, MicroBuilder] = {
-    "AdamW (foreach)": lambda param, settings: torch.optim.AdamW([param], foreach=True),
-    "AdamW (fused)": lambda param, settings: torch.optim.AdamW([param], fused=True),
+    "AdamW (foreach)": lambda params, rank, scale: torch.optim.AdamW(params, foreach=True),
+    "AdamW (fused)": lambda params, rank, scale: torch.optim.AdamW(params, fused=True),
     "GaLoreAdamW refresh": _galore_micro(1),
     "GaLoreAdamW steady": _galore_micro(STEADY_GAP),
     "SVDProjectedAdam refresh": _ours_micro(SVDProjectedAdam, 1),
@@ -181,13 +185,22 @@ MICRO_ROWS: dict[str, MicroBuilder] = {
     "DCTProjectedAdam refresh": _ours_micro(DCTProjectedAdam, 1),
     "DCTProjectedAdam steady": _ours_micro(DCTProjectedAdam, STEADY_GAP),
 }
+# The steady rows again on the LM case's hidden matrices (:func:`lm_matrix_shapes`), named with
+# this suffix: per-matrix costs that one large matrix hides.
+LM_SIZE = ", LM matrices"
 
 # (ours, anchor, key of the target in benchmarks.targets or None): the timing rows, in order.
 MICRO_COMPARISONS: tuple[tuple[str, str, str | None], ...] = (
     ("DCTProjectedAdam refresh", "GaLoreAdamW refresh", "optim: DCT refresh vs GaLore refresh"),
     ("DCTProjectedAdam steady", "GaLoreAdamW steady", "optim: DCT steady vs GaLore steady"),
+    (
+        "DCTProjectedAdam steady" + LM_SIZE,
+        "GaLoreAdamW steady" + LM_SIZE,
+        "optim: DCT steady vs GaLore steady at LM size",
+    ),
     ("SVDProjectedAdam refresh", "GaLoreAdamW refresh", None),
     ("SVDProjectedAdam steady", "GaLoreAdamW steady", None),
+    ("SVDProjectedAdam steady" + LM_SIZE, "GaLoreAdamW steady" + LM_SIZE, None),
     ("DCTProjectedAdam steady", "AdamW (foreach)", None),
     ("DCTProjectedAdam steady", "AdamW (fused)", None),
     ("GaLoreAdamW steady", "AdamW (foreach)", None),
@@ -195,44 +208,106 @@ MICRO_COMPARISONS: tuple[tuple[str, str, str | None], ...] = (
 STATE_ROWS = ("AdamW (foreach)", "GaLoreAdamW steady", "SVDProjectedAdam steady", "DCTProjectedAdam steady")
 
 
+def lm_matrix_shapes(shape: LlamaShape) -> list[tuple[int, int]]:
+    """The ``(out, in)`` shapes of the LLaMA's attention and MLP matrices, layer by layer.
+
+    >>> lm_matrix_shapes(LlamaShape(hidden=8, layers=1, heads=2, intermediate=24))
+    [(8, 8), (8, 8), (8, 8), (8, 8), (24, 8), (24, 8), (8, 24)]
+    """
+    hidden, mlp = shape.hidden, shape.intermediate
+    # q, k, v, o (no grouped-query attention); gate, up; down
+    return ([(hidden, hidden)] * 4 + [(mlp, hidden)] * 2 + [(hidden, mlp)]) * shape.layers
+
+
 def time_micro_row(
     build: MicroBuilder,
-    settings: MicroSettings,
-    weight: torch.Tensor,
-    grad: torch.Tensor,
+    tensors: list[tuple[torch.Tensor, torch.Tensor]],
+    rank: int,
+    scale: float,
     repeats: int,
     context: Context,
+    steps_per_sample: int = 1,
 ) -> tuple[Timing, int, int]:
-    """Median ``step()`` time of a fresh optimizer on a copy of ``weight`` with gradient ``grad``,
+    """Median ``step()`` time of a fresh optimizer on copies of the ``(weight, gradient)`` pairs,
     and its state's ``(tensor, storage)`` bytes after the timed steps.
 
     The untimed first step creates the state (and every projected optimizer's first subspace).
+    Each sample times ``steps_per_sample`` steps; the timing is per step.
     """
-    param = nn.Parameter(weight.clone())
-    param.grad = grad.clone()
-    optimizer = build(param, settings)
-    timing = timeit(optimizer.step, repeats=repeats, warmup=1, sync=context.sync)
-    return (timing, *state_bytes([optimizer]))
+    params = []
+    for weight, grad in tensors:
+        param = nn.Parameter(weight.clone())
+        param.grad = grad.clone()
+        params.append(param)
+    optimizer = build(params, rank, scale)
+
+    def steps() -> None:
+        for _ in range(steps_per_sample):
+            optimizer.step()
+
+    optimizer.step()
+    timing = timeit(steps, repeats=repeats, warmup=1, sync=context.sync)
+    per_step = Timing(
+        timing.median_ms / steps_per_sample,
+        timing.min_ms / steps_per_sample,
+        timing.iqr_ms / steps_per_sample,
+        timing.repeats,
+    )
+    return (per_step, *state_bytes([optimizer]))
+
+
+def _row(
+    rows: dict[str, tuple[Timing, int, int] | str], name: str, measure: Callable[[], tuple[Timing, int, int]]
+) -> None:
+    """``rows[name]``: what ``measure`` returns (called at once), or the failure it raised."""
+    try:
+        rows[name] = measure()
+    except Exception as error:  # noqa: BLE001 -- a report: one failing row must not end the run
+        rows[name] = failure(error)
+    print(f"  micro {name}: {rows[name] if isinstance(rows[name], str) else 'ok'}", flush=True)
 
 
 def measure_micro(context: Context) -> Part:
-    """Every row of :data:`MICRO_ROWS`; the comparisons whose two sides both ran."""
+    """Every row of :data:`MICRO_ROWS`, and its steady rows again on the LM case's hidden
+    matrices; the comparisons whose two sides both ran."""
     settings = MICRO_QUICK if context.quick else MicroSettings()
+    lm = LM_QUICK if context.quick else LMSettings()
     generator = torch.Generator().manual_seed(0)
     n = settings.size
     weight = torch.randn(n, n, generator=generator).div_(n**0.5).to(context.device)
     grad = torch.randn(n, n, generator=generator).to(context.device)
+    matrices = [
+        (
+            torch.randn(shape, generator=generator).div_(shape[1] ** 0.5).to(context.device),
+            torch.randn(shape, generator=generator).to(context.device),
+        )
+        for shape in lm_matrix_shapes(lm.shape)
+    ]
     rows: dict[str, tuple[Timing, int, int] | str] = {}
     for name, build in MICRO_ROWS.items():
         slow = name == "GaLoreAdamW refresh"
         repeats = min(settings.svd_repeats, context.repeats) if slow else context.repeats
-        try:
-            rows[name] = time_micro_row(build, settings, weight, grad, repeats, context)
-        except Exception as error:  # noqa: BLE001 -- a report: one failing row must not end the run
-            rows[name] = failure(error)
-        print(f"  micro {name}: {rows[name] if isinstance(rows[name], str) else 'ok'}", flush=True)
+        large = [(weight, grad)]
+        _row(rows, name, lambda: time_micro_row(build, large, settings.rank, settings.scale, repeats, context))
+    for name, build in MICRO_ROWS.items():
+        if not name.endswith(" steady"):
+            continue
+        per_sample = settings.lm_steps_per_sample
+        _row(
+            rows,
+            name + LM_SIZE,
+            lambda: time_micro_row(build, matrices, lm.galore_rank, lm.scale, context.repeats, context, per_sample),
+        )
     ran = {name: row for name, row in rows.items() if not isinstance(row, str)}
-    part = Part(facts=[f"micro: parameter {n}x{n}, rank {settings.rank}, scale {settings.scale:g}."])
+    shapes = sorted(set(lm_matrix_shapes(lm.shape)))
+    part = Part(
+        facts=[
+            f"micro: parameter {n}x{n}, rank {settings.rank}, scale {settings.scale:g}.",
+            f"micro{LM_SIZE}: the lm case's {len(matrices)} attention and MLP matrices "
+            f"({', '.join(f'{rows_}x{cols}' for rows_, cols in shapes)}), rank {lm.galore_rank}, "
+            f"scale {lm.scale:g}; each sample times {settings.lm_steps_per_sample} steps.",
+        ]
+    )
     for ours, anchor, key in MICRO_COMPARISONS:
         if ours in ran and anchor in ran:
             part.comparisons.append(

@@ -217,7 +217,9 @@ def test_cases_are_the_method_tables():
 def test_micro_times_every_row_and_carries_the_targets(parts):
     micro = parts["micro"]
     assert len(micro.comparisons) == len(bench.MICRO_COMPARISONS)
-    assert [c.target is not None for c in micro.comparisons] == [True, True] + [False] * 5
+    assert [c.target is not None for c in micro.comparisons] == [True, True, True] + [False] * 6
+    lm_size = [c for c in micro.comparisons if c.name.endswith(bench.LM_SIZE)]
+    assert [c.anchor_name for c in lm_size] == ["GaLoreAdamW steady" + bench.LM_SIZE] * 2
     (state,) = micro.tables
     rows = {row[0]: row for row in state["rows"]}
     # rank 4 of 32: DCT keeps moments + indices, GaLore moments + a (4, 32) basis
@@ -228,10 +230,10 @@ def test_micro_times_every_row_and_carries_the_targets(parts):
 
 
 def test_micro_row_failure_is_reported_not_raised(tiny, monkeypatch):
-    def broken(param, settings):
+    def broken(params, rank, scale):
         raise RuntimeError("boom")
 
-    def missing(param, settings):
+    def missing(params, rank, scale):
         raise ImportError("no module named galore_torch")
 
     dct = bench.MICRO_ROWS["DCTProjectedAdam steady"]
