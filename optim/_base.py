@@ -16,7 +16,8 @@ Three guarantees hold for every optimizer built on :class:`TensorStateOptimizer`
   with a ``DeprecationWarning``, so a group saved before the rename still loads.
 - **State fits its parameter.** Each optimizer knows the layout of a parameter's state (key ->
   integer or floating, shape) from the parameter and its group's options; a load checks every
-  entry against it, and so does every step before it touches anything.
+  entry against it, and so does every step before it touches anything (skipping a state whose
+  entries, options and parameter shape are the very objects it last found fitting).
 - **Steps and loads are atomic.** A step checks every gradient and state first, then computes what
   can fail (decompositions), and only then writes; a load validates the whole ``state_dict`` (after
   the user's ``load_state_dict`` pre-hooks) before anything is replaced. On any error the
