@@ -73,27 +73,59 @@ _ARO_ROTATED_SIDES = ("rows", "smaller")
 # Gaussian M sits at about 600 eps.
 _ROUNDING_EPS = 32
 
+# ARO steps the matrices of one shape as a batch, each kernel once for all of them, where one
+# matrix at a time is dozens of small kernels each (the official code batches them likewise); a
+# batch stacks copies of the momenta, so it holds at most this many entries (16 MiB in fp32) and
+# larger matrices step one by one.
+_ARO_BATCH_ELEMENTS = 2**22
+
 
 def _normalize_rows(x: torch.Tensor, target: float) -> torch.Tensor:
-    r"""Rows of ``x`` scaled to L2 norm ``target``; rows at the rounding level become zero.
+    r"""Rows of ``x`` (``(..., m, n)``, each matrix on its own) scaled to L2 norm ``target``;
+    rows at the rounding level become zero.
 
     ``x`` must be of moderate scale (the base maps divide it by :func:`unit_scaled` first), so
     no squared norm over- or underflows. A row whose norm is at most ``_ROUNDING_EPS`` machine
     epsilons of the largest one (a zero row included) maps to zero: it is divided by ``inf``.
     """
     norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    floor = norms.amax() * (_ROUNDING_EPS * torch.finfo(x.dtype).eps)
+    floor = norms.amax(dim=-2, keepdim=True) * (_ROUNDING_EPS * torch.finfo(x.dtype).eps)
     return x.div(torch.where(norms > floor, norms, torch.inf)).mul_(target)
 
 
 def _sinkhorn(x: torch.Tensor, iters: int) -> torch.Tensor:
-    r"""``iters`` rounds of: rows to L2 norm :math:`\sqrt{n}`, then columns to :math:`\sqrt{m}`."""
-    rows, cols = x.shape
+    r"""``iters`` rounds of: rows to L2 norm :math:`\sqrt{n}`, then columns to :math:`\sqrt{m}`
+    (each :math:`m \times n` matrix of ``x`` on its own, as every base map).
+
+    Every round keeps the form :math:`\operatorname{diag}(a)\, X \operatorname{diag}(b)`, so the
+    rounds update the vectors :math:`a, b` alone, from :math:`S = X \odot X`: the row norms are
+    :math:`a \odot \sqrt{S (b \odot b)}` and the column norms
+    :math:`b \odot \sqrt{S^\top (a \odot a)}`, two matrix-vector products a round in place of
+    four passes over the matrix (a column reduction of a row-major matrix was most of ARO's step
+    on small matrices). A row or column whose norm is at the rounding level
+    (:func:`_normalize_rows`) gets a zero factor, and keeps it.
+    """
+    rows, cols = x.shape[-2:]
     x = unit_scaled(x, (-2, -1))[0]  # the map is scale-invariant; this makes it scale-safe
+    squares = x.square()
+    row_scale = x.new_ones(*x.shape[:-1], 1)  # a, (..., m, 1)
+    col_scale = x.new_ones(*x.shape[:-2], 1, cols)  # b, (..., 1, n)
     for _ in range(iters):
-        x = _normalize_rows(x, math.sqrt(cols))
-        x = _normalize_rows(x.T, math.sqrt(rows)).T
-    return x
+        row_norms = (squares @ col_scale.square().mT).sqrt_()  # without a: (..., m, 1)
+        row_scale = _reciprocal_above_floor(row_norms, row_scale, math.sqrt(cols), dim=-2)
+        col_norms = (row_scale.square().mT @ squares).sqrt_()  # without b: (..., 1, n)
+        col_scale = _reciprocal_above_floor(col_norms, col_scale, math.sqrt(rows), dim=-1)
+    return x * row_scale * col_scale
+
+
+def _reciprocal_above_floor(
+    norms: torch.Tensor, scale: torch.Tensor, target: float, dim: int
+) -> torch.Tensor:
+    """``target / norms`` where the current norms ``norms * |scale|`` are above the rounding
+    floor of their largest (along ``dim``), else 0: the new scale that sets them to ``target``."""
+    current = norms * scale.abs()
+    floor = current.amax(dim=dim, keepdim=True) * (_ROUNDING_EPS * torch.finfo(norms.dtype).eps)
+    return torch.where(current > floor, target / norms, 0.0)
 
 
 def _row_norm(x: torch.Tensor, iters: int) -> torch.Tensor:
@@ -128,11 +160,11 @@ def _rank_bounded(rotated: torch.Tensor) -> torch.Tensor:
     has: the official code's Sinkhorn does, and 82% of its update's norm on a
     :math:`384 \times 128` momentum lies outside :math:`M`'s column space (measured).
     """
-    rows, cols = rotated.shape
+    rows, cols = rotated.shape[-2:]
     if rows <= cols:
         return rotated
     bounded = rotated.clone()
-    bounded[cols:] = 0
+    bounded[..., cols:, :] = 0
     return bounded
 
 
@@ -263,7 +295,8 @@ class ARO(_MatrixOrAdamW):
     embeddings and heads belong in an AdamW group anyway (``matrix=False``,
     :func:`~optim.matrix_groups`). The scale :math:`s` is computed from the unflipped
     :math:`(m, n)`. The QR is a Householder ``torch.linalg.qr`` (the paper recommends a shifted
-    Cholesky-QR for speed).
+    Cholesky-QR for speed). The matrices of one shape step as one batch, up to
+    :data:`_ARO_BATCH_ELEMENTS` momentum entries (the official code batches them likewise).
 
     Learning rate. With ``adjust_lr="rms_norm"`` a matrix step has RMS
     :math:`0.2\sqrt{\max(m, n)}\,\eta` (each base map gives :math:`R f(R^\top M)` entries of
@@ -380,33 +413,57 @@ class ARO(_MatrixOrAdamW):
     def _decomposes(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
         return True  # the rotation's QR runs every step
 
-    def _matrix_step(
-        self,
-        param: torch.Tensor,
-        grad: torch.Tensor,
-        state: dict[str, torch.Tensor],
-        group: dict[str, Any],
+    def _step_matrices(
+        self, group: dict[str, Any], params: list[tuple[torch.Tensor, torch.Tensor]], plan: Any
     ) -> None:
-        rows, cols = as_matrix(param).shape
+        """The matrices of one shape step together, in batches of at most
+        :data:`_ARO_BATCH_ELEMENTS` momentum entries (the official code's megabatches)."""
+        batches: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for param, grad in params:
+            momentum = self._started(param, group)["momentum"]
+            key = (momentum.shape, momentum.dtype, momentum.device)
+            batches.setdefault(key, []).append((param, grad))
+        for (shape, _, _), pairs in batches.items():
+            size = max(1, _ARO_BATCH_ELEMENTS // math.prod(shape))
+            for start in range(0, len(pairs), size):
+                self._step_batch(pairs[start : start + size], group)
+
+    def _started(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``param``'s state, created on its first step: zero momentum, identity rotation."""
+        state = self.state[param]
         if "step" not in state:
+            rows, cols = as_matrix(param).shape
             dtype = state_dtype(param)
             state["step"] = torch.tensor(0, dtype=torch.int64)
             state["momentum"] = torch.zeros(rows, cols, dtype=dtype, device=param.device)
             side = cols if _aro_transposes(rows, cols, group) else rows
             state["rotation"] = torch.eye(side, dtype=dtype, device=param.device)
-        state["step"] += 1
-        momentum, rotation = state["momentum"], state["rotation"]
-        momentum.lerp_(as_matrix(grad).to(momentum.dtype), 1 - group["momentum"])
+        return state
 
+    def _step_batch(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor]], group: dict[str, Any]
+    ) -> None:
+        """One step of matrices whose momenta share shape, dtype and device, as one batch."""
+        states = [self.state[param] for param, _ in pairs]
+        torch._foreach_add_([state["step"] for state in states], 1)
+        momenta = [state["momentum"] for state in states]
+        grads = [as_matrix(grad).to(momentum.dtype) for (_, grad), momentum in zip(pairs, momenta)]
+        torch._foreach_lerp_(momenta, grads, 1 - group["momentum"])
+
+        rows, cols = momenta[0].shape
         base_map = _BASE_MAPS[group["base"]]
         iters = group["sinkhorn_iters"]
         tall = _aro_transposes(rows, cols, group)
-        framed = momentum.T if tall else momentum
-        cross = framed @ base_map(_rank_bounded(rotation.T @ framed), iters).T
-        rotation.copy_(signed_qr(unit_scaled(cross, (-2, -1))[0])[0])
-        update = rotation @ base_map(_rank_bounded(rotation.T @ framed), iters)
+        framed = torch.stack(momenta)
         if tall:
-            update = update.T
+            framed = framed.mT
+        rotation = torch.stack([state["rotation"] for state in states])
+        cross = framed @ base_map(_rank_bounded(rotation.mT @ framed), iters).mT
+        rotation = signed_qr(unit_scaled(cross, (-2, -1))[0])[0]
+        torch._foreach_copy_([state["rotation"] for state in states], list(rotation.unbind(0)))
+        updates = rotation @ base_map(_rank_bounded(rotation.mT @ framed), iters)
+        if tall:
+            updates = updates.mT
 
         if group["adjust_lr"] == "rms_norm":
             scale = 0.2 * math.sqrt(max(rows, cols))
@@ -414,9 +471,10 @@ class ARO(_MatrixOrAdamW):
             scale = math.sqrt(rows / cols)
         else:
             scale = 1.0
-        apply_update(
-            param, update, lr=group["lr"], weight_decay=group["weight_decay"], factor=scale
-        )
+        for (param, _), update in zip(pairs, updates.unbind(0)):
+            apply_update(
+                param, update, lr=group["lr"], weight_decay=group["weight_decay"], factor=scale
+            )
 
 
 class RotatedAdam(_MatrixOrAdamW):

@@ -271,6 +271,63 @@ def test_base_maps_send_zero_rows_and_columns_to_zero(base):
     assert torch.equal(rotated._BASE_MAPS[base](torch.zeros(3, 2), 5), torch.zeros(3, 2))
 
 
+@pytest.mark.parametrize("base", BASES)
+def test_base_maps_map_each_matrix_of_a_batch_on_its_own(base):
+    """ARO batches the matrices of one shape: a batch must be the stack of single maps (scales,
+    rounding floors and zero rows per matrix, not per batch)."""
+    small = torch.zeros(5, 3, dtype=torch.float64)
+    small[:, 0] = torch.tensor([0.5, 5e-15, 0.3, 0.2, 0.1])  # row 1 just above its own floor
+    batch = torch.stack([small, torch.full((5, 3), 0.9, dtype=torch.float64), gaussian((5, 3), 1)])
+    batch[2, 2] = 0  # a zero row in one matrix only
+    single = torch.stack([rotated._BASE_MAPS[base](matrix, 5) for matrix in batch])
+    torch.testing.assert_close(rotated._BASE_MAPS[base](batch, 5), single, rtol=1e-12, atol=0)
+    # a floor over the whole batch (set by the 0.9 matrix's rows) would have zeroed row 1
+    assert torch.all(single[0, 1, 0] != 0) and torch.all(single[2, 2] == 0)
+
+
+SHAPES_TO_BATCH = [(6, 4), (6, 4), (6, 4), (4, 6), (4, 6), (8, 3), (2, 3, 2), (6,)]
+
+
+@pytest.mark.parametrize("rotate", ["smaller", "rows"])
+def test_aro_steps_each_matrix_of_a_batch_as_alone(rotate):
+    """One optimizer over matrices of shared shapes (stepped as batches) against one optimizer
+    per parameter: the same parameters and states after 4 steps."""
+    together = parameters(SHAPES_TO_BATCH, 0)
+    alone = parameters(SHAPES_TO_BATCH, 0)
+    grads = gradients(together, 4, 7)
+    run(ARO(together, lr=0.01, weight_decay=0.1, rotate=rotate), together, grads)
+    optimizers = [ARO([param], lr=0.01, weight_decay=0.1, rotate=rotate) for param in alone]
+    for step_grads in grads:
+        for optimizer, param, grad in zip(optimizers, alone, step_grads):
+            param.grad = grad
+            optimizer.step()
+    for first, second in zip(together, alone):
+        torch.testing.assert_close(first, second, rtol=1e-12, atol=1e-14)
+
+
+def test_aro_batches_stay_under_the_element_cap(monkeypatch):
+    """A cap of one 6 x 4 momentum per batch steps the three 6 x 4 matrices one by one, with
+    the result of the uncapped batch."""
+    shapes = [(6, 4)] * 3
+    reference = parameters(shapes, 3)
+    grads = gradients(reference, 3, 5)
+    run(ARO(reference, lr=0.01), reference, grads)
+    sizes = []
+    step_batch = ARO._step_batch
+
+    def spy(self, pairs, group):
+        sizes.append(len(pairs))
+        return step_batch(self, pairs, group)
+
+    monkeypatch.setattr(rotated, "_ARO_BATCH_ELEMENTS", 24)
+    monkeypatch.setattr(ARO, "_step_batch", spy)
+    capped = parameters(shapes, 3)
+    run(ARO(capped, lr=0.01), capped, grads)
+    assert sizes == [1] * 9
+    for first, second in zip(reference, capped):
+        torch.testing.assert_close(first, second, rtol=1e-12, atol=1e-14)
+
+
 # --- RotatedAdam: Adam in a fixed orthonormal basis (DCT) -------------------------------------
 
 
