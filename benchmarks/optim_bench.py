@@ -1,12 +1,15 @@
 """The optimizers of :mod:`optim` against torch's AdamW and galore-torch's GaLoreAdamW.
 
-Three kinds of case (what each measures, and why so, is on the page):
+Four kinds of case (what each measures, and why so, is on the page):
 
 * ``micro``: one optimizer step on a single ``n x n`` fp32 parameter with a fixed gradient, every
   optimizer of :data:`MICRO_ROWS`; a projected optimizer's *refresh* step (gap 1) and *steady*
-  step (a gap no run reaches), and the optimizer-state bytes.
+  step (a gap no run reaches), and the optimizer-state bytes; the steady steps again on the LM
+  case's hidden matrices.
 * ``lm:<method>``: pretraining a byte-level LLaMA (:mod:`benchmarks.optim_data`) on the CPython
   standard library for a fixed token budget, one case per entry of :data:`LM_METHODS`.
+* ``energy``: the share of the LM's hidden-matrix gradients that GaLore's and DCTProjectedAdam's
+  rank-r subspaces keep, at every refresh step of an AdamW run (:func:`subspace_energy`).
 * ``cnn:<method>``: few-shot fine-tuning of the adapters benchmark's pretrained CNN, one case per
   entry of :data:`CNN_METHODS`.
 
@@ -69,6 +72,7 @@ from benchmarks.optim_data import (
     validation_windows,
 )
 from benchmarks.targets import target
+from decomp import dct
 from optim import DCTProjectedAdam, SVDProjectedAdam
 
 # A refresh gap no run reaches: every step after the first reuses the first step's subspace.
@@ -637,6 +641,63 @@ def train_lm(
     }
 
 
+def subspace_energy(matrices: Iterable[torch.Tensor], rank: int) -> tuple[float, float, float]:
+    r"""Mean fraction of each gradient's energy :math:`\lVert X \rVert_F^2` inside the rank-``rank``
+    subspace of its compressed side, for GaLore's choice (the top right singular vectors),
+    DCTProjectedAdam's (the ``rank`` DCT columns of most energy, its ``"l2"`` scores) and a
+    random subspace (in expectation, ``rank / d``).
+
+    Each gradient is oriented as the projected optimizers do, :math:`X = G` or :math:`G^\top`
+    so that its compressed side :math:`d = \min(m, n)` is last; float64.
+
+    >>> svd, dct_columns, random = subspace_energy([torch.outer(torch.ones(4), torch.arange(4.0))], 1)
+    >>> round(svd, 6), round(random, 2)
+    (1.0, 0.25)
+    """
+    svd, columns, random = [], [], []
+    for matrix in matrices:
+        x = matrix.double() if matrix.shape[0] >= matrix.shape[1] else matrix.double().mT
+        total = x.square().sum()
+        svd.append(float(torch.linalg.svdvals(x)[:rank].square().sum() / total))
+        energies = dct(x, dim=-1).square().sum(0)
+        columns.append(float(energies.topk(min(rank, energies.numel())).values.sum() / total))
+        random.append(min(rank, x.shape[1]) / x.shape[1])
+    return statistics.fmean(svd), statistics.fmean(columns), statistics.fmean(random)
+
+
+ENERGY_TABLE = "Gradient energy inside each projector's subspace at the refresh steps (AdamW run, seed 0)"
+
+
+def measure_energy(context: Context) -> Part:
+    """The share of the hidden matrices' gradient energy that each projector's rank-r subspace
+    keeps, at every refresh step of an AdamW run of the LM case (why DCT trails GaLore in loss)."""
+    settings, train, _, facts = lm_data(context.quick, context.device)
+    model = build_llama(settings.shape, settings.seed).to(context.device)
+    hidden, _ = hidden_and_rest(model)
+    optimizer = adamw(list(model.parameters()), settings)
+    starts = batch_starts(train.numel(), settings.shape.seq_len, settings.batch_size, settings.steps, settings.seed)
+    rows = []
+    for step in range(settings.steps):
+        windows = gather_windows(train, starts[step], settings.shape.seq_len).to(context.device)
+        next_byte_loss(model, windows).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
+        if step % settings.update_gap == 0:
+            svd, columns, random = subspace_energy((param.grad for param in hidden), settings.galore_rank)
+            rows.append((step, f"{svd:.3f}", f"{columns:.3f}", f"{random:.3f}"))
+            print(f"  energy step {step}: SVD {svd:.3f}, DCT columns {columns:.3f}", flush=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    part = Part(facts=facts)
+    header = ("Step", "GaLore: top singular vectors", "DCTProjectedAdam: DCT columns of most energy",
+              "A random subspace (expected)")  # fmt: skip
+    part.table(ENERGY_TABLE, header, rows)
+    part.facts.append(
+        f"energy: mean over the {len(hidden)} hidden matrices of the share of |X|_F^2 in a rank-{settings.galore_rank} "
+        f"subspace of the compressed side, AdamW at lr {settings.base_lr:g} on every parameter."
+    )
+    return part
+
+
 @dataclass(frozen=True)
 class HeldOut:
     """The two held-out sets: ``tune`` chooses each method's rate, ``validation`` scores the choice.
@@ -998,7 +1059,7 @@ def plot(parts: dict[str, Part]) -> dict[str, Callable[[Path], None]]:
 AREA = Area(
     section="optim",
     title="Optimizers",
-    cases=(Case("micro", measure_micro), *cases(measure_lm, LM_METHODS, "lm:"),
+    cases=(Case("micro", measure_micro), *cases(measure_lm, LM_METHODS, "lm:"), Case("energy", measure_energy),
            *cases(measure_cnn, CNN_METHODS, "cnn:")),  # fmt: skip
     summary=summary,
     plot=plot,

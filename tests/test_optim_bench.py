@@ -211,7 +211,9 @@ def test_state_bytes_count_galores_basis_and_the_svd_it_keeps_alive():
 
 def test_cases_are_the_method_tables():
     names = [case.name for case in bench.AREA.cases]
-    assert names == ["micro", *(f"lm:{key}" for key in bench.LM_METHODS), *(f"cnn:{key}" for key in bench.CNN_METHODS)]
+    assert names == [
+        "micro", *(f"lm:{key}" for key in bench.LM_METHODS), "energy", *(f"cnn:{key}" for key in bench.CNN_METHODS)
+    ]
 
 
 def test_micro_times_every_row_and_carries_the_targets(parts):
@@ -244,6 +246,25 @@ def test_micro_row_failure_is_reported_not_raised(tiny, monkeypatch):
     assert cells["AdamW (foreach)"] == "failed: RuntimeError: boom"
     assert cells["GaLoreAdamW"].startswith("not available: no module")
     assert part.comparisons == [] and part.checks == []
+
+
+@given(rows=st.integers(1, 12), cols=st.integers(1, 12), rank=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_subspace_energy_orders_svd_over_dct_columns_over_random(rows, cols, rank, seed):
+    """Eckart-Young: no rank-r subspace keeps more than the top singular vectors; the r DCT
+    columns of most energy keep at least their share r/d of it."""
+    matrix = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    svd, columns, random = bench.subspace_energy([matrix], rank)
+    assert 1 + 1e-12 >= svd >= columns - 1e-12 and columns >= random - 1e-12
+    if rank >= min(rows, cols):
+        assert svd == pytest.approx(1.0) and columns == pytest.approx(1.0) and random == 1.0
+
+
+def test_energy_case_reports_every_refresh_step(tiny):
+    part = bench.measure_energy(QUICK)
+    (table,) = part.tables
+    assert [int(row[0]) for row in table["rows"]] == list(range(0, bench.LM_QUICK.steps, bench.LM_QUICK.update_gap))
+    for _, svd, columns, random in table["rows"]:
+        assert 1.0 + 1e-9 >= float(svd) >= float(columns) >= float(random) > 0
 
 
 def test_lm_methods_share_init_and_data(parts):
