@@ -289,8 +289,8 @@ class ARO(_MatrixOrAdamW):
     11008 x 4096 MLP up-projection in fp32, where ``"smaller"`` keeps 64 MiB; 3.8 GiB for a
     32000-token embedding or LM head) and an :math:`O(m^3)` QR against :math:`O(n^2 m)`. Measured (issue 12; the byte-level
     Llama of the optimizer benchmark, ARO on the attention and MLP matrices, each side at its
-    best rate of one sweep, 3 seeds): validation loss 2.153 with ``"smaller"`` against 2.193
-    with ``"rows"``, lower on each of the three seeds (by 0.033 to 0.050); the issue had
+    best rate of one sweep, 3 seeds): validation loss 2.152 with ``"smaller"`` against 2.186
+    with ``"rows"``, lower on each of the three seeds (by 0.028 to 0.040); the issue had
     measured the official code's ``"rows"`` 0.05 nats ahead with ARO on every parameter. Tall
     embeddings and heads belong in an AdamW group anyway (``matrix=False``,
     :func:`~optim.matrix_groups`). The scale :math:`s` is computed from the unflipped
