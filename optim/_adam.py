@@ -11,7 +11,7 @@ The projected and rotated optimizers compute :math:`q = m / (\sqrt{v / (1-\beta_
 \epsilon)` (:func:`adam_ratio`) in a subspace or a rotated basis, map it back (a linear map) and
 fold :math:`1/(1-\beta_1^t)`, with any scale of theirs, into the step size of
 :func:`apply_update`: the same :math:`u`, two elementwise passes fewer per matrix. Parameters they
-do not handle (1-D ones, say) take :func:`adamw_step` unchanged.
+do not handle (1-D ones, say) take :func:`adamw_steps`, ``torch.optim.AdamW``'s step.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ import torch
 
 from decomp._checks import compute_dtype
 
-__all__ = ["adam_ratio", "adam_ratios", "adamw_step", "apply_update", "first_bias_correction", "init_moments"]
+__all__ = [
+    "adam_ratio",
+    "adam_ratios",
+    "adamw_step",
+    "adamw_steps",
+    "apply_update",
+    "first_bias_correction",
+    "init_moments",
+]
 
 
 def init_moments(state: dict[str, torch.Tensor], like: torch.Tensor) -> None:
@@ -115,6 +123,49 @@ def adamw_step(
     # torch.optim.AdamW's exact sequence (addcdiv with lr / bc1), so the fallback is bitwise AdamW.
     with _in_dtype(param, exp_avg.dtype, lr=lr, weight_decay=weight_decay) as target:
         target.addcdiv_(exp_avg, denom, value=-lr / (1 - betas[0] ** step))
+
+
+def adamw_steps(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict[str, torch.Tensor]],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """:func:`adamw_step` of every ``(param, grad, state)``, with multi-tensor kernels for the
+    parameters in their state dtype (``torch.optim.AdamW``'s foreach sequence, the same kernels
+    in the same order, so bitwise its single-tensor result on the CPU); fp16/bf16 parameters,
+    whose moments are fp32, one by one."""
+    batched = []
+    for param, grad, state in zip(params, grads, states):
+        if param.dtype == compute_dtype(param.dtype):
+            batched.append((param, grad, state))
+        else:
+            adamw_step(param, grad, state, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if not batched:
+        return
+    for param, _, state in batched:
+        if "step" not in state:
+            state["step"] = torch.tensor(0, dtype=torch.int64)
+            init_moments(state, torch.zeros_like(param))
+    targets, moving, moved = (list(column) for column in zip(*batched))
+    torch._foreach_add_([state["step"] for state in moved], 1)
+    steps = [int(state["step"]) for state in moved]
+    exp_avgs = [state["exp_avg"] for state in moved]
+    exp_avg_sqs = [state["exp_avg_sq"] for state in moved]
+    beta1, beta2 = betas
+    torch._foreach_lerp_(exp_avgs, moving, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, moving, moving, value=1 - beta2)
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, [(1 - beta2**step) ** 0.5 for step in steps])
+    torch._foreach_add_(denoms, eps)
+    if weight_decay:
+        torch._foreach_mul_(targets, 1 - lr * weight_decay)
+    torch._foreach_addcdiv_(targets, exp_avgs, denoms, [-lr / (1 - beta1**step) for step in steps])
 
 
 def apply_update(

@@ -39,7 +39,7 @@ import torch
 from decomp._checks import _all_finite, check_int, check_real, compute_dtype
 from decomp._deprecation import renamed_keywords
 
-from ._adam import adamw_step
+from ._adam import adamw_steps
 
 __all__ = [
     "COMMON_OPTIONS",
@@ -622,16 +622,15 @@ class TensorStateOptimizer(torch.optim.Optimizer):
             for options, _, matrices in work
         ]
         for (options, fallback, matrices), plan in zip(work, plans):
-            for param, grad in fallback:
-                adamw_step(
-                    local(param),
-                    local(grad),
-                    self.state[param],
-                    lr=options["lr"],
-                    betas=options["betas"],
-                    eps=options["eps"],
-                    weight_decay=options["weight_decay"],
-                )
+            adamw_steps(
+                [local(param) for param, _ in fallback],
+                [local(grad) for _, grad in fallback],
+                [self.state[param] for param, _ in fallback],
+                lr=options["lr"],
+                betas=options["betas"],
+                eps=options["eps"],
+                weight_decay=options["weight_decay"],
+            )
             if matrices:
                 self._step_matrices(options, matrices, plan)
         return loss

@@ -10,7 +10,7 @@ optimizer there, and map the result back:
   sides (no basis state), or SOAP's Shampoo eigenbases (arXiv 2409.11321).
 
 1-D parameters (biases, norm gains) and scalars take the ``torch.optim.AdamW`` step of
-:func:`optim._adam.adamw_step` inside the same optimizer, with their group's ``lr``, ``betas``,
+:func:`optim._adam.adamw_steps` inside the same optimizer, with their group's ``lr``, ``betas``,
 ``eps`` and ``weight_decay``; so does every parameter of a group with ``matrix=False`` (the
 embeddings and output head in :func:`~optim.matrix_groups`, Muon's recipe). All state is tensors
 (``weights_only``-loadable); floating state of fp16/bf16 weights is fp32, and the weight keeps its

@@ -365,6 +365,37 @@ def test_unprojected_parameters_follow_torch_adamw_exactly(shape, options, weigh
     assert "index" not in optimizer.state[param]
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_many_unprojected_parameters_step_together_as_torch_adamw_exactly(weight_decay):
+    """The AdamW parameters of a group step with multi-tensor kernels: bitwise torch.optim.AdamW
+    per parameter, a parameter whose state starts later included; a bf16 one (fp32 moments,
+    unlike torch's) steps as it does alone."""
+    shapes = [(33,), (2, 3, 3, 3), (6, 5), (7,)]
+    params = [torch.nn.Parameter(gaussian(shape, i, torch.float32)) for i, shape in enumerate(shapes)]
+    half = torch.nn.Parameter(gaussian((9,), 9, torch.float32).bfloat16())
+    references = [torch.nn.Parameter(param.detach().clone()) for param in params]
+    half_alone = torch.nn.Parameter(half.detach().clone())
+    hyper = {"lr": 0.03, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": weight_decay}
+    optimizer = ProjectedAdam([*params, half], rank=None, **hyper)
+    adamw = torch.optim.AdamW(references, foreach=False, **hyper)
+    alone = ProjectedAdam([half_alone], rank=None, **hyper)
+    for step in range(5):
+        for i, (param, reference) in enumerate(zip(params, references)):
+            late = i == 3 and step < 2  # no gradient for the first two steps: a later state
+            grad = None if late else gaussian(param.shape, 10 * step + i, torch.float32)
+            param.grad = grad
+            reference.grad = None if grad is None else grad.clone()
+        half.grad = gaussian((9,), 100 + step, torch.float32).bfloat16()
+        half_alone.grad = half.grad.clone()
+        optimizer.step()
+        adamw.step()
+        alone.step()
+        for param, reference in zip(params, references):
+            assert torch.equal(param, reference), f"step {step}: {(param - reference).abs().max()}"
+        assert torch.equal(half, half_alone)
+    assert int(optimizer.state[params[3]]["step"]) == 3
+
+
 def test_float_rank_is_a_fraction_and_large_ranks_are_clamped():
     tall = torch.nn.Parameter(torch.zeros(20, 10))
     wide = torch.nn.Parameter(torch.zeros(3, 50))
