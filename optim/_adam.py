@@ -24,8 +24,8 @@ import torch
 from decomp._checks import compute_dtype
 
 __all__ = [
+    "adam_denominators",
     "adam_ratio",
-    "adam_ratios",
     "adamw_step",
     "adamw_steps",
     "apply_update",
@@ -82,7 +82,7 @@ def adam_ratio(
     return exp_avg / _denominator(exp_avg_sq, step, betas[1], eps)
 
 
-def adam_ratios(
+def adam_denominators(
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
@@ -90,7 +90,10 @@ def adam_ratios(
     betas: tuple[float, float],
     eps: float,
 ) -> list[torch.Tensor]:
-    """:func:`adam_ratio` over lists with multi-tensor kernels, bitwise the same per tensor."""
+    r"""Update the moments in place and return the denominators
+    :math:`\sqrt{v / (1-\beta_2^t)} + \epsilon`, over lists with multi-tensor kernels: the same
+    kernels in the same order as :func:`adam_ratio` per tensor (its ratio is
+    ``torch._foreach_div(exp_avgs, denominators)``) and as ``torch.optim.AdamW``."""
     beta1, beta2 = betas
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -98,7 +101,7 @@ def adam_ratios(
     denoms = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denoms, [(1 - beta2**step) ** 0.5 for step in steps])
     torch._foreach_add_(denoms, eps)
-    return list(torch._foreach_div(exp_avgs, denoms))
+    return list(denoms)
 
 
 def adamw_step(
@@ -156,16 +159,11 @@ def adamw_steps(
     steps = [int(state["step"]) for state in moved]
     exp_avgs = [state["exp_avg"] for state in moved]
     exp_avg_sqs = [state["exp_avg_sq"] for state in moved]
-    beta1, beta2 = betas
-    torch._foreach_lerp_(exp_avgs, moving, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, moving, moving, value=1 - beta2)
-    denoms = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denoms, [(1 - beta2**step) ** 0.5 for step in steps])
-    torch._foreach_add_(denoms, eps)
+    denoms = adam_denominators(moving, exp_avgs, exp_avg_sqs, steps, betas, eps)
     if weight_decay:
         torch._foreach_mul_(targets, 1 - lr * weight_decay)
-    torch._foreach_addcdiv_(targets, exp_avgs, denoms, [-lr / (1 - beta1**step) for step in steps])
+    step_sizes = [-lr / (1 - betas[0] ** step) for step in steps]
+    torch._foreach_addcdiv_(targets, exp_avgs, denoms, step_sizes)
 
 
 def apply_update(

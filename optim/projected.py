@@ -87,7 +87,7 @@ from decomp._deprecation import renamed_arguments, renamed_value
 from decomp._sides import matrix_dims, transposes
 
 from . import continual
-from ._adam import adam_ratio, adam_ratios, apply_update, first_bias_correction
+from ._adam import adam_denominators, adam_ratio, apply_update, first_bias_correction
 from ._base import (
     COMMON_OPTIONS,
     OptionCheck,
@@ -772,14 +772,11 @@ class ProjectedAdam(TensorStateOptimizer):
         # (fewer Python calls).
         if group["foreach"] is not False:
             lows = [self._projected(state, step) for state, step in zip(states, plan)]
-            ratios = adam_ratios(
-                lows,
-                [state["exp_avg"] for state in states],
-                [state["exp_avg_sq"] for state in states],
-                steps,
-                group["betas"],
-                group["eps"],
-            )
+            exp_avgs = [state["exp_avg"] for state in states]
+            exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+            betas, eps = group["betas"], group["eps"]
+            denoms = adam_denominators(lows, exp_avgs, exp_avg_sqs, steps, betas, eps)
+            ratios = torch._foreach_div(exp_avgs, denoms)
         else:
             ratios = [
                 adam_ratio(
