@@ -73,7 +73,7 @@ from benchmarks.optim_data import (
 )
 from benchmarks.targets import target
 from decomp import dct
-from optim import DCTProjectedAdam, SVDProjectedAdam
+from optim import ARO, DCTProjectedAdam, SVDProjectedAdam
 
 # A refresh gap no run reaches: every step after the first reuses the first step's subspace.
 STEADY_GAP = 10**9
@@ -192,6 +192,12 @@ MICRO_ROWS: dict[str, MicroBuilder] = {
 # The steady rows again on the LM case's hidden matrices (:func:`lm_matrix_shapes`), named with
 # this suffix: per-matrix costs that one large matrix hides.
 LM_SIZE = ", LM matrices"
+# The rotated optimizers against torch's Muon, timed on the LM's hidden matrices only.
+LM_SIZE_ROWS: dict[str, MicroBuilder] = {
+    "ARO rotate='smaller'": lambda params, rank, scale: ARO(params, rotate="smaller"),
+    "ARO rotate='rows'": lambda params, rank, scale: ARO(params, rotate="rows"),
+    "torch.optim.Muon": lambda params, rank, scale: torch.optim.Muon(params),
+}
 
 # (ours, anchor, key of the target in benchmarks.targets or None): the timing rows, in order.
 MICRO_COMPARISONS: tuple[tuple[str, str, str | None], ...] = (
@@ -205,6 +211,8 @@ MICRO_COMPARISONS: tuple[tuple[str, str, str | None], ...] = (
     ("SVDProjectedAdam refresh", "GaLoreAdamW refresh", None),
     ("SVDProjectedAdam steady", "GaLoreAdamW steady", None),
     ("SVDProjectedAdam steady" + LM_SIZE, "GaLoreAdamW steady" + LM_SIZE, None),
+    ("ARO rotate='smaller'" + LM_SIZE, "torch.optim.Muon" + LM_SIZE, None),
+    ("ARO rotate='rows'" + LM_SIZE, "torch.optim.Muon" + LM_SIZE, None),
     ("DCTProjectedAdam steady", "AdamW (foreach)", None),
     ("DCTProjectedAdam steady", "AdamW (fused)", None),
     ("GaLoreAdamW steady", "AdamW (foreach)", None),
@@ -272,8 +280,8 @@ def _row(
 
 
 def measure_micro(context: Context) -> Part:
-    """Every row of :data:`MICRO_ROWS`, and its steady rows again on the LM case's hidden
-    matrices; the comparisons whose two sides both ran."""
+    """Every row of :data:`MICRO_ROWS`, and its steady rows and :data:`LM_SIZE_ROWS` on the LM
+    case's hidden matrices; the comparisons whose two sides both ran."""
     settings = MICRO_QUICK if context.quick else MicroSettings()
     lm = LM_QUICK if context.quick else LMSettings()
     generator = torch.Generator().manual_seed(0)
@@ -293,9 +301,8 @@ def measure_micro(context: Context) -> Part:
         repeats = min(settings.svd_repeats, context.repeats) if slow else context.repeats
         large = [(weight, grad)]
         _row(rows, name, lambda: time_micro_row(build, large, settings.rank, settings.scale, repeats, context))
-    for name, build in MICRO_ROWS.items():
-        if not name.endswith(" steady"):
-            continue
+    steady = {name: build for name, build in MICRO_ROWS.items() if name.endswith(" steady")}
+    for name, build in {**steady, **LM_SIZE_ROWS}.items():
         per_sample = settings.lm_steps_per_sample
         _row(
             rows,

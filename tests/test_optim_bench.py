@@ -219,9 +219,10 @@ def test_cases_are_the_method_tables():
 def test_micro_times_every_row_and_carries_the_targets(parts):
     micro = parts["micro"]
     assert len(micro.comparisons) == len(bench.MICRO_COMPARISONS)
-    assert [c.target is not None for c in micro.comparisons] == [True, True, True] + [False] * 6
+    assert [c.target is not None for c in micro.comparisons] == [True, True, True] + [False] * 8
     lm_size = [c for c in micro.comparisons if c.name.endswith(bench.LM_SIZE)]
-    assert [c.anchor_name for c in lm_size] == ["GaLoreAdamW steady" + bench.LM_SIZE] * 2
+    anchors = ["GaLoreAdamW steady" + bench.LM_SIZE] * 2 + ["torch.optim.Muon" + bench.LM_SIZE] * 2
+    assert [c.anchor_name for c in lm_size] == anchors
     (state,) = micro.tables
     rows = {row[0]: row for row in state["rows"]}
     # rank 4 of 32: DCT keeps moments + indices, GaLore moments + a (4, 32) basis
@@ -241,6 +242,7 @@ def test_micro_row_failure_is_reported_not_raised(tiny, monkeypatch):
     dct = bench.MICRO_ROWS["DCTProjectedAdam steady"]
     rows = {"AdamW (foreach)": broken, "GaLoreAdamW steady": missing, "DCTProjectedAdam steady": dct}
     monkeypatch.setattr(bench, "MICRO_ROWS", rows)
+    monkeypatch.setattr(bench, "LM_SIZE_ROWS", {})
     part = bench.measure_micro(QUICK)
     cells = {row[0]: row[1] for row in part.tables[0]["rows"]}
     assert cells["AdamW (foreach)"] == "failed: RuntimeError: boom"
