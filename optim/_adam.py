@@ -137,14 +137,15 @@ def adamw_steps(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
+    foreach: bool = True,
 ) -> None:
-    """:func:`adamw_step` of every ``(param, grad, state)``, with multi-tensor kernels for the
-    parameters in their state dtype (``torch.optim.AdamW``'s foreach sequence, the same kernels
-    in the same order, so bitwise its single-tensor result on the CPU); fp16/bf16 parameters,
-    whose moments are fp32, one by one."""
+    """:func:`adamw_step` of every ``(param, grad, state)``; with ``foreach``, multi-tensor kernels
+    for the parameters in their state dtype (``torch.optim.AdamW``'s foreach sequence, the same
+    kernels in the same order, so bitwise its single-tensor result on the CPU) and fp16/bf16
+    parameters, whose moments are fp32, one by one."""
     batched = []
     for param, grad, state in zip(params, grads, states):
-        if param.dtype == compute_dtype(param.dtype):
+        if foreach and param.dtype == compute_dtype(param.dtype):
             batched.append((param, grad, state))
         else:
             adamw_step(param, grad, state, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

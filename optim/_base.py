@@ -630,6 +630,7 @@ class TensorStateOptimizer(torch.optim.Optimizer):
                 betas=options["betas"],
                 eps=options["eps"],
                 weight_decay=options["weight_decay"],
+                foreach=options.get("foreach") is not False,
             )
             if matrices:
                 self._step_matrices(options, matrices, plan)

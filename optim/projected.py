@@ -396,9 +396,9 @@ class ProjectedAdam(TensorStateOptimizer):
         weight_decay: decoupled weight decay :math:`\lambda \ge 0`, applied before the update.
         max_dim: matrices with a side of this size or more take AdamW (embeddings and LM heads
             of 32k-token vocabularies; the DCT-AdamW code's ``max_shape``).
-        foreach: batch the moment arithmetic of a group with multi-tensor kernels (``None``,
-            the default, does so on every device; ``False`` steps matrix by matrix, bitwise
-            the same).
+        foreach: batch the moment arithmetic of a group (its projected matrices, and its
+            parameters that take AdamW) with multi-tensor kernels (``None``, the default, does
+            so on every device; ``False`` steps tensor by tensor, bitwise the same on the CPU).
         protect: keep a sketch for :meth:`consolidate` (:mod:`optim.continual`). A projected
             matrix must leave room for protected directions (:math:`r < d`, its compressed
             side), else ``ValueError`` at construction; parameters that take AdamW are not

@@ -365,8 +365,9 @@ def test_unprojected_parameters_follow_torch_adamw_exactly(shape, options, weigh
     assert "index" not in optimizer.state[param]
 
 
+@pytest.mark.parametrize("foreach", [None, False])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_many_unprojected_parameters_step_together_as_torch_adamw_exactly(weight_decay):
+def test_many_unprojected_parameters_step_together_as_torch_adamw_exactly(weight_decay, foreach):
     """The AdamW parameters of a group step with multi-tensor kernels: bitwise torch.optim.AdamW
     per parameter, a parameter whose state starts later included; a bf16 one (fp32 moments,
     unlike torch's) steps as it does alone."""
@@ -376,7 +377,7 @@ def test_many_unprojected_parameters_step_together_as_torch_adamw_exactly(weight
     references = [torch.nn.Parameter(param.detach().clone()) for param in params]
     half_alone = torch.nn.Parameter(half.detach().clone())
     hyper = {"lr": 0.03, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": weight_decay}
-    optimizer = ProjectedAdam([*params, half], rank=None, **hyper)
+    optimizer = ProjectedAdam([*params, half], rank=None, foreach=foreach, **hyper)
     adamw = torch.optim.AdamW(references, foreach=False, **hyper)
     alone = ProjectedAdam([half_alone], rank=None, **hyper)
     for step in range(5):
