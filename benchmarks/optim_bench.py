@@ -257,7 +257,6 @@ def time_micro_row(
         for _ in range(steps_per_sample):
             optimizer.step()
 
-    optimizer.step()
     timing = timeit(steps, repeats=repeats, warmup=1, sync=context.sync)
     per_step = Timing(
         timing.median_ms / steps_per_sample,
