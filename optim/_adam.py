@@ -115,9 +115,7 @@ def adamw_step(
     weight_decay: float,
 ) -> None:
     """One ``torch.optim.AdamW`` step of ``param`` (state initialised on first use)."""
-    if "step" not in state:
-        state["step"] = torch.tensor(0, dtype=torch.int64)
-        init_moments(state, torch.zeros_like(param, dtype=compute_dtype(param.dtype)))
+    _start_adamw(state, param)
     state["step"] += 1
     step = int(state["step"])
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -125,7 +123,14 @@ def adamw_step(
     denom = _denominator(exp_avg_sq, step, betas[1], eps)
     # torch.optim.AdamW's exact sequence (addcdiv with lr / bc1), so the fallback is bitwise AdamW.
     with _in_dtype(param, exp_avg.dtype, lr=lr, weight_decay=weight_decay) as target:
-        target.addcdiv_(exp_avg, denom, value=-lr / (1 - betas[0] ** step))
+        target.addcdiv_(exp_avg, denom, value=-lr / first_bias_correction(step, betas))
+
+
+def _start_adamw(state: dict[str, torch.Tensor], param: torch.Tensor) -> None:
+    """A zero step counter and zero moments in the compute dtype, unless ``state`` has them."""
+    if "step" not in state:
+        state["step"] = torch.tensor(0, dtype=torch.int64)
+        init_moments(state, torch.zeros_like(param, dtype=compute_dtype(param.dtype)))
 
 
 def adamw_steps(
@@ -152,9 +157,7 @@ def adamw_steps(
     if not batched:
         return
     for param, _, state in batched:
-        if "step" not in state:
-            state["step"] = torch.tensor(0, dtype=torch.int64)
-            init_moments(state, torch.zeros_like(param))
+        _start_adamw(state, param)
     targets, moving, moved = (list(column) for column in zip(*batched))
     torch._foreach_add_([state["step"] for state in moved], 1)
     steps = [int(state["step"]) for state in moved]
@@ -163,7 +166,7 @@ def adamw_steps(
     denoms = adam_denominators(moving, exp_avgs, exp_avg_sqs, steps, betas, eps)
     if weight_decay:
         torch._foreach_mul_(targets, 1 - lr * weight_decay)
-    step_sizes = [-lr / (1 - betas[0] ** step) for step in steps]
+    step_sizes = [-lr / first_bias_correction(step, betas) for step in steps]
     torch._foreach_addcdiv_(targets, exp_avgs, denoms, step_sizes)
 
 

@@ -89,8 +89,14 @@ def _normalize_rows(x: torch.Tensor, target: float) -> torch.Tensor:
     epsilons of the largest one (a zero row included) maps to zero: it is divided by ``inf``.
     """
     norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    floor = norms.amax(dim=-2, keepdim=True) * (_ROUNDING_EPS * torch.finfo(x.dtype).eps)
+    floor = _rounding_floor(norms, dim=-2)
     return x.div(torch.where(norms > floor, norms, torch.inf)).mul_(target)
+
+
+def _rounding_floor(norms: torch.Tensor, dim: int) -> torch.Tensor:
+    """The norm at or below which a row or column of a matrix is rounding: ``_ROUNDING_EPS``
+    machine epsilons of the largest of ``norms`` along ``dim`` (each matrix on its own)."""
+    return norms.amax(dim=dim, keepdim=True) * (_ROUNDING_EPS * torch.finfo(norms.dtype).eps)
 
 
 def _sinkhorn(x: torch.Tensor, iters: int) -> torch.Tensor:
@@ -124,8 +130,7 @@ def _reciprocal_above_floor(
     """``target / norms`` where the current norms ``norms * |scale|`` are above the rounding
     floor of their largest (along ``dim``), else 0: the new scale that sets them to ``target``."""
     current = norms * scale.abs()
-    floor = current.amax(dim=dim, keepdim=True) * (_ROUNDING_EPS * torch.finfo(norms.dtype).eps)
-    return torch.where(current > floor, target / norms, 0.0)
+    return torch.where(current > _rounding_floor(current, dim), target / norms, 0.0)
 
 
 def _row_norm(x: torch.Tensor, iters: int) -> torch.Tensor:
