@@ -9,13 +9,14 @@ its pretrained weight and the update lives in a tiny space (``m * K`` numbers pe
 from __future__ import annotations
 
 import math
-from typing import ClassVar, NamedTuple
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
 from .. import atoms
-from .._checks import check_int, check_optional_int
+from .._checks import check_int, check_optional_int, check_real
 from ._budget import default_budget
 from .base import AdapterParam, option
 
@@ -80,7 +81,7 @@ class AtomParam(AdapterParam):
     :math:`c_{in,g}\, m\, m_1` entries, i.e. :math:`\mathcal N(0, 1 / (3\, c_{in,g}\, m\, m_1))`
     (global torch RNG, as ``nn.Module`` inits), and the level-2 change is multiplied by
     :math:`\rho = 1 / (\sqrt{m_1}\, \mathrm{std}(\beta)) = \sqrt{3\, c_{in,g}\, m}`
-    (``level2_scale``): a first Adam step of :math:`D_1` (:math:`\pm\eta` per entry) then
+    (``scale=None``; the value in use is ``applied_scale``): a first Adam step of :math:`D_1` (:math:`\pm\eta` per entry) then
     changes each per-channel atom by about :math:`\eta`, as level 1's step changes the shared
     atoms, so one learning rate suits both levels (without :math:`\rho`, the official code's
     level-2 steps are about 30 times smaller on a 32-channel conv). Trainable parameters:
@@ -140,11 +141,17 @@ class AtomParam(AdapterParam):
             divide ``d_out`` and ``d_in``; default: the largest ``b <= 4`` dividing both.
         channel_block: ``kc >= 1`` channels per side of a filter of a spatial conv (default 1:
             one channel pair per filter).
+        scale: :math:`\rho`, a finite real > 0 multiplying the update, or ``None`` (default):
+            the one-learning-rate rule, 1 at level 1 and :math:`\sqrt{3\, c_{in,g}\, m}` at
+            level 2 (above). ``scale=1.0`` is the official code's unscaled update, and what adapter
+            files and peft configs written before this option existed trained (they load with
+            it). The value in use is the attribute ``applied_scale`` of the built adapter.
 
     Raises:
         TypeError: an argument is not an int (any ``numbers.Integral`` but ``bool``, stored as a
-            Python ``int``) or ``None``.
+            Python ``int``) or ``None``; ``scale`` not a real number or ``None``.
         ValueError: ``num_atoms``, ``sub_atoms``, ``block`` or ``channel_block`` below 1;
+            ``scale`` not finite or :math:`\le 0`;
             ``levels`` not in ``[1, 2]``; ``sub_atoms`` with ``levels=1``; on build,
             ``sub_atoms`` not in ``[1, K]``, more atom groups than filters, or ``block`` not
             dividing both dims of a linear weight.
@@ -168,12 +175,16 @@ class AtomParam(AdapterParam):
 
     # The coefficients on the weight's top right singular directions (signs fixed by decomp.atoms).
     rebuilt_buffers: ClassVar[tuple[str, ...]] = ("coeffs",)
+    # files written before `scale` existed trained the unscaled update
+    saved_defaults: ClassVar[Mapping[str, Any]] = {"scale": 1.0}
 
     num_atoms: int | None = option(None, check_optional_int, low=1)
     levels: int = option(1, check_int, low=1, high=2)
     sub_atoms: int | None = option(None, check_optional_int, low=1)
     block: int | None = option(None, check_optional_int, low=1)
     channel_block: int = option(1, check_int, low=1)
+    # None: the one-learning-rate rule, resolved per layer in _build
+    scale: float | None = option(None, check_real, keyword_only=True, optional=True, low=0.0)
 
     def _check_options(self) -> None:
         if self.sub_atoms is not None and self.levels != 2:
@@ -298,6 +309,7 @@ class AtomParam(AdapterParam):
         filters = self._as_filters(weight).reshape(layout.c_out, layout.c_in_g, layout.kernel_size)
         self.register_buffer("coeffs", _coefficients(filters, layout.num_atoms).contiguous())
         like_weight = dict(dtype=weight.dtype, device=weight.device)
+        self.applied_scale = self._rule_scale(layout) if self.scale is None else self.scale
         if self.levels == 1:
             atom_delta = torch.zeros(layout.num_atoms, *layout.kernel, **like_weight)
             self.atom_delta = nn.Parameter(atom_delta)
@@ -312,20 +324,26 @@ class AtomParam(AdapterParam):
         self.sub_coeffs = nn.Parameter(
             sub_coeffs.reshape(layout.c_in_g, layout.num_atoms, layout.sub_atoms).to(**like_weight)
         )
-        # The one-learning-rate rule: 1 / (sqrt(m1) * std(beta)), so that a first Adam step of D1
-        # (+-lr on every entry) changes each per-channel atom by about lr, as level 1's does.
-        self.level2_scale = math.sqrt(3 * layout.c_in_g * layout.num_atoms)
+    def _rule_scale(self, layout: _FilterLayout) -> float:
+        """The one-learning-rate rule: 1 at level 1; at level 2 ``1 / (sqrt(m1) std(beta))``, so
+        that a first Adam step of D1 (+-lr on every entry) changes each per-channel atom by about
+        lr, as level 1's step changes the shared atoms."""
+        return 1.0 if self.levels == 1 else math.sqrt(3 * layout.c_in_g * layout.num_atoms)
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         coeffs = self.coeffs.to(weight.dtype)
         if self.levels == 1:
             atom_delta = self.atom_delta.to(weight.dtype).flatten(1)
-            flat_update = torch.einsum("oij,jk->oik", coeffs, atom_delta)
         else:
             sub_atom_delta = self.sub_atom_delta.to(weight.dtype).flatten(2)
             sub_coeffs = self.sub_coeffs.to(weight.dtype)
-            channel_atoms = torch.einsum("cja,jak->cjk", sub_coeffs, sub_atom_delta)
-            flat_update = torch.einsum("ocj,cjk->ock", coeffs, channel_atoms * self.level2_scale)
+            atom_delta = torch.einsum("cja,jak->cjk", sub_coeffs, sub_atom_delta)
+        if self.applied_scale != 1.0:
+            atom_delta = atom_delta * self.applied_scale
+        if self.levels == 1:
+            flat_update = torch.einsum("oij,jk->oik", coeffs, atom_delta)
+        else:
+            flat_update = torch.einsum("ocj,cjk->ock", coeffs, atom_delta)
         layout = self.filter_layout
         return self._from_filters(flat_update.reshape(layout.c_out, layout.c_in_g, *layout.kernel))
 

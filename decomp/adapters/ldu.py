@@ -191,9 +191,11 @@ class LDUParam(AdapterParam):
         r"""Rewrite, in ``state``, a scale saved before it was relative: key ``scale`` (holding
         :math:`s`) becomes ``relative_scale`` :math:`t = s / s_0 - 1`.
 
-        :math:`s_0` is this adapter's ``initial_scale`` (from the config and shape), so the loaded
-        layer computes the saved function up to one rounding of :math:`t`. A state that has
-        ``relative_scale`` is left as it is.
+        :math:`s_0` is the ``initial_scale`` saved beside it when ``state`` holds one (the state
+        overwrites this adapter's buffer with it, so :math:`t` must be relative to it, whatever
+        :math:`s_0` this adapter was built with), else this adapter's own (from the config and
+        shape); so the loaded layer computes the saved function up to one rounding of :math:`t`.
+        A state that has ``relative_scale`` is left as it is.
 
         Example:
             >>> adapter = LDUParam.from_weight(torch.randn(3, 2, dtype=torch.float64), scale=1.0)
@@ -207,6 +209,10 @@ class LDUParam(AdapterParam):
             return
         if not old.is_floating_point() or old.numel() != 1:
             return  # not a saved scale: the shape and key checks report it
+        saved_start = state.get(prefix + "initial_scale")
+        start = self.initial_scale
+        if isinstance(saved_start, torch.Tensor) and saved_start.is_floating_point() and saved_start.numel() == 1:
+            start = saved_start.reshape(1).to(self.initial_scale)
         del state[prefix + "scale"]
-        relative = old.reshape(1).to(self.initial_scale.dtype) / self.initial_scale - 1
+        relative = old.reshape(1).to(self.initial_scale.dtype) / start - 1
         state[prefix + "relative_scale"] = relative

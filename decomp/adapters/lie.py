@@ -45,8 +45,10 @@ class LieParam(AdapterParam):
       over the channel modes with a full spatial core,
       :math:`\Delta W = s\, G \times_0 U_{out} \times_1 U_{in}`, :math:`G \in \mathbb{R}^{r \times r
       \times k_1 \times \cdots \times k_n}`, :math:`U_{out} \in \mathbb{R}^{c_{out} \times r}`
-      zero-initialised (LoRA's :math:`B`), :math:`G` and :math:`U_{in} \in \mathbb{R}^{c_{in}/g
-      \times r}` kaiming-uniform. No reshape to a matrix: every kernel tap gets its own
+      zero-initialised (LoRA's :math:`B`), :math:`U_{in} \in \mathbb{R}^{c_{in}/g \times r}`
+      kaiming-uniform as LoRA's :math:`A` on :math:`c_{in}/g` inputs and :math:`G` uniform of
+      variance :math:`1/(r \prod_j k_j)`, so that :math:`G \times_1 U_{in}` has LoRA's
+      :math:`A` variance :math:`1/(3n)` on the conv's fan-in :math:`n`. No reshape to a matrix: every kernel tap gets its own
       :math:`r \times r` channel mixing.
 
     ``order=None`` (default) is the exact group exponential :math:`W \odot \exp(\Delta W)`;
@@ -72,7 +74,7 @@ class LieParam(AdapterParam):
             :math:`\min(8, d_0, d_1)`, lowered until the count is at most the weight's size
             (``ValueError`` where even :math:`r = 1` trains more, e.g. a ``(1, n)`` weight); an
             explicit ``rank`` is kept.
-        scale: :math:`s`, a finite float, or ``None`` (default): :math:`s = \sqrt{3n}`,
+        scale: :math:`s`, a finite real > 0, or ``None`` (default): :math:`s = \sqrt{3n}`,
             :math:`n` the fan-in (:func:`~decomp.adapters.base.fan_in`), the inverse standard
             deviation of the Kaiming-uniform factor :math:`A` (:math:`1/\sqrt{3n}`). The
             exponent's first Adam step (:math:`B` moved by :math:`\pm\eta`) then has entries of
@@ -88,7 +90,8 @@ class LieParam(AdapterParam):
         TypeError: ``rank`` is not an int or ``None``, or ``scale`` not a real number (numpy
             numbers are accepted and stored as Python ones).
         ValueError: ``rank`` below 1 or above :math:`\min(d_0, d_1)` (checked when built on a
-            weight), a non-finite ``scale``, ``order`` not ``None`` or the int ``1`` (``True`` and
+            weight), ``scale`` not finite or :math:`\le 0` (zero would freeze the update at zero),
+            ``order`` not ``None`` or the int ``1`` (``True`` and
             ``1.0`` included).
 
     Differences from the official code: it runs the first-order form as a parallel branch
@@ -110,7 +113,7 @@ class LieParam(AdapterParam):
 
     rank: int | None = option(None, check_optional_int, low=1)
     # None: sqrt(fan_in), the one-learning-rate rule, resolved per layer in _build
-    scale: float | None = option(None, check_real, keyword_only=True, optional=True)
+    scale: float | None = option(None, check_real, keyword_only=True, optional=True, low=0.0)
     order: int | None = option(None, _check_order, keyword_only=True)
 
     def _count(self, shape: tuple[int, ...]) -> int:
@@ -142,12 +145,15 @@ class LieParam(AdapterParam):
         if weight.ndim == 2:
             self.in_factor = nn.Parameter(_kaiming_uniform((r, weight.shape[1]), **like))
         else:
-            # drawn as (r, c_in) so its fan-in is c_in, as LoRA's A; with the core's fan-in of
-            # r * prod(kernel), the product (core x U_in) then has about LoRA's A variance
-            # (a row-major copy even where a size-1 dim lets .contiguous() keep the transposed strides)
+            # U_in drawn as (r, c_in): variance 1 / (3 c_in), LoRA's A on c_in inputs; the core at
+            # variance 1 / (r prod(kernel)), so the r-term product (core x U_in) has variance
+            # 1 / (3 n), LoRA's A on this conv's fan-in, which the scale rule assumes (with the
+            # core Kaiming-uniform too it had 1 / (9 n): first steps sqrt(3) smaller than on a
+            # linear layer). A row-major copy even where a size-1 dim lets .contiguous() keep the
+            # transposed strides.
             in_factor = _kaiming_uniform((r, weight.shape[1]), **like).T
             self.in_factor = nn.Parameter(in_factor.clone(memory_format=torch.contiguous_format))
-            self.core = nn.Parameter(_kaiming_uniform((r, r, *weight.shape[2:]), **like))
+            self.core = nn.Parameter(_kaiming_uniform((r, r, *weight.shape[2:]), gain_slope=1.0, **like))
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         out_factor = self.out_factor.to(weight.dtype)
@@ -173,9 +179,12 @@ class LieParam(AdapterParam):
         return value * torch.exp(-delta)
 
 
-def _kaiming_uniform(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # nn.Linear's default init (kaiming_uniform_ with a = sqrt(5)), as the official code's lora_A;
-    # drawn in fp32 so half-precision weights get the same distribution
+def _kaiming_uniform(
+    shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device, gain_slope: float = math.sqrt(5)
+) -> torch.Tensor:
+    # kaiming_uniform_ with a = gain_slope: variance 2 / ((1 + a^2) fan_in); the default sqrt(5) is
+    # nn.Linear's init (1 / (3 fan_in)), as the official code's lora_A, and a = 1 gives 1 / fan_in.
+    # Drawn in fp32 so half-precision weights get the same distribution.
     tensor = torch.empty(shape, dtype=torch.float32, device=device)
-    nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+    nn.init.kaiming_uniform_(tensor, a=gain_slope)
     return tensor.to(dtype)

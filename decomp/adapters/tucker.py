@@ -82,7 +82,8 @@ class TuckerParam(AdapterParam):
             the weight's size (``ValueError`` where even :math:`r = 1` trains more, e.g. a
             ``(1, n)`` weight); an explicit ``rank`` is kept.
         spatial_rank: ``None`` (default, full spatial core) or an int :math:`\ge 1`.
-        scale: :math:`s`, a finite float (default 1.0).
+        scale: :math:`s`, a finite real > 0 (default 1.0; the core starts at zero, so a zero
+            scale would never train it).
         init: ``"tucker"`` (default) or ``"random"``, the factors' start (the core is zero
             either way).
         std: standard deviation of the ``"random"`` factors, > 0 (default 0.02, the official
@@ -92,7 +93,8 @@ class TuckerParam(AdapterParam):
         TypeError: ``rank``/``spatial_rank`` not an int or ``None``, ``scale``/``std`` not a real
             number, ``init`` not a str. Numpy numbers are accepted and stored as Python ones.
         ValueError: ``rank < 1`` or above :math:`\min(d_0, d_1)` (checked when built on a weight),
-            ``spatial_rank < 1``, a non-finite ``scale``, an unknown ``init``, ``std <= 0``.
+            ``spatial_rank < 1``, ``scale`` not finite or :math:`\le 0`, an unknown ``init``,
+            ``std <= 0``.
 
     Differences from the official code: the conv path (the official code has linear layers
     only, and the paper's conv init is unstated) and the ``"tucker"`` init are ours; the
@@ -113,7 +115,7 @@ class TuckerParam(AdapterParam):
 
     rank: int | None = option(None, check_optional_int, low=1)
     spatial_rank: int | None = option(None, check_optional_int, keyword_only=True, low=1)
-    scale: float = option(1.0, check_real, keyword_only=True)
+    scale: float = option(1.0, check_real, keyword_only=True, low=0.0)
     init: str = option("tucker", check_choice, keyword_only=True, choices=_INITS)
     std: float = option(OFFICIAL_FACTOR_STD, _check_std, keyword_only=True)
 

@@ -72,7 +72,7 @@ def test_level2_update_is_the_clean_recursive_formula(weight, data):
         for c in range(weight.shape[1]):
             for j in range(m):
                 channel_atom = sum(beta[c, j, a] * sub_atom_delta[j, a] for a in range(m1))
-                expected[o, c] += adapter.coeffs[o, c, j] * channel_atom * adapter.level2_scale
+                expected[o, c] += adapter.coeffs[o, c, j] * channel_atom * adapter.applied_scale
     torch.testing.assert_close(adapter.delta(weight), expected)
 
 
@@ -149,7 +149,7 @@ def test_training_only_the_atoms_fits_a_target_update():
 
 def test_config_repr_and_rebuild():
     adapter = AtomParam(num_atoms=4, levels=2, sub_atoms=2)
-    assert adapter.config() == {"num_atoms": 4, "levels": 2, "sub_atoms": 2, "block": None, "channel_block": 1}
+    assert adapter.config() == {"num_atoms": 4, "levels": 2, "sub_atoms": 2, "block": None, "channel_block": 1, "scale": None}
     assert "num_atoms=4" in repr(adapter)
     built = AtomParam.from_weight(gaussian(8, 3, 3, 3), **adapter.config())
     assert "trainable=" in repr(built)
@@ -298,4 +298,4 @@ def test_level2_beta_starts_at_the_official_kaiming_scale():
     assert float(beta.std()) == pytest.approx((3 * n) ** -0.5, rel=0.05)
     assert abs(float(beta.mean())) < 4 * (3 * n) ** -0.5 / n**0.5
     # and the change is scaled so a step of D1 moves the per-channel atoms as level 1's step does
-    assert adapter.level2_scale == pytest.approx((3 * 64 * 9) ** 0.5)
+    assert adapter.applied_scale == pytest.approx((3 * 64 * 9) ** 0.5)

@@ -183,3 +183,23 @@ def test_the_default_start_scale_is_one_over_root_fan_in():
     torch.testing.assert_close(adapter.scale.detach(), torch.tensor([1 / 6], dtype=torch.float64))
     explicit = LDUParam.from_weight(torch.randn(8, 4, 3, 3, dtype=torch.float64), scale=2.0)
     torch.testing.assert_close(explicit.scale.detach(), torch.tensor([2 / 8], dtype=torch.float64))
+
+
+def test_an_old_state_loads_into_an_adapter_built_with_another_start_scale():
+    """Regression (review after issue 12): ``upgrade_state`` turned the saved s into t with the
+    receiving adapter's s0 while the same state then overwrote s0 with the saved one, so an old
+    checkpoint (s0 = 1/r) loaded by ``load_state_dict`` into a default-built adapter
+    (s0 = 1/sqrt(n)) computed s0_saved * s / s0_receiving instead of s."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 36, dtype=torch.float64)
+    old_style = LDUParam.from_weight(weight, scale=1.0)  # s0 = 1/16, the old default
+    with torch.no_grad():
+        old_style.pivots.mul_(1.5)
+    s = 0.125
+    receiving = LDUParam.from_weight(weight)  # s0 = 1/6
+    assert float(receiving.initial_scale) != float(old_style.initial_scale)
+    receiving.load_state_dict(legacy_state(old_style, s))
+    torch.testing.assert_close(receiving.scale.detach(), torch.tensor([s], dtype=torch.float64))
+    coefficients = s * old_style.pivots.detach() - old_style.initial_scale * old_style.initial_pivots
+    expected = weight + (old_style.left * coefficients) @ old_style.right
+    torch.testing.assert_close(receiving(weight).detach(), expected, rtol=1e-12, atol=1e-12)

@@ -136,8 +136,11 @@ def test_the_zero_out_factor_gets_the_first_gradient(order):
         ({"rank": "4"}, TypeError, "rank must be an int"),
         ({"order": 2}, ValueError, r"order must be None \(exact exp\) or 1"),
         ({"order": True}, ValueError, "order must be None"),
-        ({"scale": float("inf")}, ValueError, "scale must be a finite float, got inf"),
-        ({"scale": "1"}, TypeError, "scale must be a finite float, got str"),
+        ({"scale": float("inf")}, ValueError, "scale must be a float > 0, got inf"),
+        ({"scale": "1"}, TypeError, "scale must be a float > 0, got str"),
+        # a zero scale would freeze the update at zero for good (B's gradient is zero too)
+        ({"scale": 0.0}, ValueError, "scale must be a float > 0, got 0"),
+        ({"scale": -1.0}, ValueError, "scale must be a float > 0, got -1"),
     ],
 )
 def test_bad_arguments_raise(kwargs, error, match):
@@ -158,3 +161,33 @@ def test_the_default_scale_is_the_inverse_std_of_the_input_factor(shape, n):
     adapter = LieParam.from_weight(torch.randn(shape, dtype=torch.float64))
     assert adapter.applied_scale == pytest.approx((3 * n) ** 0.5)
     assert LieParam.from_weight(torch.randn(shape, dtype=torch.float64), scale=0.5).applied_scale == 0.5
+
+
+def first_step_change(weight: torch.Tensor, lr: float = 1e-3) -> float:
+    """||W' - W|| / ||W|| after one AdamW step of the default LieParam on a random linear loss."""
+    adapter = LieParam.from_weight(weight)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)
+    direction = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1), dtype=weight.dtype)
+    (adapter(weight) * direction).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        return float((adapter(weight) - weight).norm() / weight.norm())
+
+
+@pytest.mark.parametrize(
+    ("conv_shape", "linear_shape"),
+    [((64, 64, 3, 3), (64, 576)), ((48, 16, 5, 5), (48, 400)), ((32, 8, 3, 3, 3), (32, 216)), ((40, 20, 7), (40, 140))],
+)
+def test_a_conv_takes_the_first_step_of_a_linear_layer_of_its_fan_in(conv_shape, linear_shape):
+    """Regression (review after issue 12): the conv's core was Kaiming-uniform with a = sqrt(5),
+    so core x U_in had variance 1 / (9 n), not LoRA's 1 / (3 n) that the default scale assumes,
+    and a conv's first step was sqrt(3) smaller than a linear layer's of the same fan-in."""
+    torch.manual_seed(0)
+    n = math.prod(conv_shape[1:])
+    conv = LieParam.from_weight(torch.randn(conv_shape, dtype=torch.float64) / n**0.5)
+    effective_input = torch.einsum("abk,cb->ack", conv.core.flatten(2), conv.in_factor)  # (r, c_in, K)
+    assert float(effective_input.std()) * conv.applied_scale == pytest.approx(1.0, rel=0.1)
+    torch.manual_seed(0)
+    conv_step = first_step_change(torch.randn(conv_shape, dtype=torch.float64) / n**0.5)
+    linear_step = first_step_change(torch.randn(linear_shape, dtype=torch.float64) / n**0.5)
+    assert conv_step / linear_step == pytest.approx(1.0, rel=0.2)

@@ -183,8 +183,10 @@ def test_explicit_rank_above_the_layer_raises_and_the_default_clamps():
         ({"rank": 2.5}, TypeError, "rank must be an int"),
         ({"spatial_rank": 0}, ValueError, "spatial_rank must be >= 1"),
         ({"init": "svd"}, ValueError, r"init must be one of \['tucker', 'random'\]"),
-        ({"scale": float("nan")}, ValueError, "scale must be a finite float, got nan"),
-        ({"scale": "1"}, TypeError, "scale must be a finite float, got str"),
+        ({"scale": float("nan")}, ValueError, "scale must be a float > 0, got nan"),
+        ({"scale": "1"}, TypeError, "scale must be a float > 0, got str"),
+        # the core starts at zero: with a zero scale it would never get a gradient
+        ({"scale": 0.0}, ValueError, "scale must be a float > 0, got 0"),
         ({"std": 0.0}, ValueError, "std must be > 0"),
     ],
 )

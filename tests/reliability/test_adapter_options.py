@@ -100,6 +100,7 @@ OPTIONS: dict[type[AdapterParam], dict[str, Option]] = {
         "sub_atoms": positive_int(optional=True, context={"levels": 2}),
         "block": positive_int(optional=True),
         "channel_block": positive_int(),
+        "scale": Option("real", low=0.0, optional=True),
     },
     SVDParam: {
         "rank": positive_int(optional=True),
@@ -123,13 +124,13 @@ OPTIONS: dict[type[AdapterParam], dict[str, Option]] = {
     },
     LieParam: {
         "rank": positive_int(optional=True),
-        "scale": Option("real", optional=True),
+        "scale": Option("real", low=0.0, optional=True),
         "order": Option("order"),
     },
     TuckerParam: {
         "rank": positive_int(optional=True),
         "spatial_rank": positive_int(optional=True),
-        "scale": FINITE_REAL,
+        "scale": POSITIVE_REAL,
         "init": Option("choice", choices=("tucker", "random")),
         "std": POSITIVE_REAL,
     },
@@ -429,9 +430,12 @@ def test_good_options_are_stored_as_plain_values_and_round_trip(drawn, shape):
 
 def test_numpy_options_are_python_numbers_in_config():
     # issue 9: AtomParam checked num_atoms with check_int but stored the raw numpy value
-    config = AtomParam(num_atoms=np.int64(4), levels=np.int32(2), sub_atoms=np.int8(2), block=np.uint8(2)).config()
-    assert config == {"num_atoms": 4, "levels": 2, "sub_atoms": 2, "block": 2, "channel_block": 1}
-    assert all(type(value) is int for value in config.values())
+    config = AtomParam(
+        num_atoms=np.int64(4), levels=np.int32(2), sub_atoms=np.int8(2), block=np.uint8(2), scale=np.float32(0.5)
+    ).config()
+    assert config == {"num_atoms": 4, "levels": 2, "sub_atoms": 2, "block": 2, "channel_block": 1, "scale": 0.5}
+    assert all(type(value) is int for key, value in config.items() if key != "scale")
+    assert type(config["scale"]) is float
     assert type(SNELLParam(rank=np.int64(4)).config()["rank"]) is int
     assert KronParam(b_shape=(np.int64(4), 6), c_shape=torch.Size([5, 8])).config() == {
         "rank": None,
