@@ -288,8 +288,17 @@ def _fits(shape: torch.Size, expected: tuple[int | range, ...]) -> bool:
     )
 
 
-def _layout_problem(state: Mapping[str, Any], layout: Mapping[str, StateSpec]) -> str | None:
-    """What is wrong with ``state`` for ``layout`` (``None``: it fits)."""
+def _layout_problem(
+    state: Mapping[str, Any], layout: Mapping[str, StateSpec], param: torch.Tensor | None = None
+) -> str | None:
+    """What is wrong with ``state`` for ``layout`` (``None``: it fits).
+
+    With ``param`` (a state about to be stepped, not one being loaded, which is cast to it) the
+    floating entries must also be in its :func:`state_dtype` and every entry but the 0-d host
+    counters on its device: a parameter converted or moved after its state was made
+    (``model.double()``, ``model.to(device)``) would otherwise be rounded to the state's dtype on
+    every step or fail inside a kernel after part of the step was written.
+    """
     missing = sorted(set(layout) - set(state))
     unexpected = sorted(str(key) for key in set(state) - set(layout))
     if missing or unexpected:
@@ -310,6 +319,16 @@ def _layout_problem(state: Mapping[str, Any], layout: Mapping[str, StateSpec]) -
             return (
                 f"has {key!r} of shape {tuple(value.shape)}, expected {_shape_text(spec.shape)}"
             )
+        if param is None:
+            continue
+        reload = (
+            "the parameter changed since its state was made; load the state again "
+            "(opt.load_state_dict(opt.state_dict())) to cast and move it"
+        )
+        if spec.floating and value.dtype != state_dtype(param):
+            return f"has {key!r} of dtype {value.dtype}, expected {state_dtype(param)}: {reload}"
+        if (value.ndim > 0 or value.is_floating_point()) and value.device != param.device:
+            return f"has {key!r} on {value.device}, expected {param.device}: {reload}"
     return None
 
 
@@ -325,6 +344,8 @@ class _Fit(NamedTuple):
     """A state found to fit its parameter, and what that finding rests on (cheap to compare)."""
 
     param_shape: torch.Size
+    param_dtype: torch.dtype
+    param_device: torch.device
     options: _Options
     entries: tuple[tuple[str, weakref.ref, torch.Size, torch.dtype], ...]
 
@@ -338,17 +359,23 @@ def _fit(param: torch.Tensor, options: _Options, state: Mapping[str, Any]) -> _F
     entries = tuple(
         (key, weakref.ref(value), value.shape, value.dtype) for key, value in state.items()
     )
-    return _Fit(param.shape, options, entries)
+    return _Fit(param.shape, param.dtype, param.device, options, entries)
 
 
 def _still_fits(fit: _Fit, param: torch.Tensor, options: _Options, state: Mapping[str, Any]) -> bool:
-    """Whether nothing a layout check reads changed since ``fit``: the parameter's shape, each
-    option (the same object), and each state entry (the same tensor, with its shape and dtype).
+    """Whether nothing a layout check reads changed since ``fit``: the parameter's shape, dtype
+    and device, each option (the same object), and each state entry (the same tensor, with its
+    shape and dtype).
 
     Identity, not equality: a replaced tensor or option is checked again even when equal, and a
     weak reference cannot be fooled by a new tensor at a freed one's address.
     """
-    if param.shape != fit.param_shape or len(state) != len(fit.entries):
+    if (
+        param.shape != fit.param_shape
+        or param.dtype != fit.param_dtype
+        or param.device != fit.param_device
+        or len(state) != len(fit.entries)
+    ):
         return False
     if options.names != fit.options.names or not all(
         map(operator.is_, options.values, fit.options.values)
@@ -473,12 +500,21 @@ class TensorStateOptimizer(torch.optim.Optimizer):
         return self._matrix_layout(param, group)
 
     def _upgraded_state(
-        self, group: dict[str, Any], state: Mapping[str, Any]
+        self, param: torch.Tensor, group: dict[str, Any], state: Mapping[str, Any]
     ) -> Mapping[str, Any]:
-        """A loaded state saved by an earlier release, with what this one adds filled in so that
-        it continues as that release would have (default: as is); checked against the layout
-        after this."""
+        """A loaded state of ``param`` saved by an earlier release, with what this one adds filled
+        in so that it continues as that release would have (default: as is); checked against the
+        layout after this."""
         return state
+
+    def _recorded_dims_problem(
+        self, param: torch.Tensor, group: dict[str, Any], state: Mapping[str, torch.Tensor]
+    ) -> str | None:
+        """What is wrong with the sizes a state that fits its layout records in values, not
+        shapes (0-d host integers: reading them costs no device sync), for ``param`` as it is now
+        (default: nothing recorded). Run at every full check: on load, and at a step whose
+        parameter or state changed since it last fitted (:meth:`_check_state`)."""
+        return None
 
     def _state_value_problem(
         self, param: torch.Tensor, group: dict[str, Any], state: Mapping[str, torch.Tensor]
@@ -526,7 +562,9 @@ class TensorStateOptimizer(torch.optim.Optimizer):
         layout = self._state_layout(param, group)  # raises for a parameter the options cannot serve
         if not state:
             return
-        problem = _layout_problem(state, layout)
+        problem = _layout_problem(state, layout, param)
+        if problem is None:
+            problem = self._recorded_dims_problem(param, group, state)
         if problem is not None:
             raise ValueError(
                 f"the optimizer state of {self._describe(param)} {problem}; {_MISMATCH_HINT}"
@@ -733,8 +771,10 @@ class TensorStateOptimizer(torch.optim.Optimizer):
                 )
             if not values:
                 continue
-            values = self._upgraded_state(group, values)
+            values = self._upgraded_state(param, group, values)
             problem = _layout_problem(values, self._state_layout(param, group))
+            if problem is None:
+                problem = self._recorded_dims_problem(param, group, values)
             if problem is None:
                 problem = self._state_value_problem(param, group, values)
             if problem is not None:

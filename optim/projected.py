@@ -507,6 +507,7 @@ class ProjectedAdam(TensorStateOptimizer):
         layout = {
             "step": integer(),
             "moment_step": integer(),
+            "dim": integer(),
             "exp_avg": floating(rows, rank),
             "exp_avg_sq": floating(rows, rank),
             **projector.layout(dim, rank),
@@ -528,18 +529,35 @@ class ProjectedAdam(TensorStateOptimizer):
             problem = _projector(group).state_problem(state, dim)
         return problem
 
+    def _recorded_dims_problem(
+        self, param: torch.Tensor, group: dict[str, Any], state: Mapping[str, torch.Tensor]
+    ) -> str | None:
+        """The compressed side ``dim`` the state was made for must be ``param``'s: no other state
+        entry need have that size (a DCT index, a random seed), so a state of a ``(6, 4)`` weight
+        would otherwise step a ``(6, 5)`` one with columns of the wrong basis."""
+        if "dim" not in state or self._takes_adamw(param, group):
+            return None
+        dim = _orientation(param, _row_shard_reduce(param)).dim
+        if int(state["dim"]) != dim:
+            return f"was made for a compressed side d = {int(state['dim'])}, expected d = {dim}"
+        return None
+
     def _upgraded_state(
-        self, group: dict[str, Any], state: Mapping[str, Any]
+        self, param: torch.Tensor, group: dict[str, Any], state: Mapping[str, Any]
     ) -> Mapping[str, Any]:
-        """A ``protect=True`` state saved before the sketch was fed every step has no
-        ``update_energy``: zeros (its sketch already holds the last refresh's gradient, as that
-        release fed it)."""
+        """A state saved before ``dim`` was recorded gets ``param``'s (what it was made for cannot
+        be told any more); a ``protect=True`` state saved before the sketch was fed every step
+        has no ``update_energy``: zeros (its sketch already holds the last refresh's gradient,
+        as that release fed it)."""
         moments = state.get("exp_avg")
-        if not group["protect"] or "update_energy" in state:
-            return state
-        if not isinstance(moments, torch.Tensor) or moments.ndim != 2:
+        if not isinstance(moments, torch.Tensor) or moments.ndim != 2 or self._takes_adamw(param, group):
             return state  # the layout check names what is wrong
-        return {**state, "update_energy": moments.new_zeros(moments.shape[1])}
+        if "dim" not in state:
+            dim = _orientation(param, _row_shard_reduce(param)).dim
+            state = {**state, "dim": torch.tensor(dim, dtype=torch.int64)}
+        if group["protect"] and "update_energy" not in state:
+            state = {**state, "update_energy": moments.new_zeros(moments.shape[1])}
+        return state
 
     def _param_index(self, param: torch.Tensor) -> int:
         """``param``'s position among all the optimizer's parameters (its seed offset), O(1).
@@ -695,7 +713,7 @@ class ProjectedAdam(TensorStateOptimizer):
         key = tuple(state[name] for name in projector.keys)
         cached = self._bases.get(param)
         if cached is not None and len(cached[0]) == len(key):
-            if all(old is new for old, new in zip(cached[0], key)):
+            if all(old is new for old, new in zip(cached[0], key)) and cached[1].shape == (dim, rank):
                 return cached[1]
         basis = projector.basis(state, dim, rank, like)
         self._cache_basis(param, projector, state, basis)
@@ -742,6 +760,7 @@ class ProjectedAdam(TensorStateOptimizer):
         state = {
             "step": torch.tensor(0, dtype=torch.int64),
             "moment_step": torch.tensor(0, dtype=torch.int64),
+            "dim": torch.tensor(dim, dtype=torch.int64),
             **projector.init_state(dim, rank, oriented, seed),
             "exp_avg": oriented.new_zeros(oriented.shape[0], rank),
             "exp_avg_sq": oriented.new_zeros(oriented.shape[0], rank),

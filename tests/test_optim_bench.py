@@ -185,8 +185,8 @@ def test_state_bytes_of_adamw_and_dct_match_their_shapes():
     adamw = stepped(lambda p: torch.optim.AdamW([p]))
     assert bench.state_bytes([adamw]) == (2 * 32 * 24 * 4 + 4, 2 * 32 * 24 * 4 + 4)
     dct = stepped(lambda p: DCTProjectedAdam([p], rank=4))
-    # moments (32, 4) fp32, 4 int64 indices, two int64 step counters
-    expected = 2 * 32 * 4 * 4 + 4 * 8 + 2 * 8
+    # moments (32, 4) fp32, 4 int64 indices, two int64 step counters and the int64 compressed side
+    expected = 2 * 32 * 4 * 4 + 4 * 8 + 3 * 8
     assert bench.state_bytes([dct]) == (expected, expected)
     assert bench.state_bytes([adamw, dct])[0] == 2 * 32 * 24 * 4 + 4 + expected
 
@@ -226,7 +226,7 @@ def test_micro_times_every_row_and_carries_the_targets(parts):
     (state,) = micro.tables
     rows = {row[0]: row for row in state["rows"]}
     # rank 4 of 32: DCT keeps moments + indices, GaLore moments + a (4, 32) basis
-    dct, galore = 2 * 32 * 4 * 4 + 4 * 8 + 2 * 8, 2 * 32 * 4 * 4 + 4 * 32 * 4
+    dct, galore = 2 * 32 * 4 * 4 + 4 * 8 + 3 * 8, 2 * 32 * 4 * 4 + 4 * 32 * 4
     assert rows["DCTProjectedAdam"][1] == bench.mib(dct) and rows["GaLoreAdamW"][1] == bench.mib(galore)
     (check,) = micro.checks
     assert check.value == pytest.approx(dct / galore) and check.met

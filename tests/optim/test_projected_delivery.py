@@ -188,7 +188,7 @@ def test_the_cached_basis_steps_as_a_rebuilt_one_and_stays_out_of_the_state():
         rebuilt._bases.clear()
     assert torch.equal(params[0], params[1])
     saved = cached.state_dict()["state"][0]
-    assert sorted(saved) == ["exp_avg", "exp_avg_sq", "index", "moment_step", "step"]
+    assert sorted(saved) == ["dim", "exp_avg", "exp_avg_sq", "index", "moment_step", "step"]
 
 
 def test_the_basis_cache_is_dropped_by_a_load_and_a_replaced_index():
@@ -242,3 +242,50 @@ def test_a_protect_state_saved_before_the_energy_feed_still_loads():
     assert torch.equal(optimizer.state[param]["update_energy"], torch.zeros(2, dtype=torch.float64))
     optimizer.step()
     optimizer.consolidate()
+
+
+PROJECTORS = ["dct", "svd", "random"]
+
+
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_a_state_of_another_compressed_side_does_not_load(projector):
+    """Regression (review after issue 12): a (6, 4) weight's DCT indices or random seed fit a
+    (6, 5) weight's layout (moments 6 x r either way), so such a checkpoint loaded and stepped
+    with columns of the wrong basis; the recorded side refuses it."""
+    source_param = torch.nn.Parameter(gaussian((6, 4), 0))
+    source = ProjectedAdam([source_param], lr=1e-2, rank=2, update_gap=2, projector=projector)
+    source_param.grad = gaussian((6, 4), 1)
+    source.step()
+    target = ProjectedAdam([torch.nn.Parameter(gaussian((6, 5), 2))], lr=1e-2, rank=2, projector=projector)
+    with pytest.raises(ValueError, match=r"expected|compressed side d = 4, expected d = 5"):
+        target.load_state_dict(source.state_dict())
+    assert not target.state
+
+
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_a_state_saved_before_the_side_was_recorded_loads_and_continues(projector):
+    """An earlier release's checkpoint has no 'dim': it gets its parameter's and continues bit
+    for bit as the uninterrupted run."""
+    def run(steps, optimizer, param, start=0):
+        for step in range(start, start + steps):
+            param.grad = gaussian((6, 4), 10 + step)
+            optimizer.step()
+
+    def make(param):
+        return ProjectedAdam([param], lr=1e-2, rank=2, update_gap=2, projector=projector)
+
+    straight = torch.nn.Parameter(gaussian((6, 4), 0))
+    run(5, make(straight), straight)
+    resumed = torch.nn.Parameter(gaussian((6, 4), 0))
+    first = make(resumed)
+    run(3, first, resumed)
+    saved = first.state_dict()
+    del saved["state"][0]["dim"]
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    second = make(resumed)
+    second.load_state_dict(torch.load(buffer, weights_only=True))
+    assert int(second.state[resumed]["dim"]) == 4
+    run(2, second, resumed, start=3)
+    assert torch.equal(resumed, straight)

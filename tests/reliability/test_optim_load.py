@@ -190,14 +190,18 @@ def test_a_state_that_fits_loads_exactly_and_continues_bit_identically(name, ste
 def test_regression_projected_optimizers_refuse_each_others_moments_and_subspaces():
     """The issue's example: a state saved for [W1, W2] loaded into [W2, W1] stepped silently.
 
-    (8, 3) and (5, 8) both keep 8 x 2 moments and 2 indices: only the indices' range (columns
-    of a 3-point basis for the first, of a 5-point one for the second) tells them apart.
+    (8, 3) and (5, 8) both keep 8 x 2 moments and 2 indices: the recorded compressed side (3
+    for the first, 5 for the second) tells them apart (before it was recorded, the indices'
+    range did, and only where it happened to exceed the smaller side).
     """
     first, second = make_params([(8, 3), (5, 8)], 0)
     optimizer = DCTProjectedAdam([first, second], rank=2)
     train(optimizer, 1, 0)
     swapped = DCTProjectedAdam([second, first], rank=2)
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\] \(shape \(8, 3\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"param_groups\[0\]\['params'\]\[0\] \(shape \(5, 8\)\) was made for a compressed side d = 3, expected d = 5",
+    ):
         swapped.load_state_dict(optimizer.state_dict())
     assert not swapped.state
     reordered = DCTProjectedAdam([make_params([(7, 3)], 1)[0], second], rank=2)

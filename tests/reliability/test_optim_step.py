@@ -37,7 +37,7 @@ def make_params(shapes, seed: int) -> list[nn.Parameter]:
 def set_grads(params, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     for param in params:
-        param.grad = torch.randn(param.shape, generator=generator)
+        param.grad = torch.randn(param.shape, generator=generator).to(param.dtype)
 
 
 def run(optimizer: torch.optim.Optimizer, params, steps: range) -> None:
@@ -116,7 +116,12 @@ def test_a_failing_step_changes_nothing_and_a_passing_one_is_documented(
 # ------------------------------------------------------------------------------ regressions
 
 
-IN_PLACE_EDITS = ["resize", "extra key", "parameter reshaped", "option replaced"]
+# "compressed side changed" keeps the projected state's shapes ((6, 4) -> (6, 5): moments 6 x r,
+# r indices or a seed), so only the recorded side tells; "parameter converted" (model.double())
+# keeps every shape: both passed the check before the review after issue 12.
+IN_PLACE_EDITS = [
+    "resize", "extra key", "parameter reshaped", "compressed side changed", "parameter converted", "option replaced"
+]
 # ARO has no option that changes its state's layout.
 EDIT_CASES = [
     (name, edit)
@@ -142,6 +147,10 @@ def test_regression_an_edit_after_a_step_that_passed_its_check_is_still_caught(n
         state["extra"] = torch.zeros(1)
     elif edit == "parameter reshaped":
         params[0].data = torch.randn(7, 4)
+    elif edit == "compressed side changed":
+        params[0].data = torch.randn(6, 5)
+    elif edit == "parameter converted":
+        params[0].data = params[0].data.double()
     else:
         optimizer.param_groups[0].update(_layout_option(name))
     set_grads(params, 3)
