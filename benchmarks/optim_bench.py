@@ -469,14 +469,14 @@ def muon(params: Params, settings: LMSettings, lr: float) -> torch.optim.Optimiz
     return torch.optim.Muon(params, lr=lr, weight_decay=0.0)
 
 
-def aro(rotate: str) -> Callable[[Params, LMSettings, float], torch.optim.Optimizer]:
-    """:class:`~optim.ARO` at its defaults but weight decay 0, rotating ``rotate`` (named in every
-    case, so a case's meaning does not follow the default)."""
+def aro(rotate: str, adjust_lr: str) -> Callable[[Params, LMSettings, float], torch.optim.Optimizer]:
+    """:class:`~optim.ARO` at its defaults but weight decay 0, rotating ``rotate`` with step scale
+    ``adjust_lr`` (both named in every case, so a case's meaning does not follow the defaults)."""
 
     def make(params: Params, settings: LMSettings, lr: float) -> torch.optim.Optimizer:
         from optim import ARO
 
-        return ARO(params, lr=lr, weight_decay=0.0, rotate=rotate)
+        return ARO(params, lr=lr, weight_decay=0.0, rotate=rotate, adjust_lr=adjust_lr)
 
     return make
 
@@ -508,15 +508,19 @@ class LMMethod:
 
 
 # Every coarse grid spans a factor of about 30 around the rate its authors recommend (nanoGPT's
-# AdamW 1e-3, Muon's usual 2e-2, GaLore's 1e-2 with scale 0.25, SOAP's 3e-3); ARO's (its step RMS
-# is 0.2 sqrt(max(m, n)) lr, 2.3x to 3.9x lr on these matrices) gets a fifth point because its
-# default is to be chosen from this sweep. Every sweep then adds refinement()'s rates.
+# AdamW 1e-3, Muon's usual 2e-2, GaLore's 1e-2 with scale 0.25, SOAP's 3e-3). ARO's grids get a
+# fifth point because its default is chosen from these sweeps: with the paper's scale
+# (adjust_lr='rms_norm', step RMS 0.2 sqrt(max(m, n)) lr, 2.3x to 3.9x lr here) around its 1e-2
+# and below; with adjust_lr='fan_in' (step RMS lr / sqrt(n), torch.optim.Muon's) Muon's grid and
+# one point below. Every sweep then adds refinement()'s rates.
 ADAM_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
 PROJECTED_GRID = (3e-3, 1e-2, 3e-2, 1e-1)
+MUON_GRID = (1e-2, 2e-2, 4e-2, 8e-2)
 ARO_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+ARO_FAN_IN_GRID = (5e-3, *MUON_GRID)
 LM_METHODS: dict[str, LMMethod] = {
     "adamw": LMMethod("AdamW", ADAM_GRID, lambda hidden, rest, settings, lr: [adamw(hidden + rest, settings, lr)]),
-    "muon": LMMethod("torch.optim.Muon (hidden) + AdamW", (1e-2, 2e-2, 4e-2, 8e-2), beside_adamw(muon)),
+    "muon": LMMethod("torch.optim.Muon (hidden) + AdamW", MUON_GRID, beside_adamw(muon)),
     "galore": LMMethod("GaLoreAdamW", PROJECTED_GRID, build_galore),
     "dct": LMMethod("DCTProjectedAdam", PROJECTED_GRID, projected(DCTProjectedAdam)),
     "dct-ef": LMMethod(
@@ -528,8 +532,18 @@ LM_METHODS: dict[str, LMMethod] = {
         "DCTProjectedAdam (rank fraction 0.3125: GaLore's state bytes)", PROJECTED_GRID,
         projected(DCTProjectedAdam, rank=0.3125),
     ),
-    "aro": LMMethod("ARO (hidden) + AdamW; rotate='rows', the paper's", ARO_GRID, beside_adamw(aro("rows"))),
-    "aro-smaller": LMMethod("ARO (hidden) + AdamW; rotate='smaller'", ARO_GRID, beside_adamw(aro("smaller"))),
+    "aro": LMMethod(
+        "ARO (hidden) + AdamW; rotate='rows' (the paper's), adjust_lr='fan_in'", ARO_FAN_IN_GRID,
+        beside_adamw(aro("rows", "fan_in")),
+    ),
+    "aro-smaller": LMMethod(
+        "ARO (hidden) + AdamW; rotate='smaller', adjust_lr='fan_in'", ARO_FAN_IN_GRID,
+        beside_adamw(aro("smaller", "fan_in")),
+    ),
+    "aro-rms-norm": LMMethod(
+        "ARO (hidden) + AdamW; rotate='smaller', adjust_lr='rms_norm' (the paper's)", ARO_GRID,
+        beside_adamw(aro("smaller", "rms_norm")),
+    ),
     "soap": LMMethod("SOAP: RotatedAdam(basis='eigen') (hidden) + AdamW", ADAM_GRID, beside_adamw(rotated("eigen"))),
     "rotated-dct": LMMethod(
         "RotatedAdam(basis='dct') (hidden) + AdamW; no published method", ADAM_GRID, beside_adamw(rotated("dct"))
@@ -1017,6 +1031,8 @@ LM_LOSS_TARGETS: tuple[tuple[str, str, str], ...] = (
     ("lm:aro", "lm:adamw", "optim: ARO validation loss vs AdamW"),
     ("lm:aro-smaller", "lm:muon", "optim: ARO validation loss vs Muon"),
     ("lm:aro-smaller", "lm:adamw", "optim: ARO validation loss vs AdamW"),
+    ("lm:aro-rms-norm", "lm:muon", "optim: ARO validation loss vs Muon"),
+    ("lm:aro-rms-norm", "lm:adamw", "optim: ARO validation loss vs AdamW"),
     ("lm:soap", "lm:adamw", "optim: SOAP validation loss vs AdamW"),
     ("lm:dct", "lm:adamw", "optim: DCT validation loss vs AdamW"),
     ("lm:dct", "lm:galore", "optim: DCT validation loss vs GaLore"),

@@ -53,7 +53,7 @@ from ._base import (
 __all__ = ["ARO", "RotatedAdam"]
 
 _ARO_BASES = ("sinkhorn", "row_norm", "sign")
-_ARO_LR_ADJUSTMENTS = ("rms_norm", "spectral_norm", "none")
+_ARO_LR_ADJUSTMENTS = ("fan_in", "rms_norm", "spectral_norm", "none")
 _ROTATED_ADAM_BASES = ("dct", "eigen")
 # What lr=None and betas=None mean in a RotatedAdam group, by its basis: SOAP's defaults
 # (nikhilvyas/SOAP; shampoo_beta=None then follows beta2 = 0.95, SOAP's too) and AdamW's.
@@ -250,7 +250,9 @@ class ARO(_MatrixOrAdamW):
 
     where :math:`\operatorname{qf}` is the Q factor of a QR factorisation with
     :math:`\operatorname{diag}(R_{qr}) \ge 0` and the scale is :math:`s = 0.2\sqrt{\max(m, n)}`
-    (``adjust_lr="rms_norm"``, Moonlight's AdamW-matched RMS), :math:`\sqrt{m/n}`
+    (``adjust_lr="rms_norm"``, Moonlight's AdamW-matched RMS), :math:`1/\sqrt{n}` (``"fan_in"``:
+    a step of RMS :math:`\eta/\sqrt{n}`, that of ``torch.optim.Muon`` at its default
+    ``adjust_lr_fn``, so a Muon learning rate is an ARO one), :math:`\sqrt{m/n}`
     (``"spectral_norm"``) or :math:`1` (``"none"``). Base maps:
 
     * ``"sinkhorn"`` -- ``sinkhorn_iters`` rounds of rows to L2 norm :math:`\sqrt{n}`, then
@@ -328,7 +330,7 @@ class ARO(_MatrixOrAdamW):
             (default 0.0, as every optimizer here and ``torch.optim.Adam``; the paper uses 0.01).
         base: ``"sinkhorn"`` (default), ``"row_norm"`` or ``"sign"``.
         sinkhorn_iters: rounds of the Sinkhorn map, ``>= 1`` (default 5).
-        adjust_lr: ``"rms_norm"`` (default), ``"spectral_norm"`` or ``"none"``.
+        adjust_lr: ``"rms_norm"`` (default), ``"fan_in"``, ``"spectral_norm"`` or ``"none"``.
         betas: AdamW betas for the parameters that take AdamW, each in ``[0, 1)`` (default
             ``(0.9, 0.999)``).
         eps: AdamW epsilon for the parameters that take AdamW, ``>= 0`` (default 1e-8).
@@ -470,7 +472,9 @@ class ARO(_MatrixOrAdamW):
         if tall:
             updates = updates.mT
 
-        if group["adjust_lr"] == "rms_norm":
+        if group["adjust_lr"] == "fan_in":
+            scale = 1.0 / math.sqrt(cols)
+        elif group["adjust_lr"] == "rms_norm":
             scale = 0.2 * math.sqrt(max(rows, cols))
         elif group["adjust_lr"] == "spectral_norm":
             scale = math.sqrt(rows / cols)

@@ -365,7 +365,7 @@ def test_every_lm_method_builds_and_steps_on_the_split_it_names(key):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     assert all(not torch.equal(b, p) for b, p in zip(before, hidden))
-    if key in ("muon", "aro", "aro-smaller", "soap"):  # the Muon-style split: AdamW on the rest
+    if key in ("muon", "aro", "aro-smaller", "aro-rms-norm", "soap"):  # the Muon-style split: AdamW on the rest
         assert isinstance(optimizers[1], torch.optim.AdamW)
         assert {id(p) for group in optimizers[1].param_groups for p in group["params"]} == {id(p) for p in rest}
 

@@ -19,7 +19,7 @@ from optim.rotated import ARO, RotatedAdam
 from tests.strategies import SEEDS, gaussian
 
 BASES = ("sinkhorn", "row_norm", "sign")
-ADJUST = ("rms_norm", "spectral_norm", "none")
+ADJUST = ("fan_in", "rms_norm", "spectral_norm", "none")
 
 
 # --- shared helpers ---------------------------------------------------------------------------
@@ -93,7 +93,9 @@ def aro_reference(
     """
     w = w0.reshape(w0.shape[0], -1).numpy().copy()
     rows, cols = w.shape
-    scale = {"rms_norm": 0.2 * np.sqrt(max(rows, cols)), "spectral_norm": np.sqrt(rows / cols)}
+    scale = {
+        "fan_in": 1 / np.sqrt(cols), "rms_norm": 0.2 * np.sqrt(max(rows, cols)), "spectral_norm": np.sqrt(rows / cols)
+    }
     scale = scale.get(adjust_lr, 1.0)
     m = np.zeros_like(w)
     flip = rotate == "smaller" and rows > cols
@@ -209,7 +211,7 @@ def test_aro_sinkhorn_on_a_vector_is_sign_descent(shape):
 
 
 @pytest.mark.parametrize(
-    "adjust_lr, scale", [("rms_norm", 0.2 * 6**0.5), ("spectral_norm", 2**0.5)]
+    "adjust_lr, scale", [("fan_in", 3**-0.5), ("rms_norm", 0.2 * 6**0.5), ("spectral_norm", 2**0.5)]
 )
 def test_aro_lr_adjustment_scales_the_update(adjust_lr, scale):
     params = parameters([(6, 3), (6, 3)], 4)
