@@ -7,7 +7,8 @@
   ``SNELL``/``SNELLA`` -> ``*Param``) still work for one release: each warns naming the new name and
   gives the same result; old and new together raise ``TypeError``; files and optimizer states
   saved with the old names still load.
-* Every optimizer defaults to ``lr=1e-3`` and ``weight_decay=0.0``.
+* Every optimizer defaults to ``weight_decay=0.0`` and, but ARO (on Muon's lr scale: 0.02), to
+  ``lr=1e-3``.
 """
 
 from __future__ import annotations
@@ -411,9 +412,10 @@ def test_a_misspelt_old_option_names_the_new_one():
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda cls: cls.__name__)
-def test_every_optimizer_defaults_to_lr_1e_3_and_no_weight_decay(cls):
+def test_every_optimizer_defaults_to_its_documented_lr_and_no_weight_decay(cls):
     # The group's resolved values: RotatedAdam resolves lr=None from its basis (SOAP's 3e-3 for
-    # basis="eigen", tested in tests/optim/test_rotated.py; 1e-3 for the default "dct").
+    # basis="eigen", tested in tests/optim/test_rotated.py; 1e-3 for the default "dct"). ARO's lr
+    # is Muon's (adjust_lr="fan_in"): 0.02, from its sweeps (issue 12 review).
     group = cls([nn.Parameter(torch.zeros(6, 4))]).param_groups[0]
-    assert group["lr"] == 1e-3 and group["weight_decay"] == 0.0
+    assert group["lr"] == (0.02 if cls is ARO else 1e-3) and group["weight_decay"] == 0.0
     assert set(optim.__all__) >= {cls.__name__}
