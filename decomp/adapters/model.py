@@ -722,7 +722,7 @@ def report(model: nn.Module) -> Report:
         ('Conv2d', 36, 224)
         >>> print(rows)  # doctest: +NORMALIZE_WHITESPACE
         layer type weight shape adapter trainable frozen
-        0 Conv2d 8x3x3x3 AtomParam(num_atoms=4, levels=1, sub_atoms=None, block=None, channel_block=1) 36 224
+        0 Conv2d 8x3x3x3 AtomParam(num_atoms=4, levels=1, sub_atoms=None, block=None, channel_block=1, scale=None) 36 224
         trainable 36 of 260 parameters (13.846%)
     """
     root = _unwrap(model, "report")

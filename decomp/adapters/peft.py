@@ -196,7 +196,7 @@ class DecompConfig(PeftConfig):
         >>> config.peft_type, config.method
         ('DECOMP', 'AtomParam')
         >>> config.options
-        {'num_atoms': 4, 'levels': 1, 'sub_atoms': None, 'block': None, 'channel_block': 1}
+        {'num_atoms': 4, 'levels': 1, 'sub_atoms': None, 'block': None, 'channel_block': 1, 'scale': None}
     """
 
     method: str = field(default="", metadata={"help": "adapter class name in decomp.adapters"})
