@@ -469,14 +469,15 @@ def muon(params: Params, settings: LMSettings, lr: float) -> torch.optim.Optimiz
     return torch.optim.Muon(params, lr=lr, weight_decay=0.0)
 
 
-def aro(rotate: str, adjust_lr: str) -> Callable[[Params, LMSettings, float], torch.optim.Optimizer]:
+def aro(rotate: str, adjust_lr: str, nesterov: bool) -> Callable[[Params, LMSettings, float], torch.optim.Optimizer]:
     """:class:`~optim.ARO` at its defaults but weight decay 0, rotating ``rotate`` with step scale
-    ``adjust_lr`` (both named in every case, so a case's meaning does not follow the defaults)."""
+    ``adjust_lr`` and momentum ``nesterov`` (all named in every case, so a case's meaning does not
+    follow the defaults)."""
 
     def make(params: Params, settings: LMSettings, lr: float) -> torch.optim.Optimizer:
         from optim import ARO
 
-        return ARO(params, lr=lr, weight_decay=0.0, rotate=rotate, adjust_lr=adjust_lr)
+        return ARO(params, lr=lr, weight_decay=0.0, rotate=rotate, adjust_lr=adjust_lr, nesterov=nesterov)
 
     return make
 
@@ -533,16 +534,16 @@ LM_METHODS: dict[str, LMMethod] = {
         projected(DCTProjectedAdam, rank=0.3125),
     ),
     "aro": LMMethod(
-        "ARO (hidden) + AdamW; rotate='rows' (the paper's), adjust_lr='fan_in'", ARO_FAN_IN_GRID,
-        beside_adamw(aro("rows", "fan_in")),
+        "ARO (hidden) + AdamW; rotate='rows' (the paper's), adjust_lr='fan_in', Nesterov", ARO_FAN_IN_GRID,
+        beside_adamw(aro("rows", "fan_in", nesterov=True)),
     ),
     "aro-smaller": LMMethod(
-        "ARO (hidden) + AdamW; rotate='smaller', adjust_lr='fan_in'", ARO_FAN_IN_GRID,
-        beside_adamw(aro("smaller", "fan_in")),
+        "ARO (hidden) + AdamW; rotate='smaller', adjust_lr='fan_in', Nesterov", ARO_FAN_IN_GRID,
+        beside_adamw(aro("smaller", "fan_in", nesterov=True)),
     ),
     "aro-rms-norm": LMMethod(
         "ARO (hidden) + AdamW; rotate='smaller', adjust_lr='rms_norm' (the paper's)", ARO_GRID,
-        beside_adamw(aro("smaller", "rms_norm")),
+        beside_adamw(aro("smaller", "rms_norm", nesterov=False)),
     ),
     "soap": LMMethod("SOAP: RotatedAdam(basis='eigen') (hidden) + AdamW", ADAM_GRID, beside_adamw(rotated("eigen"))),
     "rotated-dct": LMMethod(

@@ -78,6 +78,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "svd": ["qr", None],
     "dct_method": ["dft", None],
     "momentum": [1.0, -0.5, NAN, "x", None],
+    "nesterov": [1, None],
     "base": ["newton_schulz", None],
     "sinkhorn_iters": [0, 1.5, None],
     "adjust_lr": ["max", None],
