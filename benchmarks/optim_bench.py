@@ -246,12 +246,7 @@ def time_micro_row(
     The untimed first step creates the state (and every projected optimizer's first subspace).
     Each sample times ``steps_per_sample`` steps; the timing is per step.
     """
-    params = []
-    for weight, grad in tensors:
-        param = nn.Parameter(weight.clone())
-        param.grad = grad.clone()
-        params.append(param)
-    optimizer = build(params, rank, scale)
+    optimizer = build(_fresh_params(tensors), rank, scale)
 
     def steps() -> None:
         for _ in range(steps_per_sample):
@@ -265,6 +260,73 @@ def time_micro_row(
         timing.repeats,
     )
     return (per_step, *state_bytes([optimizer]))
+
+
+def _fresh_params(tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> list[nn.Parameter]:
+    """Copies of the ``(weight, gradient)`` pairs as parameters holding their gradients."""
+    params = []
+    for weight, grad in tensors:
+        param = nn.Parameter(weight.clone())
+        param.grad = grad.clone()
+        params.append(param)
+    return params
+
+
+def time_micro_rows_interleaved(
+    builds: dict[str, MicroBuilder],
+    tensors: list[tuple[torch.Tensor, torch.Tensor]],
+    rank: int,
+    scale: float,
+    repeats: int,
+    context: Context,
+    steps_per_sample: int = 1,
+) -> dict[str, tuple[Timing, int, int] | str]:
+    """:func:`time_micro_row` for several rows at once, their samples interleaved.
+
+    Every row's optimizer is built and takes its untimed first step; then round ``k`` of
+    ``repeats`` times one sample of every row, in an order rotated by ``k``, so a drift of the
+    machine's speed over the run reaches every row alike instead of biasing the ratio of two rows
+    timed minutes apart. A row that fails (building or stepping) holds its failure text.
+
+    >>> rows = time_micro_rows_interleaved(
+    ...     {"a": lambda p, r, s: torch.optim.SGD(p, lr=0.1), "b": lambda p, r, s: 1 / 0},
+    ...     [(torch.zeros(2, 2), torch.ones(2, 2))], 1, 1.0, 3,
+    ...     Context(quick=True, repeats=3, threads=1, device=torch.device("cpu")))
+    >>> rows["a"][0].repeats, rows["b"]
+    (3, 'failed: ZeroDivisionError: division by zero')
+    """
+    results: dict[str, tuple[Timing, int, int] | str] = {}
+    live: dict[str, torch.optim.Optimizer] = {}
+    for name, build in builds.items():
+        try:
+            optimizer = build(_fresh_params(tensors), rank, scale)
+            optimizer.step()  # untimed: creates the state and any first subspace
+            live[name] = optimizer
+        except Exception as error:  # noqa: BLE001 -- a report: one failing row must not end the run
+            results[name] = failure(error)
+    samples: dict[str, list[float]] = {name: [] for name in live}
+    names = list(live)
+    for round_index in range(repeats):
+        for offset in range(len(names)):
+            name = names[(round_index + offset) % len(names)]
+            if name in results:
+                continue
+            optimizer = live[name]
+
+            def steps() -> None:
+                for _ in range(steps_per_sample):
+                    optimizer.step()
+
+            try:
+                sample = timeit(steps, repeats=1, warmup=0, sync=context.sync).median_ms
+            except Exception as error:  # noqa: BLE001
+                results[name] = failure(error)
+                continue
+            samples[name].append(sample / steps_per_sample)
+    for name in names:
+        if name not in results:
+            results[name] = (Timing.from_samples(samples[name]), *state_bytes([live[name]]))
+    return results
 
 
 def _row(
@@ -301,13 +363,13 @@ def measure_micro(context: Context) -> Part:
         large = [(weight, grad)]
         _row(rows, name, lambda: time_micro_row(build, large, settings.rank, settings.scale, repeats, context))
     steady = {name: build for name, build in MICRO_ROWS.items() if name.endswith(" steady")}
-    for name, build in {**steady, **LM_SIZE_ROWS}.items():
-        per_sample = settings.lm_steps_per_sample
-        _row(
-            rows,
-            name + LM_SIZE,
-            lambda: time_micro_row(build, matrices, lm.galore_rank, lm.scale, context.repeats, context, per_sample),
-        )
+    lm_size = time_micro_rows_interleaved(
+        {name + LM_SIZE: build for name, build in {**steady, **LM_SIZE_ROWS}.items()},
+        matrices, lm.galore_rank, lm.scale, context.repeats, context, settings.lm_steps_per_sample,
+    )  # fmt: skip
+    for name, row in lm_size.items():
+        rows[name] = row
+        print(f"  micro {name}: {row if isinstance(row, str) else 'ok'}", flush=True)
     ran = {name: row for name, row in rows.items() if not isinstance(row, str)}
     shapes = sorted(set(lm_matrix_shapes(lm.shape)))
     part = Part(
@@ -315,7 +377,8 @@ def measure_micro(context: Context) -> Part:
             f"micro: parameter {n}x{n}, rank {settings.rank}, scale {settings.scale:g}.",
             f"micro{LM_SIZE}: the lm case's {len(matrices)} attention and MLP matrices "
             f"({', '.join(f'{rows_}x{cols}' for rows_, cols in shapes)}), rank {lm.galore_rank}, "
-            f"scale {lm.scale:g}; each sample times {settings.lm_steps_per_sample} steps.",
+            f"scale {lm.scale:g}; each sample times {settings.lm_steps_per_sample} steps, and the rows' "
+            f"samples are interleaved (one of each row per round, in a rotating order).",
         ]
     )
     for ours, anchor, key in MICRO_COMPARISONS:

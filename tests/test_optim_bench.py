@@ -426,3 +426,29 @@ def test_page_from_parts_measured_in_two_runs(parts, tmp_path):
     assert "| DCTProjectedAdam vs AdamW: validation loss: <= 1.02x AdamW's |" in text
     assert (page.parent / "img" / "optim_ratios.png").stat().st_size > 0
     assert "](img/optim_lm_loss.png)" in text and "](img/optim_lm_lr.png)" in text
+
+
+def test_interleaved_rows_take_their_samples_in_rotating_turns():
+    """The LM-size rows are timed round by round (one sample of each row, the order rotated each
+    round), so a drift of the machine's speed reaches every row alike; a failing row is reported
+    without stopping the others."""
+    order = []
+
+    def recording(name):
+        class Recorder(torch.optim.SGD):
+            def step(self, closure=None):
+                order.append(name)
+                return super().step(closure)
+
+        return lambda params, rank, scale: Recorder(params, lr=0.1)
+
+    def broken(params, rank, scale):
+        raise RuntimeError("no")
+
+    context = bench.Context(quick=True, repeats=3, threads=1, device=torch.device("cpu"))
+    builds = {"a": recording("a"), "b": broken, "c": recording("c")}
+    rows = bench.time_micro_rows_interleaved(builds, [(torch.zeros(2, 2), torch.ones(2, 2))], 1, 1.0, 3, context, 2)
+    assert rows["b"] == "failed: RuntimeError: no"
+    assert rows["a"][0].repeats == rows["c"][0].repeats == 3
+    # one untimed step each, then rounds of two steps per sample: a c | c a | a c
+    assert order == ["a", "c"] + ["a", "a", "c", "c"] + ["c", "c", "a", "a"] + ["a", "a", "c", "c"]
