@@ -135,6 +135,10 @@ def param_groups(
     return groups
 
 
+# torch.optim.AdamW's default: the AdamW group's lr where matrix_groups is given none.
+_ADAMW_LR = 1e-3
+
+
 def matrix_groups(
     model: nn.Module, *, adamw: dict[str, Any] | None = None, **options: Any
 ) -> list[dict[str, Any]]:
@@ -158,11 +162,13 @@ def matrix_groups(
     Args:
         model: the network.
         adamw: options of the AdamW group (``lr``, ``betas``, ``weight_decay``...), checked by
-            the optimizer; ``None``: the optimizer's defaults.
+            the optimizer; ``None``: the optimizer's defaults, but ``lr`` 1e-3
+            (``torch.optim.AdamW``'s) where ``adamw`` names none: a matrix optimizer's own lr
+            need not suit AdamW (``ARO``'s default 0.02 is on Muon's scale).
         **options: options of the matrix group (``lr``, ``rank``...), checked by the optimizer.
 
     Returns:
-        ``[{"params": hidden, **options}, {"params": rest, "matrix": False, **adamw}]``.
+        ``[{"params": hidden, **options}, {"params": rest, "matrix": False, "lr": 1e-3, **adamw}]``.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or ``adamw`` is not a dict.
@@ -206,5 +212,5 @@ def matrix_groups(
     rest = [param for param in model.parameters() if id(param) not in chosen]
     groups = [{"params": hidden, **options}]
     if rest:
-        groups.append({"params": rest, "matrix": False, **adamw})
+        groups.append({"params": rest, "matrix": False, "lr": _ADAMW_LR, **adamw})
     return groups

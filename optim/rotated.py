@@ -325,7 +325,8 @@ class ARO(_MatrixOrAdamW):
 
     ``lr`` is the matrix step size; 1-D parameters, scalars and ``matrix=False`` groups take
     ``torch.optim.AdamW`` steps at their group's ``lr`` with ``betas``, ``eps`` and
-    ``weight_decay``. State per matrix: ``step`` (0-d int64 on the CPU), ``momentum``
+    ``weight_decay`` (at the default 0.02, on Muon's scale, that is 20 times AdamW's usual 1e-3:
+    give them a group of their own, as :func:`~optim.matrix_groups` does at 1e-3). State per matrix: ``step`` (0-d int64 on the CPU), ``momentum``
     (:math:`m \times n`) and ``rotation`` (:math:`\min(m,n)^2`, or :math:`m^2` with
     ``"rows"``), fp32 for fp16/bf16 weights.
 

@@ -302,6 +302,16 @@ def test_the_adamw_group_of_matrix_groups_steps_as_torch_adamw(make):
     assert "rotation" not in optimizer.state.get(model.embed.weight, {})
 
 
+@pytest.mark.parametrize("make", [ARO, lambda groups: RotatedAdam(groups, basis="eigen")], ids=["aro", "soap"])
+def test_the_adamw_group_gets_adamws_lr_unless_told(make):
+    """Regression (issue 12 review): the AdamW group took the matrix optimizer's default lr, which
+    for ARO became 0.02 (Muon's scale) when its steps took Muon's RMS: AdamW at 20 times its rate."""
+    groups = make(matrix_groups(TinyLM())).param_groups
+    assert groups[1]["lr"] == 1e-3 and groups[0]["lr"] != 1e-3
+    told = make(matrix_groups(TinyLM(), adamw={"lr": 3e-4})).param_groups
+    assert told[1]["lr"] == 3e-4
+
+
 def test_matrix_groups_errors_name_the_problem():
     with pytest.raises(ValueError, match="no hidden matrix"):
         matrix_groups(nn.Sequential(nn.Embedding(4, 4), nn.Linear(4, 2)))
