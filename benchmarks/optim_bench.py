@@ -231,37 +231,6 @@ def lm_matrix_shapes(shape: LlamaShape) -> list[tuple[int, int]]:
     return ([(hidden, hidden)] * 4 + [(mlp, hidden)] * 2 + [(hidden, mlp)]) * shape.layers
 
 
-def time_micro_row(
-    build: MicroBuilder,
-    tensors: list[tuple[torch.Tensor, torch.Tensor]],
-    rank: int,
-    scale: float,
-    repeats: int,
-    context: Context,
-    steps_per_sample: int = 1,
-) -> tuple[Timing, int, int]:
-    """Median ``step()`` time of a fresh optimizer on copies of the ``(weight, gradient)`` pairs,
-    and its state's ``(tensor, storage)`` bytes after the timed steps.
-
-    The untimed first step creates the state (and every projected optimizer's first subspace).
-    Each sample times ``steps_per_sample`` steps; the timing is per step.
-    """
-    optimizer = build(_fresh_params(tensors), rank, scale)
-
-    def steps() -> None:
-        for _ in range(steps_per_sample):
-            optimizer.step()
-
-    timing = timeit(steps, repeats=repeats, warmup=1, sync=context.sync)
-    per_step = Timing(
-        timing.median_ms / steps_per_sample,
-        timing.min_ms / steps_per_sample,
-        timing.iqr_ms / steps_per_sample,
-        timing.repeats,
-    )
-    return (per_step, *state_bytes([optimizer]))
-
-
 def _fresh_params(tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> list[nn.Parameter]:
     """Copies of the ``(weight, gradient)`` pairs as parameters holding their gradients."""
     params = []
@@ -281,9 +250,12 @@ def time_micro_rows_interleaved(
     context: Context,
     steps_per_sample: int = 1,
 ) -> dict[str, tuple[Timing, int, int] | str]:
-    """:func:`time_micro_row` for several rows at once, their samples interleaved.
+    """Median per-step ``step()`` time of each row's fresh optimizer on copies of the ``(weight,
+    gradient)`` pairs, and its state's ``(tensor, storage)`` bytes after the timed steps; each
+    sample times ``steps_per_sample`` steps, and the rows' samples are interleaved.
 
-    Every row's optimizer is built and takes its untimed first step; then round ``k`` of
+    Every row's optimizer is built and takes its untimed first step (creating its state and any
+    first subspace); then round ``k`` of
     ``repeats`` times one sample of every row, in an order rotated by ``k``, so a drift of the
     machine's speed over the run reaches every row alike instead of biasing the ratio of two rows
     timed minutes apart. A row that fails (building or stepping) holds its failure text.
@@ -329,15 +301,10 @@ def time_micro_rows_interleaved(
     return results
 
 
-def _row(
-    rows: dict[str, tuple[Timing, int, int] | str], name: str, measure: Callable[[], tuple[Timing, int, int]]
-) -> None:
-    """``rows[name]``: what ``measure`` returns (called at once), or the failure it raised."""
-    try:
-        rows[name] = measure()
-    except Exception as error:  # noqa: BLE001 -- a report: one failing row must not end the run
-        rows[name] = failure(error)
-    print(f"  micro {name}: {rows[name] if isinstance(rows[name], str) else 'ok'}", flush=True)
+def _report(rows: dict[str, tuple[Timing, int, int] | str]) -> None:
+    """Print each row's status as it is measured."""
+    for name, row in rows.items():
+        print(f"  micro {name}: {row if isinstance(row, str) else 'ok'}", flush=True)
 
 
 def measure_micro(context: Context) -> Part:
@@ -361,15 +328,17 @@ def measure_micro(context: Context) -> Part:
         slow = name == "GaLoreAdamW refresh"
         repeats = min(settings.svd_repeats, context.repeats) if slow else context.repeats
         large = [(weight, grad)]
-        _row(rows, name, lambda: time_micro_row(build, large, settings.rank, settings.scale, repeats, context))
+        # one row at a time: the large rows' optimizers are not all kept alive at once
+        row = time_micro_rows_interleaved({name: build}, large, settings.rank, settings.scale, repeats, context)
+        _report(row)
+        rows.update(row)
     steady = {name: build for name, build in MICRO_ROWS.items() if name.endswith(" steady")}
     lm_size = time_micro_rows_interleaved(
         {name + LM_SIZE: build for name, build in {**steady, **LM_SIZE_ROWS}.items()},
         matrices, lm.galore_rank, lm.scale, context.repeats, context, settings.lm_steps_per_sample,
     )  # fmt: skip
-    for name, row in lm_size.items():
-        rows[name] = row
-        print(f"  micro {name}: {row if isinstance(row, str) else 'ok'}", flush=True)
+    _report(lm_size)
+    rows.update(lm_size)
     ran = {name: row for name, row in rows.items() if not isinstance(row, str)}
     shapes = sorted(set(lm_matrix_shapes(lm.shape)))
     part = Part(
