@@ -17,7 +17,8 @@ Three guarantees hold for every optimizer built on :class:`TensorStateOptimizer`
 - **State fits its parameter.** Each optimizer knows the layout of a parameter's state (key ->
   integer or floating, shape) from the parameter and its group's options; a load checks every
   entry against it, and so does every step before it touches anything (skipping a state whose
-  entries, options and parameter shape are the very objects it last found fitting).
+  entries and options are the very objects it last found fitting, on a parameter of the same
+  shape, dtype and device).
 - **Steps and loads are atomic.** A step checks every gradient and state first, then computes what
   can fail (decompositions), and only then writes; a load validates the whole ``state_dict`` (after
   the user's ``load_state_dict`` pre-hooks) before anything is replaced. On any error the
@@ -288,6 +289,12 @@ def _fits(shape: torch.Size, expected: tuple[int | range, ...]) -> bool:
     )
 
 
+_RELOAD_HINT = (
+    "the parameter changed since its state was made; load the state again "
+    "(opt.load_state_dict(opt.state_dict())) to cast and move it"
+)
+
+
 def _layout_problem(
     state: Mapping[str, Any], layout: Mapping[str, StateSpec], param: torch.Tensor | None = None
 ) -> str | None:
@@ -321,14 +328,10 @@ def _layout_problem(
             )
         if param is None:
             continue
-        reload = (
-            "the parameter changed since its state was made; load the state again "
-            "(opt.load_state_dict(opt.state_dict())) to cast and move it"
-        )
         if spec.floating and value.dtype != state_dtype(param):
-            return f"has {key!r} of dtype {value.dtype}, expected {state_dtype(param)}: {reload}"
+            return f"has {key!r} of dtype {value.dtype}, expected {state_dtype(param)}: {_RELOAD_HINT}"
         if (value.ndim > 0 or value.is_floating_point()) and value.device != param.device:
-            return f"has {key!r} on {value.device}, expected {param.device}: {reload}"
+            return f"has {key!r} on {value.device}, expected {param.device}: {_RELOAD_HINT}"
     return None
 
 
@@ -548,8 +551,9 @@ class TensorStateOptimizer(torch.optim.Optimizer):
     ) -> None:
         """Raise ``ValueError`` if ``param``'s state does not fit it (an empty state always does).
 
-        A state that fitted at the last check and whose entries, options and parameter shape are
-        the very same objects since (:func:`_still_fits`) is not checked again: the steady steps
+        A state that fitted at the last check and whose entries and options are the very same
+        objects since, on a parameter of the same shape, dtype and device (:func:`_still_fits`),
+        is not checked again: the steady steps
         of many small matrices spent a tenth of their time here. ``options`` is
         :func:`_layout_options` of ``group`` (computed here if not given).
         """

@@ -254,6 +254,11 @@ def _orientation(param: torch.Tensor, reduce: Callable | None) -> _Orientation:
     return _Orientation(local(param).shape[0], cols, cols, False)
 
 
+def _compressed_side(param: torch.Tensor) -> int:
+    """The side :math:`d` a projected ``param``'s gradient is compressed along (:func:`_orientation`)."""
+    return _orientation(param, _row_shard_reduce(param)).dim
+
+
 def _finite_on_every_rank(
     tensor: torch.Tensor, reduce: Callable[..., torch.Tensor]
 ) -> bool:
@@ -525,7 +530,7 @@ class ProjectedAdam(TensorStateOptimizer):
     ) -> str | None:
         problem = super()._state_value_problem(param, group, state)
         if problem is None and not self._takes_adamw(param, group):
-            dim = _orientation(param, _row_shard_reduce(param)).dim
+            dim = _compressed_side(param)
             problem = _projector(group).state_problem(state, dim)
         return problem
 
@@ -537,7 +542,7 @@ class ProjectedAdam(TensorStateOptimizer):
         would otherwise step a ``(6, 5)`` one with columns of the wrong basis."""
         if "dim" not in state or self._takes_adamw(param, group):
             return None
-        dim = _orientation(param, _row_shard_reduce(param)).dim
+        dim = _compressed_side(param)
         if int(state["dim"]) != dim:
             return f"was made for a compressed side d = {int(state['dim'])}, expected d = {dim}"
         return None
@@ -553,7 +558,7 @@ class ProjectedAdam(TensorStateOptimizer):
         if not isinstance(moments, torch.Tensor) or moments.ndim != 2 or self._takes_adamw(param, group):
             return state  # the layout check names what is wrong
         if "dim" not in state:
-            dim = _orientation(param, _row_shard_reduce(param)).dim
+            dim = _compressed_side(param)
             state = {**state, "dim": torch.tensor(dim, dtype=torch.int64)}
         if group["protect"] and "update_energy" not in state:
             state = {**state, "update_energy": moments.new_zeros(moments.shape[1])}

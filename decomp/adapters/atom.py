@@ -81,7 +81,8 @@ class AtomParam(AdapterParam):
     :math:`c_{in,g}\, m\, m_1` entries, i.e. :math:`\mathcal N(0, 1 / (3\, c_{in,g}\, m\, m_1))`
     (global torch RNG, as ``nn.Module`` inits), and the level-2 change is multiplied by
     :math:`\rho = 1 / (\sqrt{m_1}\, \mathrm{std}(\beta)) = \sqrt{3\, c_{in,g}\, m}`
-    (``scale=None``; the value in use is ``applied_scale``): a first Adam step of :math:`D_1` (:math:`\pm\eta` per entry) then
+    (``scale=None``; the value in use is ``applied_scale``): a first Adam step of :math:`D_1`
+    (:math:`\pm\eta` per entry) then
     changes each per-channel atom by about :math:`\eta`, as level 1's step changes the shared
     atoms, so one learning rate suits both levels (without :math:`\rho`, the official code's
     level-2 steps are about 30 times smaller on a 32-channel conv). Trainable parameters:
@@ -332,18 +333,17 @@ class AtomParam(AdapterParam):
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         coeffs = self.coeffs.to(weight.dtype)
-        if self.levels == 1:
+        if self.levels == 1:  # shared atoms (m, K)
             atom_delta = self.atom_delta.to(weight.dtype).flatten(1)
-        else:
+            combine = "oij,jk->oik"
+        else:  # per input channel atoms (c_in_g, m, K)
             sub_atom_delta = self.sub_atom_delta.to(weight.dtype).flatten(2)
             sub_coeffs = self.sub_coeffs.to(weight.dtype)
             atom_delta = torch.einsum("cja,jak->cjk", sub_coeffs, sub_atom_delta)
+            combine = "ocj,cjk->ock"
         if self.applied_scale != 1.0:
             atom_delta = atom_delta * self.applied_scale
-        if self.levels == 1:
-            flat_update = torch.einsum("oij,jk->oik", coeffs, atom_delta)
-        else:
-            flat_update = torch.einsum("ocj,cjk->ock", coeffs, atom_delta)
+        flat_update = torch.einsum(combine, coeffs, atom_delta)
         layout = self.filter_layout
         return self._from_filters(flat_update.reshape(layout.c_out, layout.c_in_g, *layout.kernel))
 

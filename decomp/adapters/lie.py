@@ -48,8 +48,8 @@ class LieParam(AdapterParam):
       zero-initialised (LoRA's :math:`B`), :math:`U_{in} \in \mathbb{R}^{c_{in}/g \times r}`
       kaiming-uniform as LoRA's :math:`A` on :math:`c_{in}/g` inputs and :math:`G` uniform of
       variance :math:`1/(r \prod_j k_j)`, so that :math:`G \times_1 U_{in}` has LoRA's
-      :math:`A` variance :math:`1/(3n)` on the conv's fan-in :math:`n`. No reshape to a matrix: every kernel tap gets its own
-      :math:`r \times r` channel mixing.
+      :math:`A` variance :math:`1/(3n)` on the conv's fan-in :math:`n`. No reshape to a
+      matrix: every kernel tap gets its own :math:`r \times r` channel mixing.
 
     ``order=None`` (default) is the exact group exponential :math:`W \odot \exp(\Delta W)`;
     ``order=1`` is the official code's first-order truncation :math:`W \odot (1 + \Delta W) = W +
