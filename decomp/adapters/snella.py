@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -31,6 +31,12 @@ _MASK_MODES = ("binary", "magnitude")
 # How the update starts: the frozen initial update subtracted (the layer starts exactly at W), the
 # kernel's change from its init sparsified, or the paper's dense kernel added to W.
 _STARTS = ("residual", "zero", "kernel")
+# How scale=None resolves: lambda = 1/sqrt(n), or normalised by the kernel's own step (SNELLParam)
+_SCALE_RULES = ("fan_in", "kernel")
+# A first Adam step at lr eta moves the distance kernel's entries (two kernels, both points of a
+# pair moving) by about 9 eta |c| on the shape grid of tests/contracts (iid and rank-1 gradients,
+# point dims 2 to 32, flat in it); LoRA's alpha = r = 8 step has entries of RMS eta sqrt(8/3)/sqrt(n).
+_KERNEL_RULE_CONSTANT = math.sqrt(8 / 3) / 9
 
 
 def keep_largest_mask(magnitude: torch.Tensor, keep: int) -> torch.Tensor:
@@ -90,6 +96,8 @@ class _KernelAdapter(AdapterParam):
     kernel_scale: float = option(0.1, _check_kernel_scale, keyword_only=True)
     # None: 1 / sqrt(fan_in), the one-learning-rate rule, resolved per layer in _build
     scale: float | None = option(None, check_real, keyword_only=True, optional=True, low=0.0)
+    # how scale=None resolves; the class declares its default (SNELL "kernel", SNELLA "fan_in")
+    scale_rule: str = option("fan_in", check_choice, keyword_only=True, choices=_SCALE_RULES)
     # None is the class's default_sparsity, resolved in _check_options; the attribute ``sparsity``
     # is the current fraction (a property)
     _initial_sparsity: float | None = option(None, keyword="sparsity", keyword_only=True)
@@ -119,12 +127,19 @@ class _KernelAdapter(AdapterParam):
             )
 
     def _resolved_scale(self, d_in: int) -> float:
-        r"""``scale``, or for ``None`` the rule :math:`1/\sqrt{d_{in}}`; 1 (the update as it was)
-        where the older spelling ``zero_start`` is given, so configs and adapter files written
-        before ``start`` and ``scale`` existed (they always name ``zero_start``) keep their update."""
+        r"""``scale``, or for ``None`` the ``scale_rule`` (:math:`1/\sqrt{n}` or
+        :math:`\kappa / (c^m \sqrt{f n})`, see :class:`SNELLParam`'s ``scale``); 1 (the update
+        as it was) where the older spelling ``zero_start`` is given, so configs and adapter files
+        written before ``start`` and ``scale`` existed (they always name ``zero_start``) keep
+        their update."""
         if self.scale is not None:
             return self.scale
-        return 1.0 if self.zero_start is not None else 1 / math.sqrt(d_in)
+        if self.zero_start is not None:
+            return 1.0
+        if self.scale_rule == "fan_in":
+            return 1 / math.sqrt(d_in)
+        kept = 1.0 - self._initial_sparsity
+        return _KERNEL_RULE_CONSTANT / (self.kernel_scale * math.sqrt(kept * d_in))
 
     def _resolved_start(self) -> str:
         """``start`` checked, or implied by ``zero_start`` (``ValueError`` where they disagree)."""
@@ -314,7 +329,7 @@ class SNELLParam(_KernelAdapter):
     ``(c_out, c_in/groups * prod(kernel))`` view.
 
     Trainable parameters: :math:`q\,(d_{in} + d_{out})`, LoRA's at rank :math:`q`. The whole
-    update is multiplied by ``scale`` (default :math:`1/\sqrt{d_{in}}`, below).
+    update is multiplied by ``scale`` (default: the rule ``scale_rule``, below).
 
     The official code's quirks not reproduced by default: it weights the survivors by their
     detached magnitude (``mask="magnitude"`` keeps that) and thresholds with ``torch.quantile``,
@@ -330,14 +345,33 @@ class SNELLParam(_KernelAdapter):
             :math:`h` has the frozen coefficient :math:`c_h = \mathrm{kernel\_scale}\,(-1)^h`.
         kernel_scale: :math:`|c_h| > 0` (official ``SCALE_FACTOR_fc`` = 0.1).
         scale: :math:`\lambda > 0`, a factor on the whole update, :math:`\Delta W = \lambda
-            S_k(\cdot) - \dots`; ``None`` (default) is the one-learning-rate rule
-            :math:`\lambda = 1/\sqrt{n}`, :math:`n` the fan-in (the matrix view's columns). The
-            kernel's entries are absolute (distances between points of order 1, SNELLA's softmax
-            :math:`\alpha/d_{out}` and :math:`\beta`), not relative to :math:`W`, whose entries
-            are of order :math:`1/\sqrt{n}`: unscaled (``scale=1.0``, the official code), a first
-            Adam step moved the weights 10 to 70 times more than LoRA r=8's at the same lr on the
-            adapters benchmark's convs (issue 12); scaled, 0.4 to 1.5 times. The value in use is
-            the attribute ``applied_scale`` of the built adapter.
+            S_k(\cdot) - \dots`; ``None`` (default) is the one-learning-rate rule ``scale_rule``.
+            The kernel's entries are absolute (distances between points of order 1, SNELLA's
+            softmax :math:`\alpha/d_{out}` and :math:`\beta`), not relative to :math:`W`, whose
+            entries are of order :math:`1/\sqrt{n}`: unscaled (``scale=1.0``, the official code),
+            a first Adam step moved the weights 10 to 70 times more than LoRA r=8's at the same lr
+            on the adapters benchmark's convs (issue 12). The value in use is the attribute
+            ``applied_scale`` of the built adapter.
+        scale_rule: how ``scale=None`` resolves, :math:`n` the fan-in (the matrix view's
+            columns), :math:`f = 1 - s` the kept fraction at build:
+
+            * ``"kernel"`` (SNELLParam's default): :math:`\lambda = \kappa / (|c|\sqrt{f n})`,
+              :math:`\kappa = \sqrt{8/3}/9`. With the binary mask the update is exactly
+              proportional to :math:`\lambda |c|`; a first Adam step moves the distance kernel's
+              entries by about :math:`9\eta |c|` (both points of a pair move, two kernels;
+              measured, nearly flat in the point dimension) and keeps the fraction :math:`f`
+              of them, so :math:`\Delta W` gets LoRA's (:math:`\alpha = r = 8`) entry RMS
+              :math:`\eta\sqrt{8/3}/\sqrt n`: 0.8 to 1.6 times LoRA r=8's first step on the
+              contract suite's shape grid, where ``"fan_in"`` gave SNELLParam 0.3 to 0.5 times.
+              With ``mask="magnitude"`` the survivors are also weighted by :math:`|D|`, about
+              :math:`0.03|c|` at init, so that first step is about 30 times smaller: pass
+              ``scale`` for the official mask.
+            * ``"fan_in"`` (SNELLAParam's default): :math:`\lambda = 1/\sqrt{n}`. SNELLA's step
+              is dominated by its trainable :math:`\beta`, which moves every kernel entry by
+              :math:`\eta`: 0.5 to 1.7 times LoRA r=8's first step on that grid.
+
+            Adapter files and peft configs saved before ``scale_rule`` existed load with
+            ``"fan_in"``, the rule they were trained with.
         sparsity: fraction :math:`s \in [0, 1)` of the update's entries zeroed; the layer keeps
             :math:`n - \mathrm{round}(s\,n)` of its :math:`n = d_{out} d_{in}` entries.
         mask: ``"binary"`` (default, the clean :math:`D \odot \mathbb 1[|D| \ge \tau]`) or
@@ -357,7 +391,8 @@ class SNELLParam(_KernelAdapter):
 
     Raises:
         TypeError: ``rank``/``num_kernels`` not an int (``rank`` may be ``None``),
-            ``kernel_scale``/``sparsity`` not a real number, ``mask``/``start`` not a str,
+            ``kernel_scale``/``sparsity`` not a real number, ``mask``/``start``/``scale_rule``
+            not a str,
             ``zero_start`` not a bool (or ``None``). Numpy numbers are accepted and stored as
             Python ones.
         ValueError: an option out of its range above, ``rank`` not a multiple of
@@ -378,6 +413,10 @@ class SNELLParam(_KernelAdapter):
     """
 
     default_sparsity = 0.5
+    # the kernel rule (one-learning-rate, issue 12): with 1/sqrt(n) the first step was 0.3 to 0.5
+    # times LoRA's; files saved before the option existed load with the rule they were trained on
+    scale_rule: str = option("kernel", check_choice, keyword_only=True, choices=_SCALE_RULES)
+    saved_defaults: ClassVar[Mapping[str, Any]] = {"scale_rule": "fan_in"}
 
     def kernel(self, dtype: torch.dtype, initial: bool = False) -> torch.Tensor:
         prefix = "initial_" if initial else ""
@@ -409,7 +448,8 @@ class SNELLAParam(_KernelAdapter):
     paper's start, ``start="kernel"``) does not move the pretrained layer. The default sparsity
     0.01 is the official scripts' ``init_thres``; the allocator then lowers the budget.
 
-    Args: as :class:`SNELLParam` (same names, ranges and meaning; default ``sparsity`` 0.01).
+    Args: as :class:`SNELLParam` (same names, ranges and meaning; default ``sparsity`` 0.01,
+        default ``scale_rule`` ``"fan_in"``).
     Example:
         >>> layer = torch.nn.Conv2d(4, 6, 3, groups=2)
         >>> adapter = SNELLAParam.from_weight(layer.weight.detach(), rank=4)

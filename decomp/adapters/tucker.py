@@ -60,7 +60,21 @@ class TuckerParam(AdapterParam):
       get no gradient until :math:`G \ne 0` and a core step moves :math:`W` by only
       :math:`O(0.02^2 s \eta)`, which is why the official code pairs it with a large scale.
     * **Scale** :math:`s` = ``scale``; the official code uses :math:`s = \alpha / r` (pass
-      ``scale=alpha / rank`` to reproduce it).
+      ``scale=alpha / rank`` to reproduce it). ``scale=None`` (default) is the one-learning-rate
+      rule
+
+      .. math::
+
+          s = \frac{1}{\prod_j c_j} \sqrt{\frac{d_0}{3\, r \prod_j \rho_j}},
+
+      :math:`\rho_j` the core's spatial sizes and :math:`c_j` the factors' column norms
+      (1 for ``"tucker"``, :math:`\mathrm{std}\sqrt{d_j}` expected for ``"random"``): the first
+      Adam step moves every core entry by :math:`\pm\eta`, so it changes :math:`W` by
+      :math:`s\,\eta\, r \sqrt{\prod_j \rho_j} \prod_j c_j` in norm, and LoRA's
+      (:math:`\alpha = r`, Kaiming-uniform :math:`A`, :math:`B = 0`) changes it by
+      :math:`\eta\sqrt{d_0 r / 3}`. With the fixed :math:`s = 1` of before (issue 12) the first
+      step was 0.2 to 2.6 times LoRA's, by layer shape. The value in use is the attribute
+      ``applied_scale`` of the built adapter.
 
     Trainable parameters (closed form, :meth:`trainable_count`):
 
@@ -82,8 +96,9 @@ class TuckerParam(AdapterParam):
             the weight's size (``ValueError`` where even :math:`r = 1` trains more, e.g. a
             ``(1, n)`` weight); an explicit ``rank`` is kept.
         spatial_rank: ``None`` (default, full spatial core) or an int :math:`\ge 1`.
-        scale: :math:`s`, a finite real > 0 (default 1.0; the core starts at zero, so a zero
-            scale would never train it).
+        scale: :math:`s`, a finite real > 0 (the core starts at zero, so a zero scale would
+            never train it), or ``None`` (default) for the rule above. Files saved when the
+            default was 1.0 recorded it, so they load as they were trained.
         init: ``"tucker"`` (default) or ``"random"``, the factors' start (the core is zero
             either way).
         std: standard deviation of the ``"random"`` factors, > 0 (default 0.02, the official
@@ -115,7 +130,8 @@ class TuckerParam(AdapterParam):
 
     rank: int | None = option(None, check_optional_int, low=1)
     spatial_rank: int | None = option(None, check_optional_int, keyword_only=True, low=1)
-    scale: float = option(1.0, check_real, keyword_only=True, low=0.0)
+    # None: the one-learning-rate rule, resolved per layer in _build (files before it record 1.0)
+    scale: float | None = option(None, check_real, keyword_only=True, optional=True, low=0.0)
     init: str = option("tucker", check_choice, keyword_only=True, choices=_INITS)
     std: float = option(OFFICIAL_FACTOR_STD, _check_std, keyword_only=True)
 
@@ -150,11 +166,24 @@ class TuckerParam(AdapterParam):
         )
         self.factored_modes = tuple(factored)
         core_shape = [size if r is None else r for size, r in zip(weight.shape, ranks)]
+        self.applied_scale = self._rule_scale(weight.shape, core_shape) if self.scale is None else self.scale
         self.core = nn.Parameter(torch.zeros(core_shape, dtype=weight.dtype, device=weight.device))
+
+    def _rule_scale(self, shape: Sequence[int], core_shape: Sequence[int]) -> float:
+        r"""The rule :math:`s = \sqrt{d_0 / (3 r \prod_j \rho_j)} / \prod_j c_j` (class docstring).
+
+        >>> TuckerParam(rank=8)._rule_scale((512, 512), (8, 8))   # sqrt(512 / 24)
+        4.618802153517006
+        """
+        rank, spatial = core_shape[0], math.prod(core_shape[2:])
+        column_norms = 1.0
+        if self.init == "random":
+            column_norms = math.prod(self.std * math.sqrt(shape[mode]) for mode in self.factored_modes)
+        return math.sqrt(shape[0] / (3 * rank * spatial)) / column_norms
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         factors = tuple(factor.to(weight.dtype) for factor in self.factors)
-        return self.scale * Tucker(self.core.to(weight.dtype), factors, self.factored_modes).to_tensor()
+        return self.applied_scale * Tucker(self.core.to(weight.dtype), factors, self.factored_modes).to_tensor()
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         r""":math:`x \Delta W^\top = s\, x U_1 G^\top U_0^\top` on a linear weight, a mode's factor left
@@ -162,7 +191,7 @@ class TuckerParam(AdapterParam):
         factors = dict(zip(self.factored_modes, (factor.to(x.dtype) for factor in self.factors)))
         if 1 in factors:
             x = x @ factors[1]
-        x = x @ (self.scale * self.core.to(x.dtype)).T
+        x = x @ (self.applied_scale * self.core.to(x.dtype)).T
         return x @ factors[0].T if 0 in factors else x
 
 

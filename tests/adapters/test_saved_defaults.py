@@ -33,6 +33,10 @@ def atom_model() -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(8, 16, 3, padding=1))
 
 
+def snell_model() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(16, 12))
+
+
 # class name -> (model, options besides the late ones, an input, the late options with what files
 # without them meant); built so that each late option's default changes the function (the rule's
 # value differs from the old meaning on this layer)
@@ -40,6 +44,9 @@ CASES = {
     "KronParam": (kron_model, {}, lambda: torch.randn(3, 48, generator=seeded(1)), {"scale": 1.0}),
     "AtomParam": (
         atom_model, {"levels": 2}, lambda: torch.randn(2, 8, 6, 6, generator=seeded(1)), {"scale": 1.0}
+    ),
+    "SNELLParam": (
+        snell_model, {}, lambda: torch.randn(3, 16, generator=seeded(1)), {"scale_rule": "fan_in"}
     ),
 }
 

@@ -20,6 +20,7 @@ from decomp.adapters import Allocator, SNELLAParam, SNELLParam
 from decomp.adapters.snella import capped_allocation, keep_largest_mask
 from tests.strategies import SEEDS, relative_error
 from tests.adapters.strategies import adapter_of, default_fits, layers
+from tests.contracts.first_step import first_step_over_loras
 
 ADAPTERS = (SNELLParam, SNELLAParam)
 
@@ -525,17 +526,40 @@ def test_allocator_load_is_atomic():
     assert all(not ema.any() for pair in target.exp_avg_importance for ema in pair)
 
 
-@pytest.mark.parametrize("cls", ADAPTERS)
-def test_the_default_scale_is_one_over_root_fan_in(cls):
+# the fan-in n of a (6, 4, 3, 3) weight is 36; SNELL keeps half of its entries (f = 1/2)
+SNELL_KERNEL_RULE = math.sqrt(8 / 3) / 9 / (0.1 * math.sqrt(0.5 * 36))
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, expected",
+    [
+        (SNELLAParam, {}, 1 / 6),
+        (SNELLParam, {}, SNELL_KERNEL_RULE),
+        (SNELLParam, {"scale_rule": "fan_in"}, 1 / 6),
+        (SNELLAParam, {"scale_rule": "kernel"}, math.sqrt(8 / 3) / 9 / (0.1 * math.sqrt(0.99 * 36))),
+    ],
+)
+def test_the_default_scale_is_the_scale_rule(cls, kwargs, expected):
     # issue 12 (one learning rate): unscaled, a first Adam step moved the weights 10 to 70 times
-    # more than LoRA r=8's at the same lr; the update is now scaled by 1 / sqrt(fan_in).
+    # more than LoRA r=8's at the same lr; the update is now scaled by 1 / sqrt(fan_in) (SNELLA)
+    # or by the kernel rule (SNELL, whose first step was 0.3 to 0.5 times LoRA's under 1 / sqrt(n)).
     weight = torch.randn(6, 4, 3, 3, dtype=torch.float64)
     torch.manual_seed(0)
-    scaled = cls.from_weight(weight, start="kernel")
+    scaled = cls.from_weight(weight, start="kernel", **kwargs)
     torch.manual_seed(0)
     official = cls.from_weight(weight, start="kernel", scale=1.0)
-    assert scaled.applied_scale == pytest.approx(1 / 6) and scaled.config()["scale"] is None
-    torch.testing.assert_close(scaled.delta(weight), official.delta(weight) / 6)
+    assert scaled.applied_scale == pytest.approx(expected) and scaled.config()["scale"] is None
+    torch.testing.assert_close(scaled.delta(weight), official.delta(weight) * expected)
+
+
+def test_the_kernel_rule_brings_snells_first_step_to_loras():
+    """Regression (issue 12): under 1 / sqrt(n) SNELL's first Adam step was 0.3 to 0.5 times a
+    LoRA r=8 step on the same weight; the kernel rule gives about 1 (the contract suite checks
+    every adapter's band; this checks that the old rule really was outside it)."""
+    for shape in [(64, 32, 3, 3), (64, 64), (256, 64)]:
+        kernel = first_step_over_loras(lambda: SNELLParam(), shape)
+        fan_in = first_step_over_loras(lambda: SNELLParam(scale_rule="fan_in"), shape)
+        assert 0.7 <= kernel <= 1.5 and fan_in < 0.6, (shape, kernel, fan_in)
 
 
 def test_an_adapter_file_written_before_start_and_scale_loads_as_it_was_saved(tmp_path):

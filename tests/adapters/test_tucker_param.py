@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -66,7 +67,7 @@ def test_delta_is_the_tucker_product_and_merge_matches(case, config, seed):
     perturb(adapter, seed)
     weight = layer.parametrizations.weight.original
     factors = dict(zip(adapter.factored_modes, adapter.factors))
-    expected = weight + adapter.scale * dense_tucker(adapter.core, factors)
+    expected = weight + adapter.applied_scale * dense_tucker(adapter.core, factors)
     assert relative_error(layer.weight.detach(), expected.detach()) < 1e-10
     unmerged = layer(x)
     parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
@@ -207,3 +208,38 @@ def test_unsupported_weights_raise():
         TuckerParam.from_weight(torch.randn(5))
     with pytest.raises(TypeError, match="real floating dtype"):
         TuckerParam.from_weight(torch.ones(4, 4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize(
+    "shape, config, expected",
+    [
+        ((512, 512), {}, math.sqrt(512 / (3 * 8))),
+        ((64, 32, 3, 3), {}, math.sqrt(64 / (3 * 8 * 9))),
+        ((64, 32, 3, 3), {"spatial_rank": 2}, math.sqrt(64 / (3 * 8 * 4))),
+        ((64, 32), {"init": "random", "std": 0.5}, math.sqrt(64 / 24) / (0.5 * 8 * 0.5 * math.sqrt(32))),
+        ((64, 32), {"scale": 1.0}, 1.0),
+    ],
+)
+def test_the_default_scale_is_the_one_learning_rate_rule(shape, config, expected):
+    # issue 12: with the fixed scale 1 the first step was 0.2 (512 x 512) to 2.6 (32-channel 3x3)
+    # times LoRA r=8's; the rule makes it LoRA's (tests/contracts: within a factor 3 everywhere)
+    adapter = TuckerParam.from_weight(torch.randn(shape, dtype=torch.float64), **config)
+    assert adapter.applied_scale == pytest.approx(expected)
+    assert adapter.config()["scale"] == config.get("scale")
+
+
+def test_files_saved_under_the_fixed_scale_load_with_it(tmp_path):
+    """Before the rule the default was scale=1.0, and config() always wrote it: such a file
+    (config {"scale": 1.0}) loads with scale 1, not the rule."""
+    from decomp.adapters import apply, load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(48, 20))
+    saved = apply(copy.deepcopy(plain), TuckerParam, target=["0"], scale=1.0)
+    with torch.no_grad():
+        saved[0].parametrizations.weight[0].core.normal_()
+    save_adapter(saved, tmp_path / "tucker.safetensors")
+    loaded = load_adapter(copy.deepcopy(plain), tmp_path / "tucker.safetensors")
+    x = torch.randn(3, 48)
+    assert loaded[0].parametrizations.weight[0].applied_scale == 1.0
+    torch.testing.assert_close(loaded(x), saved(x))

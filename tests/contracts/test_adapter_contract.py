@@ -7,7 +7,8 @@ count, merge equivalence after a training step, gradients reaching only adapter 
 linear branch forward against the weight path, adapter
 save -> load into a fresh model, an atomic load (a file missing a tensor changes nothing),
 ``copy.deepcopy`` independence, bf16 and fp16 layers, the ``state_dict`` round trip, and the
-adapter's own refusal of a weight outside its ndim range.
+adapter's own refusal of a weight outside its ndim range, and the one-learning-rate rule: the
+first AdamW step of each default configuration within a factor 3 of LoRA r=8's.
 
 Example counts are per adapter case and kept small so that the file stays fast as cases are
 added; ``HYPOTHESIS_PROFILE=dev`` does not raise them (the per-test settings win), so explore with
@@ -39,6 +40,7 @@ from decomp.adapters import (
 
 from tests.adapters.strategies import adapter_of, default_fits, layers, seeded
 
+from .first_step import first_step_over_loras
 from .registry import ADAPTER_CASES, AdapterCase
 
 IDS = [case.name for case in ADAPTER_CASES]
@@ -87,6 +89,33 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 def test_every_registered_adapter_class_has_a_case():
     covered = {type(case.factory()) for case in ADAPTER_CASES}
     assert sorted(name for name, cls in registered().items() if cls not in covered) == []
+
+
+# --------------------------------------------------------------------------------------------
+# One learning rate for all (issue 12)
+
+# Layers every default configuration adapts at full budget (no channel or rank capped below
+# LoRA's 8 by a 1-channel input), linear and conv, square, wide and tall.
+FIRST_STEP_SHAPES = [(32, 32, 3, 3), (64, 32, 3, 3), (64, 32, 1, 1), (64, 64), (256, 64), (64, 256), (16, 8, 3)]
+KIND_OF_NDIM = {2: "linear", 3: "conv1d", 4: "conv2d"}
+
+
+@pytest.mark.parametrize("case", [case for case in ADAPTER_CASES if case.first_step_like_loras],
+                         ids=[case.name for case in ADAPTER_CASES if case.first_step_like_loras])
+def test_the_first_step_is_within_a_factor_3_of_loras(case):
+    """The one-learning-rate rule, as a property of every default configuration: the first AdamW
+    step moves W' within a factor 3 of LoRA r=8's step on the same weight (median over an iid and
+    a rank-one gradient, two seeds each). A factor 3 is one step of the benchmark's lr grid
+    (1e-3, 3e-3, 1e-2, ...). Before the rules (issue 12) the ratios spread from 1/1000 to 70;
+    TuckerParam's fixed scale 1 gave 0.31 to 2.6 here (0.22 on a 512 x 512 layer). SNELLParam
+    under 1/sqrt(n), 0.4 here, was inside the band; test_snella holds its tighter regression."""
+    ratios = {}
+    for shape in FIRST_STEP_SHAPES:
+        if KIND_OF_NDIM[len(shape)] in case.layers:
+            steps = [first_step_over_loras(case.factory, shape, kind, seed) for kind in ("iid", "rank1") for seed in (0, 1)]
+            ratios[shape] = sorted(steps)[1:3]
+    outside = {shape: pair for shape, pair in ratios.items() if not 1 / 3 <= sum(pair) / 2 <= 3}
+    assert ratios and not outside, outside
 
 
 # --------------------------------------------------------------------------------------------

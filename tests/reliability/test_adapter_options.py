@@ -87,6 +87,7 @@ KERNEL_ADAPTER_OPTIONS = {
     "num_kernels": positive_int(),
     "kernel_scale": POSITIVE_REAL,
     "scale": Option("real", low=0.0, optional=True),
+    "scale_rule": Option("choice", choices=("fan_in", "kernel")),
     "sparsity": Option("real", low=0.0, high=1.0, low_inclusive=True, optional=True),
     "mask": Option("choice", choices=("binary", "magnitude")),
     "start": Option("choice", choices=("residual", "zero", "kernel"), optional=True),
@@ -130,7 +131,7 @@ OPTIONS: dict[type[AdapterParam], dict[str, Option]] = {
     TuckerParam: {
         "rank": positive_int(optional=True),
         "spatial_rank": positive_int(optional=True),
-        "scale": POSITIVE_REAL,
+        "scale": Option("real", low=0.0, optional=True),
         "init": Option("choice", choices=("tucker", "random")),
         "std": POSITIVE_REAL,
     },
