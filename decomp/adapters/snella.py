@@ -361,8 +361,8 @@ class SNELLParam(_KernelAdapter):
               entries by about :math:`9\eta |c|` (both points of a pair move, two kernels;
               measured, nearly flat in the point dimension) and keeps the fraction :math:`f`
               of them, so :math:`\Delta W` gets LoRA's (:math:`\alpha = r = 8`) entry RMS
-              :math:`\eta\sqrt{8/3}/\sqrt n`: 0.8 to 1.6 times LoRA r=8's first step on the
-              contract suite's shape grid, where ``"fan_in"`` gave SNELLParam 0.3 to 0.5 times.
+              :math:`\eta\sqrt{8/3}/\sqrt n`: 1.0 to 1.2 times LoRA r=8's first step on the
+              contract suite's shape grid, where ``"fan_in"`` gave SNELLParam 0.4 to 0.5 times.
               With ``mask="magnitude"`` the survivors are also weighted by :math:`|D|`, about
               :math:`0.03|c|` at init, so that first step is about 30 times smaller: pass
               ``scale`` for the official mask.
