@@ -46,7 +46,9 @@ class LieParam(AdapterParam):
       :math:`\Delta W = s\, G \times_0 U_{out} \times_1 U_{in}`, :math:`G \in \mathbb{R}^{r \times r
       \times k_1 \times \cdots \times k_n}`, :math:`U_{out} \in \mathbb{R}^{c_{out} \times r}`
       zero-initialised (LoRA's :math:`B`), :math:`U_{in} \in \mathbb{R}^{c_{in}/g \times r}`
-      kaiming-uniform as LoRA's :math:`A` on :math:`c_{in}/g` inputs and :math:`G` uniform of
+      kaiming-uniform as LoRA's :math:`A` on :math:`c_{in}/g` inputs, each column then rescaled
+      to its expected norm :math:`1/\sqrt 3` (on a 1-channel input, :math:`r = 1`, one draw
+      would otherwise set the layer's whole step), and :math:`G` uniform of
       variance :math:`1/(r \prod_j k_j)`, so that :math:`G \times_1 U_{in}` has LoRA's
       :math:`A` variance :math:`1/(3n)` on the conv's fan-in :math:`n`. No reshape to a
       matrix: every kernel tap gets its own :math:`r \times r` channel mixing.
@@ -150,8 +152,13 @@ class LieParam(AdapterParam):
             # 1 / (3 n), LoRA's A on this conv's fan-in, which the scale rule assumes (with the
             # core Kaiming-uniform too it had 1 / (9 n): first steps sqrt(3) smaller than on a
             # linear layer). A row-major copy even where a size-1 dim lets .contiguous() keep the
-            # transposed strides.
-            in_factor = _kaiming_uniform((r, weight.shape[1]), **like).T
+            # transposed strides. Each of U_in's r columns is rescaled to its expected norm
+            # 1/sqrt(3): on a 1-channel input (a stem, a depthwise conv: r = 1) U_in is a single
+            # draw from U(-1, 1), which set the layer's whole step (below 1/3 of the rule's one
+            # time in five).
+            draw = _kaiming_uniform((r, weight.shape[1]), **like)
+            expected_norm = 1 / math.sqrt(3)
+            in_factor = (draw * (expected_norm / draw.norm(dim=1, keepdim=True).clamp_min(1e-30))).T
             self.in_factor = nn.Parameter(in_factor.clone(memory_format=torch.contiguous_format))
             self.core = nn.Parameter(_kaiming_uniform((r, r, *weight.shape[2:]), gain_slope=1.0, **like))
 
