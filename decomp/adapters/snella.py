@@ -33,10 +33,10 @@ _MASK_MODES = ("binary", "magnitude")
 _STARTS = ("residual", "zero", "kernel")
 # How scale=None resolves: lambda = 1/sqrt(n), or normalised by the kernel's own step (SNELLParam)
 _SCALE_RULES = ("fan_in", "kernel")
-# A first Adam step at lr eta moves the distance kernel's entries (two kernels, both points of a
-# pair moving) by about 9 eta |c| on the shape grid of tests/contracts (iid and rank-1 gradients,
-# point dims 2 to 32, flat in it); LoRA's alpha = r = 8 step has entries of RMS eta sqrt(8/3)/sqrt(n).
-_KERNEL_RULE_CONSTANT = math.sqrt(8 / 3) / 9
+# Calibrated, not derived: with lambda = 1/sqrt(n) and the official two kernels (c = 0.1) a first
+# Adam step was 0.36 to 0.43 times LoRA r=8's on the contract grid (tests/contracts/first_step.py),
+# flat in the sparsity (0 to 0.9) and the point dimension, so kappa / |c| = 2.5 brings it to ~1.
+_KERNEL_RULE_CONSTANT = 0.25
 
 
 def keep_largest_mask(magnitude: torch.Tensor, keep: int) -> torch.Tensor:
@@ -128,7 +128,7 @@ class _KernelAdapter(AdapterParam):
 
     def _resolved_scale(self, d_in: int) -> float:
         r"""``scale``, or for ``None`` the ``scale_rule`` (:math:`1/\sqrt{n}` or
-        :math:`\kappa / (c^m \sqrt{f n})`, see :class:`SNELLParam`'s ``scale``); 1 (the update
+        :math:`\kappa / (|c| \sqrt{n})`, see :class:`SNELLParam`'s ``scale``); 1 (the update
         as it was) where the older spelling ``zero_start`` is given, so configs and adapter files
         written before ``start`` and ``scale`` existed (they always name ``zero_start``) keep
         their update."""
@@ -138,8 +138,7 @@ class _KernelAdapter(AdapterParam):
             return 1.0
         if self.scale_rule == "fan_in":
             return 1 / math.sqrt(d_in)
-        kept = 1.0 - self._initial_sparsity
-        return _KERNEL_RULE_CONSTANT / (self.kernel_scale * math.sqrt(kept * d_in))
+        return _KERNEL_RULE_CONSTANT / (self.kernel_scale * math.sqrt(d_in))
 
     def _resolved_start(self) -> str:
         """``start`` checked, or implied by ``zero_start`` (``ValueError`` where they disagree)."""
@@ -353,19 +352,21 @@ class SNELLParam(_KernelAdapter):
             on the adapters benchmark's convs (issue 12). The value in use is the attribute
             ``applied_scale`` of the built adapter.
         scale_rule: how ``scale=None`` resolves, :math:`n` the fan-in (the matrix view's
-            columns), :math:`f = 1 - s` the kept fraction at build:
+            columns):
 
-            * ``"kernel"`` (SNELLParam's default): :math:`\lambda = \kappa / (|c|\sqrt{f n})`,
-              :math:`\kappa = \sqrt{8/3}/9`. With the binary mask the update is exactly
-              proportional to :math:`\lambda |c|`; a first Adam step moves the distance kernel's
-              entries by about :math:`9\eta |c|` (both points of a pair move, two kernels;
-              measured, nearly flat in the point dimension) and keeps the fraction :math:`f`
-              of them, so :math:`\Delta W` gets LoRA's (:math:`\alpha = r = 8`) entry RMS
-              :math:`\eta\sqrt{8/3}/\sqrt n`: 1.0 to 1.2 times LoRA r=8's first step on the
-              contract suite's shape grid, where ``"fan_in"`` gave SNELLParam 0.4 to 0.5 times.
-              With ``mask="magnitude"`` the survivors are also weighted by :math:`|D|`, about
-              :math:`0.03|c|` at init, so that first step is about 30 times smaller: pass
-              ``scale`` for the official mask.
+            * ``"kernel"`` (SNELLParam's default): :math:`\lambda = \kappa / (|c|\sqrt{n})`,
+              :math:`\kappa = 1/4`. With the binary mask the update is exactly proportional to
+              :math:`\lambda |c|` (scaling the kernel does not change which entries the mask
+              keeps), so the rule removes ``kernel_scale``; :math:`\kappa` is calibrated, not
+              derived: with :math:`\lambda = 1/\sqrt n` and the official two kernels the first
+              Adam step was 0.36 to 0.43 times LoRA r=8's on the contract suite's shape grid
+              (``tests/contracts/first_step.py``), flat in the sparsity (0 to 0.9) and in the
+              point dimension; under the rule it is 0.9 to 1.2 times (0.5 to 1.7 at sparsities 0 to 0.99). The calibration is for
+              ``num_kernels=2``: measured under :math:`1/\sqrt n`, one kernel stepped 2.5 to 5
+              times more (growing with the point dimension), four 1.6 and eight 2.8 times
+              more; pass ``scale`` there. With ``mask="magnitude"`` the survivors are also
+              weighted by :math:`|D|`, about :math:`0.03|c|` at init, so that first step is
+              about 30 times smaller: pass ``scale`` for the official mask.
             * ``"fan_in"`` (SNELLAParam's default): :math:`\lambda = 1/\sqrt{n}`. SNELLA's step
               is dominated by its trainable :math:`\beta`, which moves every kernel entry by
               :math:`\eta`: 0.5 to 1.7 times LoRA r=8's first step on that grid.

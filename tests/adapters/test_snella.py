@@ -526,17 +526,18 @@ def test_allocator_load_is_atomic():
     assert all(not ema.any() for pair in target.exp_avg_importance for ema in pair)
 
 
-# the fan-in n of a (6, 4, 3, 3) weight is 36; SNELL keeps half of its entries (f = 1/2)
-SNELL_KERNEL_RULE = math.sqrt(8 / 3) / 9 / (0.1 * math.sqrt(0.5 * 36))
+# the fan-in n of a (6, 4, 3, 3) weight is 36; kernel_scale c = 0.1
+KERNEL_RULE = 0.25 / (0.1 * math.sqrt(36))
 
 
 @pytest.mark.parametrize(
     "cls, kwargs, expected",
     [
         (SNELLAParam, {}, 1 / 6),
-        (SNELLParam, {}, SNELL_KERNEL_RULE),
+        (SNELLParam, {}, KERNEL_RULE),
         (SNELLParam, {"scale_rule": "fan_in"}, 1 / 6),
-        (SNELLAParam, {"scale_rule": "kernel"}, math.sqrt(8 / 3) / 9 / (0.1 * math.sqrt(0.99 * 36))),
+        (SNELLParam, {"kernel_scale": 0.4, "sparsity": 0.9}, 0.25 / (0.4 * 6)),
+        (SNELLAParam, {"scale_rule": "kernel"}, KERNEL_RULE),
     ],
 )
 def test_the_default_scale_is_the_scale_rule(cls, kwargs, expected):
@@ -547,19 +548,23 @@ def test_the_default_scale_is_the_scale_rule(cls, kwargs, expected):
     torch.manual_seed(0)
     scaled = cls.from_weight(weight, start="kernel", **kwargs)
     torch.manual_seed(0)
-    official = cls.from_weight(weight, start="kernel", scale=1.0)
+    official = cls.from_weight(weight, start="kernel", **kwargs, scale=1.0)
     assert scaled.applied_scale == pytest.approx(expected) and scaled.config()["scale"] is None
     torch.testing.assert_close(scaled.delta(weight), official.delta(weight) * expected)
 
 
 def test_the_kernel_rule_brings_snells_first_step_to_loras():
-    """Regression (issue 12): under 1 / sqrt(n) SNELL's first Adam step was 0.3 to 0.5 times a
-    LoRA r=8 step on the same weight; the kernel rule gives about 1 (the contract suite checks
-    every adapter's band; this checks that the old rule really was outside it)."""
+    """Regression (issue 12): under 1 / sqrt(n) SNELL's first Adam step was 0.4 times a LoRA r=8
+    step on the same weight; the kernel rule gives about 1, at every sparsity (a first version
+    divided by sqrt(1 - sparsity) too: 4.3 to 5.3 times LoRA's at sparsity 0.99, while the step
+    barely depends on it). The contract suite checks every adapter's band at the defaults; this
+    checks that the old rule really was below it and the sparsity sweep."""
     for shape in [(64, 32, 3, 3), (64, 64), (256, 64)]:
-        kernel = first_step_over_loras(lambda: SNELLParam(), shape)
         fan_in = first_step_over_loras(lambda: SNELLParam(scale_rule="fan_in"), shape)
-        assert 0.7 <= kernel <= 1.5 and fan_in < 0.6, (shape, kernel, fan_in)
+        assert fan_in < 0.6, (shape, fan_in)
+        for sparsity in (0.0, 0.5, 0.9, 0.99):
+            kernel = first_step_over_loras(lambda: SNELLParam(sparsity=sparsity), shape)
+            assert 0.5 <= kernel <= 2.0, (shape, sparsity, kernel)
 
 
 def test_an_adapter_file_written_before_start_and_scale_loads_as_it_was_saved(tmp_path):
