@@ -9,15 +9,18 @@ trains the ``r`` pivots :math:`z` and a scalar :math:`s`; see :class:`LDUParam`.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
 
-from .._checks import check_optional_int, check_real
+from .._checks import check_choice, check_optional_int, check_real
 from .._ldu import ldu
 from .._deprecation import renamed_arguments
-from .base import AdapterParam, fan_in, matrix_dims, matrix_view, option
+from .base import DEFAULT_RANK, AdapterParam, fan_in, matrix_dims, matrix_view, option
+
+# How scale=None sets s0: 1/sqrt(fan_in) (the first rule), or from the factors' norms
+_SCALE_RULES = ("fan_in", "factors")
 
 
 @renamed_arguments(alpha="scale")
@@ -35,7 +38,7 @@ class LDUParam(AdapterParam):
 
     reshaped back to the weight's shape. Trainable: the pivots :math:`z \in \mathbb{R}^r`
     (initialised to :math:`z_0 = D_{:r}`) and the scale, parametrized relative to its start as
-    :math:`s = s_0 (1 + t)` with :math:`s_0 = 1/\sqrt{n}` (:math:`n` the fan-in) or
+    :math:`s = s_0 (1 + t)` with :math:`s_0` the one-learning-rate rule (``scale_rule``) or
     :math:`c / r` (:math:`c` a number given as ``scale``, the official start), and the
     trainable ``relative_scale`` :math:`t`, initialised to 0 (the Parameter ``relative_scale``
     and the buffer ``initial_scale`` have shape ``(1,)``, as FSDP2 shards no 0-d parameter; the
@@ -76,15 +79,26 @@ class LDUParam(AdapterParam):
             kept.
         scale: :math:`c`, a finite real > 0: the scale starts at :math:`s_0 = c / r`, the
             official code's ``alpha / rank`` (its ``from_linear``/``from_conv2d`` default is
-            ``alpha = 1``). ``None`` (default) is the one-learning-rate rule,
-            :math:`s_0 = 1/\sqrt{n}` with :math:`n` the fan-in
-            (:func:`~decomp.adapters.base.fan_in`): a first Adam step at lr :math:`\eta` moves
-            every pivot by :math:`\pm\eta`, so :math:`\Delta W = s_0 \eta \sum_k \pm P L_k U_k`
-            has entries of RMS about :math:`\eta/\sqrt{n}` (the unit-triangular factors have
-            entries of order 1), the relative step of LoRA with :math:`\alpha = r`. Measured on
-            the adapters benchmark's CNN, :math:`c = 1` stepped 3 to 15 times less than LoRA r=8
-            (issue 12). ``alpha=`` is its deprecated name (same meaning;
+            ``alpha = 1``; measured on the adapters benchmark's CNN, :math:`c = 1` stepped 3 to
+            15 times less than LoRA r=8, issue 12). ``None`` (default) is the rule
+            ``scale_rule``. ``alpha=`` is its deprecated name (same meaning;
             ``DeprecationWarning``).
+        scale_rule: how ``scale=None`` sets :math:`s_0`. A first Adam step at lr :math:`\eta`
+            moves every pivot by :math:`\pm\eta`, so :math:`\Delta W = s_0 \eta \sum_k \pm
+            P L_k U_k` (plus :math:`s_0 \eta` times the rank-:math:`r` part of :math:`W`, from
+            :math:`t`), of norm about :math:`s_0 \eta \sqrt{\sum_k \lVert L_k \rVert^2
+            \lVert U_k \rVert^2}`; LoRA's (:math:`\alpha = r`) is :math:`\eta\sqrt{r_L m / 3}`.
+
+            * ``"factors"`` (default): :math:`s_0 = \sqrt{r_L m / 3} / \sqrt{\sum_k \lVert L_k
+              \rVert^2 \lVert U_k \rVert^2}`, :math:`r_L = \min(8, r)`, from the factors
+              themselves: the first step is 0.96 to 1.12 times LoRA r=8's on linear and conv
+              layers from 11 x 91 to 256 x 64 (``tests/contracts/first_step.py``).
+            * ``"fan_in"``: :math:`s_0 = 1/\sqrt{n}`, which assumes the unit-triangular factors
+              have entries of order 1. On a wide matrix :math:`U`'s rows carry
+              :math:`1/\text{pivot}` and are long: the first step was 4.7 times LoRA's on an
+              11 x 91 layer and 0.35 times on a 70 x 11 one (0.6 times on the benchmark's
+              convs). Adapter files and peft configs saved before ``scale_rule`` existed load
+              with it (their :math:`s_0` is checked against its fingerprint).
 
     Raises:
         TypeError: ``rank`` is not an int (or ``None``) or ``scale`` is not a real number (or
@@ -116,8 +130,10 @@ class LDUParam(AdapterParam):
 
     rank: int | None = option(None, check_optional_int, low=1)
     # the argument c; the attribute ``scale`` is the trainable Parameter _build creates from it
-    # None: s0 = 1 / sqrt(fan_in), the one-learning-rate rule; a number c: s0 = c / r (official)
+    # None: s0 by scale_rule (one learning rate); a number c: s0 = c / r (official)
     scale_argument: float | None = option(None, check_real, keyword="scale", optional=True, low=0.0)
+    scale_rule: str = option("factors", check_choice, keyword_only=True, choices=_SCALE_RULES)
+    saved_defaults: ClassVar[Mapping[str, Any]] = {"scale_rule": "fan_in"}
 
     def _rank(self, shape: tuple[int, ...]) -> int:
         return self._resolved_rank(
@@ -147,16 +163,20 @@ class LDUParam(AdapterParam):
                 f"LDUParam cannot factor the weight's ({m}, {n}) matrix view: {error}. "
                 f"Use another adapter (e.g. SVDParam) for this layer."
             ) from error
+        if self.scale_argument is not None:
+            start = self.scale_argument / rank
+        elif self.scale_rule == "fan_in":
+            start = 1 / math.sqrt(fan_in(weight.shape))
+        else:
+            # in float64, from the factors before their cast: rebuilt identically on load
+            pivot_terms = (L[:, :rank].pow(2).sum(0) * U[:rank].pow(2).sum(1)).sum()
+            start = math.sqrt(min(DEFAULT_RANK, rank) * m / 3) / math.sqrt(float(pivot_terms))
         L, D, U = (factor.to(weight.dtype) for factor in (L, D, U))
         # P L_r as a row gather (L_r[perm], exactly the product): no m x m matrix is formed.
         self.register_buffer("left", L[perm, :rank])
         self.register_buffer("right", U[:rank].clone())
         self.register_buffer("initial_pivots", D[:rank].clone())
         # Shape (1,), not a 0-d scalar: FSDP2 (fully_shard) refuses 0-d parameters.
-        if self.scale_argument is None:
-            start = 1 / math.sqrt(fan_in(weight.shape))
-        else:
-            start = self.scale_argument / rank
         initial_scale = torch.full((1,), start, dtype=weight.dtype, device=weight.device)
         self.register_buffer("initial_scale", initial_scale)
         self.pivots = nn.Parameter(self.initial_pivots.clone())

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.adapters.strategies import BATCH_SHAPES, adapter_of, assert_branch_is_the_weight_path, default_fits, layers, perturbed, seeded
 from tests.strategies import SEEDS
+from tests.contracts.first_step import first_step_over_loras
 
 
 @given(layers(), st.booleans())
@@ -176,13 +177,32 @@ def test_an_adapter_file_with_the_old_scale_loads(tmp_path):
     torch.testing.assert_close(fresh(x), model(x))
 
 
-def test_the_default_start_scale_is_one_over_root_fan_in():
-    # issue 12 (one learning rate): the official s0 = 1 / r stepped 3 to 15 times less than LoRA.
-    adapter = LDUParam.from_weight(torch.randn(8, 4, 3, 3, dtype=torch.float64))
-    assert adapter.config()["scale"] is None
-    torch.testing.assert_close(adapter.scale.detach(), torch.tensor([1 / 6], dtype=torch.float64))
-    explicit = LDUParam.from_weight(torch.randn(8, 4, 3, 3, dtype=torch.float64), scale=2.0)
+def test_the_default_start_scale_is_the_factor_rule():
+    # issue 12 (one learning rate): the official s0 = 1 / r stepped 3 to 15 times less than LoRA;
+    # s0 = 1 / sqrt(n) assumed unit-size factors (4.7 times LoRA's step on an 11 x 91 layer);
+    # the default now reads the factors' norms.
+    weight = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+    adapter = LDUParam.from_weight(weight)
+    assert adapter.config()["scale"] is None and adapter.config()["scale_rule"] == "factors"
+    left, right = adapter.left, adapter.right
+    expected = (8 * 8 / 3) ** 0.5 / float((left.pow(2).sum(0) * right.pow(2).sum(1)).sum().sqrt())
+    torch.testing.assert_close(adapter.scale.detach(), torch.tensor([expected], dtype=torch.float64))
+    fan_in = LDUParam.from_weight(weight, scale_rule="fan_in")
+    torch.testing.assert_close(fan_in.scale.detach(), torch.tensor([1 / 6], dtype=torch.float64))
+    explicit = LDUParam.from_weight(weight, scale=2.0)
     torch.testing.assert_close(explicit.scale.detach(), torch.tensor([2 / 8], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(11, 91), (70, 11), (64, 32, 1, 1)])
+def test_the_factor_rule_steps_like_lora_where_fan_in_did_not(shape):
+    """Regression: under s0 = 1 / sqrt(n) the first step was 4.7, 0.35 and 0.47 times LoRA r=8's
+    on these layers; the factor rule gives 0.96 to 1.02."""
+    def median(factory):
+        steps = sorted(first_step_over_loras(factory, shape, kind, seed) for kind in ("iid", "rank1") for seed in (0, 1))
+        return (steps[1] + steps[2]) / 2
+
+    assert 0.8 <= median(lambda: LDUParam()) <= 1.25
+    assert not 0.5 <= median(lambda: LDUParam(scale_rule="fan_in")) <= 2.0
 
 
 def test_an_old_state_loads_into_an_adapter_built_with_another_start_scale():

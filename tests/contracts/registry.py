@@ -70,5 +70,6 @@ ADAPTER_CASES: list[AdapterCase] = [
     AdapterCase("snella", lambda: SNELLAParam()),
     AdapterCase("snella-magnitude", lambda: SNELLAParam(mask="magnitude"), first_step_like_loras=False),
     AdapterCase("snell-kernel", lambda: SNELLParam(start="kernel"), expect_identity_at_init=False),
-    AdapterCase("scaled-low-rank-outside", lambda: ScaledLowRank()),
+    # a class registered from outside: the library sets no scale for it (0.34 to 0.47)
+    AdapterCase("scaled-low-rank-outside", lambda: ScaledLowRank(), first_step_like_loras=False),
 ]

@@ -138,6 +138,7 @@ OPTIONS: dict[type[AdapterParam], dict[str, Option]] = {
     LDUParam: {
         "rank": positive_int(optional=True),
         "scale": Option("real", low=0.0, optional=True),
+        "scale_rule": Option("choice", choices=("fan_in", "factors")),
     },
     SNELLParam: KERNEL_ADAPTER_OPTIONS,
     SNELLAParam: KERNEL_ADAPTER_OPTIONS,
@@ -322,9 +323,9 @@ def test_an_option_named_like_a_parameter_keeps_both():
     # LDUParam's keyword scale is the argument c (config, repr); the attribute scale is the
     # trained s = s0 (1 + t), started at c / r.
     adapter = LDUParam.from_weight(torch.randn(6, 4, dtype=torch.float64), rank=2, scale=3.0)
-    assert adapter.config() == {"rank": 2, "scale": 3.0} and adapter.scale_argument == 3.0
+    assert adapter.config() == {"rank": 2, "scale": 3.0, "scale_rule": "factors"} and adapter.scale_argument == 3.0
     assert isinstance(adapter.relative_scale, nn.Parameter) and adapter.scale.tolist() == [1.5]
-    assert repr(adapter).startswith("LDUParam(rank=2, scale=3.0, weight_shape=(6, 4)")
+    assert repr(adapter).startswith("LDUParam(rank=2, scale=3.0, scale_rule='factors', weight_shape=(6, 4)")
 
 
 # ---------------------------------------------------------------------------------- good values
