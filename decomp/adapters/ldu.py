@@ -17,10 +17,13 @@ from torch import nn
 from .._checks import check_choice, check_optional_int, check_real
 from .._ldu import ldu
 from .._deprecation import renamed_arguments
-from .base import DEFAULT_RANK, AdapterParam, fan_in, matrix_dims, matrix_view, option
+from .base import AdapterParam, fan_in, matrix_dims, matrix_view, option
 
 # How scale=None sets s0: 1/sqrt(fan_in) (the first rule), or from the factors' norms
 _SCALE_RULES = ("fan_in", "factors")
+# The LoRA rank whose first step the factor rule matches (capped by r): a constant of the rule,
+# which no config records, so it must not follow the adapters' default rank
+_LORA_RANK = 8
 
 
 @renamed_arguments(alpha="scale")
@@ -92,20 +95,28 @@ class LDUParam(AdapterParam):
             * ``"factors"`` (default): :math:`s_0 = \sqrt{r_L m / 3} / \sqrt{\sum_k \lVert L_k
               \rVert^2 \lVert U_k \rVert^2}`, :math:`r_L = \min(8, r)`, from the factors
               themselves: the first step is 0.96 to 1.12 times LoRA r=8's on linear and conv
-              layers from 11 x 91 to 256 x 64 (``tests/contracts/first_step.py``).
+              layers from 11 x 91 to 256 x 64 (``tests/contracts/first_step.py``). The total
+              step is LoRA's, but one tiny pivot (an input column near zero) makes its term
+              dominate the sum: then almost all of the step lies along that one direction and
+              the other pivots move far less (measured on a 768 x 768 weight with one column
+              times 1e-2: 96% of the step on one term, the rest 37 times below the rule's
+              intent; ``"fan_in"`` stepped 481 times LoRA's there). ``ValueError`` where the
+              factors' norms overflow float64.
             * ``"fan_in"``: :math:`s_0 = 1/\sqrt{n}`, which assumes the unit-triangular factors
               have entries of order 1. On a wide matrix :math:`U`'s rows carry
               :math:`1/\text{pivot}` and are long: the first step was 4.7 times LoRA's on an
               11 x 91 layer and 0.35 times on a 70 x 11 one (0.6 times on the benchmark's
               convs). Adapter files and peft configs saved before ``scale_rule`` existed load
-              with it (their :math:`s_0` is checked against its fingerprint).
+              with it (adapter files store :math:`s_0`; peft's rebuild it and check it against
+              its fingerprint).
 
     Raises:
         TypeError: ``rank`` is not an int (or ``None``) or ``scale`` is not a real number (or
             ``None``);
             both ``scale`` and its deprecated name ``alpha`` given.
-        ValueError: ``rank < 1`` or ``scale <= 0``; on build, ``rank > min(m, n)``, or the matrix
-            view has a zero LU pivot (:func:`decomp.ldu` cannot factor it).
+        ValueError: ``rank < 1`` or ``scale <= 0``; on build, ``rank > min(m, n)``, the matrix
+            view has a zero LU pivot (:func:`decomp.ldu` cannot factor it), or (``scale_rule=
+            "factors"``) its factors' norms overflow float64.
 
     Differences from the official code (SKDDJ/LoLDU ``minloldu/loldu.py``): the permutation is
     folded into ``left`` instead of stored as a dense :math:`m \times m` parameter; ``U``'s
@@ -169,8 +180,14 @@ class LDUParam(AdapterParam):
             start = 1 / math.sqrt(fan_in(weight.shape))
         else:
             # in float64, from the factors before their cast: rebuilt identically on load
-            pivot_terms = (L[:, :rank].pow(2).sum(0) * U[:rank].pow(2).sum(1)).sum()
-            start = math.sqrt(min(DEFAULT_RANK, rank) * m / 3) / math.sqrt(float(pivot_terms))
+            pivot_terms = float((L[:, :rank].pow(2).sum(0) * U[:rank].pow(2).sum(1)).sum())
+            if not math.isfinite(pivot_terms):
+                raise ValueError(
+                    f"LDUParam's scale_rule='factors' is undefined for this ({m}, {n}) weight: its "
+                    "LDU factors' norms overflow float64 (a pivot below about 1e-155). Pass scale= "
+                    "or scale_rule='fan_in', or use another adapter (e.g. SVDParam) for this layer."
+                )
+            start = math.sqrt(min(_LORA_RANK, rank) * m / 3) / math.sqrt(pivot_terms)
         L, D, U = (factor.to(weight.dtype) for factor in (L, D, U))
         # P L_r as a row gather (L_r[perm], exactly the product): no m x m matrix is formed.
         self.register_buffer("left", L[perm, :rank])

@@ -223,3 +223,13 @@ def test_an_old_state_loads_into_an_adapter_built_with_another_start_scale():
     coefficients = s * old_style.pivots.detach() - old_style.initial_scale * old_style.initial_pivots
     expected = weight + (old_style.left * coefficients) @ old_style.right
     torch.testing.assert_close(receiving(weight).detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_factor_rule_refuses_factors_whose_norms_overflow():
+    """Review: a pivot below about 1e-155 overflowed the float64 sum to inf and s0 came out as
+    exactly 0, a dead adapter; now a clear error (the other rules still build)."""
+    weight = torch.randn(6, 6, generator=seeded(0), dtype=torch.float64)
+    weight[:, 2] = 1e-160
+    with pytest.raises(ValueError, match="factors' norms overflow float64"):
+        LDUParam.from_weight(weight)
+    assert float(LDUParam.from_weight(weight, scale_rule="fan_in").initial_scale) > 0

@@ -82,9 +82,9 @@ def trained(name: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_the_default_differs_from_the_saved_meaning_on_the_case(name):
-    """Else the tests below could not fail. The trained tensors are loaded as a file holds them:
-    without the buffers the class rebuilds from the weight (LDU's s0 is one: there the rule's
-    value is what a file would be checked against)."""
+    """Else the tests below could not fail. The trained tensors are loaded without the buffers
+    the class rebuilds from the weight (LDU's s0 is one, rebuilt and fingerprint-checked by
+    peft's files): the rule's value is what those files would be compared with."""
     plain, model, x = trained(name)
     cls = registered()[name]
     ruled = apply(copy.deepcopy(plain), cls, target=["0"], **CASES[name][1])
