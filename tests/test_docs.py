@@ -217,6 +217,26 @@ def test_main_demo_runs_and_reports_every_method(capsys, tmp_path):
     assert str(plot.resolve()) in printed
 
 
+def test_main_demo_trains_the_new_head_at_its_own_rate():
+    """Regression (issue 12, as in the adapters benchmark): the demo trained the head at the
+    adapter's rate, so AtomParam (lr 1e-3) scored 67.0% against head only's 80.4%; with the head
+    at its own rate it scores 85.5%."""
+    demo = load_example("demo")
+    try:
+        for method in demo.FINETUNE_METHODS:
+            torch.manual_seed(0)
+            model = demo.PREPARE[method](demo.SmallResNet(num_classes=demo.CLASSES, width=demo.QUICK["width"]))
+            opt = demo.fine_tuning_optimizer(model, lr=1e-3, head_lr=demo.HEAD_LR)
+            head_group, *body_groups = opt.param_groups
+            head = [p for name, p in model.named_parameters() if p.requires_grad and "head" in name.split(".")]
+            assert head_group["lr"] == demo.HEAD_LR and {id(p) for p in head_group["params"]} == {id(p) for p in head}
+            assert len(head) == 2, method  # the head's weight and bias, once (peft: its trainable copy)
+            assert all(group["lr"] == 1e-3 for group in body_groups)
+            assert bool(body_groups) == (method != "head only"), method
+    finally:
+        del sys.modules[demo.__name__]
+
+
 def test_decompose_demo_runs_and_reports_every_method(capsys):
     demo = load_example("decompose")
     try:
