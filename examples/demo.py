@@ -81,7 +81,8 @@ class Result:
     """One trained model: its stage and method, what it cost and how it scores on the test set.
 
     ``state_numbers`` counts the optimizer state (moments and projector indices) after training;
-    ``losses`` is the training loss of every step; ``lr`` the learning rate it trained at.
+    ``losses`` is the training loss of every step; ``lr`` the learning rate of everything but a
+    fine-tuned model's new head (which trains at ``--head-lr``), the head's for head only.
     """
 
     stage: str

@@ -228,10 +228,15 @@ def test_main_demo_trains_the_new_head_at_its_own_rate():
             model = demo.PREPARE[method](demo.SmallResNet(num_classes=demo.CLASSES, width=demo.QUICK["width"]))
             opt = demo.fine_tuning_optimizer(model, lr=1e-3, head_lr=demo.HEAD_LR)
             head_group, *body_groups = opt.param_groups
-            head = [p for name, p in model.named_parameters() if p.requires_grad and "head" in name.split(".")]
-            assert head_group["lr"] == demo.HEAD_LR and {id(p) for p in head_group["params"]} == {id(p) for p in head}
-            assert len(head) == 2, method  # the head's weight and bias, once (peft: its trainable copy)
+            # the head as the model holds it: peft trains its modules_to_save copy
+            network = model.base_model.model if hasattr(model, "base_model") else model
+            head = network.get_submodule(demo.HEAD)
+            head = head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
+            assert head_group["lr"] == demo.HEAD_LR, method
+            assert {id(p) for p in head_group["params"]} == {id(p) for p in head.parameters()}, method
             assert all(group["lr"] == 1e-3 for group in body_groups)
+            body = [p for p in model.parameters() if p.requires_grad and all(p is not h for h in head.parameters())]
+            assert {id(p) for group in body_groups for p in group["params"]} == {id(p) for p in body}, method
             assert bool(body_groups) == (method != "head only"), method
     finally:
         del sys.modules[demo.__name__]

@@ -42,9 +42,9 @@ class AdapterCase(NamedTuple):
 
 
 # Measured median first-step ratios to LoRA r=8 (tests/contracts/first_step.py) of the exempt
-# configurations: Atom's channel blocks 1.8 to 4.2 (the rule does not count the block); SVFit
-# 0.1 to 0.4 (r trainable numbers); the zero_start spelling keeps the unscaled update, 0.9 to 13;
-# the official magnitude mask weights the update by |D|, 0.01 to 0.09.
+# configurations on the contract grid: Atom's channel blocks 0.49 to 4.2 (the rule does not count
+# the block); SVFit 0.11 to 0.51 (r trainable numbers); the zero_start spelling keeps the unscaled
+# update, 0.57 to 12.9; the official magnitude mask weights the update by |D|, 0.01 to 0.17.
 ADAPTER_CASES: list[AdapterCase] = [
     AdapterCase("atom", lambda: AtomParam()),
     AdapterCase("atom-levels2", lambda: AtomParam(levels=2)),

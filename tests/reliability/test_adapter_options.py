@@ -87,7 +87,7 @@ KERNEL_ADAPTER_OPTIONS = {
     "num_kernels": positive_int(),
     "kernel_scale": POSITIVE_REAL,
     "scale": Option("real", low=0.0, optional=True),
-    "scale_rule": Option("choice", choices=("fan_in", "kernel")),
+    "scale_rule": Option("choice", choices=("fan_in", "kernel_scale")),
     "sparsity": Option("real", low=0.0, high=1.0, low_inclusive=True, optional=True),
     "mask": Option("choice", choices=("binary", "magnitude")),
     "start": Option("choice", choices=("residual", "zero", "kernel"), optional=True),
