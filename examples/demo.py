@@ -262,9 +262,8 @@ def fine_tune(
     accuracy, test_loss = evaluate(model, test)
     count = sum(p.numel() for group in opt.param_groups for p in group["params"])
     trains_body = len(opt.param_groups) > 1
-    return Result(
-        "fine-tune", method, count, state_numbers(opt), lr if trains_body else head_lr, accuracy, test_loss, seconds, losses
-    )
+    trained_lr = lr if trains_body else head_lr
+    return Result("fine-tune", method, count, state_numbers(opt), trained_lr, accuracy, test_loss, seconds, losses)
 
 
 def choose_lr(

@@ -364,9 +364,10 @@ class SNELLParam(_KernelAdapter):
               point dimension; under the rule it is 0.9 to 1.2 times (0.5 to 1.7 at
               sparsities 0 to 0.99). The calibration is for ``num_kernels=2``: measured under
               :math:`1/\sqrt n`, one kernel stepped 2.5 to 5 times more (growing with the point
-              dimension), four 1.6 and eight 2.8 times more; pass ``scale`` there. With ``mask="magnitude"`` the survivors are also
-              weighted by :math:`|D|`, about :math:`0.03|c|` at init, so that first step is
-              about 30 times smaller: pass ``scale`` for the official mask.
+              dimension), four 1.6 and eight 2.8 times more; pass ``scale`` there. With
+              ``mask="magnitude"`` the survivors are also weighted by :math:`|D|`, about
+              :math:`0.03|c|` at init, so that first step is about 30 times smaller: pass
+              ``scale`` for the official mask.
             * ``"fan_in"`` (SNELLAParam's default): :math:`\lambda = 1/\sqrt{n}`. SNELLA's step
               is dominated by its trainable :math:`\beta`, which moves every kernel entry by
               :math:`\eta`: 0.6 to 1.7 times LoRA r=8's first step on that grid.
