@@ -53,7 +53,8 @@ LORA_RANKS = (4, 8)
 # peft's LyCORIS methods at peft's default rank 8: key -> (row name, config class name).
 LYCORIS_METHODS = {"lokr8": ("peft LoKr r=8", "LoKrConfig"), "loha8": ("peft LoHa r=8", "LoHaConfig")}
 LYCORIS_RANK = 8
-ANCHOR_KEY, ANCHOR = "lora8", "peft LoRA r=8"
+ANCHOR_RANK = 8
+ANCHOR_KEY, ANCHOR = f"lora{ANCHOR_RANK}", f"peft LoRA r={ANCHOR_RANK}"
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 ACCURACY = "Accuracy, parameters, time and memory"
 SELECTION = "Learning-rate choice (accuracy on the validation set, first seed)"
@@ -79,9 +80,16 @@ class Settings:
     validation_per_class: int = 20
     # The middle of the official SNELLA scripts' per-task target sparsities (0 to 0.93).
     snella_sparsity: float = 0.5
+    # The lr-window case: peft LoRA r=8's test curve on a finer grid, at lora_alpha = r times each
+    # multiple (a multiple scales LoRA's first step as a scale rule would scale an adapter's).
+    window_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 1.5e-2, 2e-2, 3e-2, 1e-1)
+    window_multiples: tuple[int, ...] = (1, 3, 10)
 
 
-QUICK = Settings(seeds=1, shots=2, steps=4, lr_grid=(1e-3, 1e-2), validation_per_class=2)
+QUICK = Settings(
+    seeds=1, shots=2, steps=4, lr_grid=(1e-3, 1e-2), validation_per_class=2,
+    window_grid=(1e-3, 3e-3, 1e-2), window_multiples=(1, 3),
+)  # fmt: skip
 
 
 def settings(context: Context) -> Settings:
@@ -118,14 +126,15 @@ def prepare_full(model: nn.Module) -> None:
     model.requires_grad_(True)
 
 
-def prepare_peft(config_name: str, rank: int) -> Callable[[nn.Module], None]:
-    """Inject peft's ``config_name`` (``"LoraConfig"``, ``"LoKrConfig"``, ...) at ``rank``."""
+def prepare_peft(config_name: str, rank: int, **options: object) -> Callable[[nn.Module], None]:
+    """Inject peft's ``config_name`` (``"LoraConfig"``, ``"LoKrConfig"``, ...) at ``rank``, with
+    ``options`` (e.g. ``lora_alpha``) passed to the config."""
 
     def prepare(model: nn.Module) -> None:
         import peft  # imported on use: it takes seconds
 
         freeze_all_but_head(model)
-        config = getattr(peft, config_name)(r=rank, target_modules=peft_targets(model))
+        config = getattr(peft, config_name)(r=rank, target_modules=peft_targets(model), **options)
         peft.inject_adapter_in_model(config, model)
         model.get_submodule(HEAD).requires_grad_(True)
 
@@ -425,9 +434,13 @@ ACCURACY_HEADER = (
 # The rates every adapter should train well at (issue 12, "one learning rate for all").
 SHARED_LRS = (1e-3, 3e-3)
 ROBUSTNESS = "One learning rate for all: validation accuracy at the shared rates against the best of the grid"
-ROBUSTNESS_HEADER = (
-    "Method", "Best val. acc. % (lr)", *(f"val. acc. % at lr {lr:g}" for lr in SHARED_LRS), "Worse shared rate - best",
-)  # fmt: skip
+
+
+def robustness_header(scored: str) -> tuple[str, ...]:
+    """The shared-rate tables' header, for accuracy ``scored`` on ``"val."`` or ``"test"``."""
+    return ("Method", f"Best {scored} acc. % (lr)", *(f"{scored} acc. % at lr {lr:g}" for lr in SHARED_LRS),
+            "Worse shared rate - best")  # fmt: skip
+
 BN_MODES = {False: "BatchNorm frozen", True: "BatchNorm statistics adapting"}
 BN_TRAIN_PREFIX = "bn-train:"
 # BatchNorm adapting is measured for what the issue's targets compare: head only, LoRA r=8, ours.
@@ -490,7 +503,7 @@ def measure_method(key: str, context: Context, *, bn_train: bool = False) -> Par
         gap = shared_rate_gap(selection.grid, selection.accuracy)
         if gap is not None:
             row = robustness_row(method.name, selection.grid, selection.accuracy, gap)
-            part.table(f"{ROBUSTNESS} ({mode})", ROBUSTNESS_HEADER, [row])
+            part.table(f"{ROBUSTNESS} ({mode})", robustness_header("val."), [row])
     part.data = {
         "name": method.name, "ours": method.ours, "accuracy": mean, "accuracy_std": spread,
         "trainable": first.trainable, "step": asdict(step), "peak_bytes": first.peak_bytes,
@@ -506,6 +519,22 @@ CURVE = "One learning rate for all, on the test set: accuracy % per lr, mean of 
 CURVE_ROBUSTNESS = "One learning rate for all, on the test set: the shared rates against the best (BatchNorm frozen)"
 
 
+def curve_on_test_set(method: Method, protocol: Settings, context: Context, grid: Sequence[float]) -> list[float]:
+    """``method``'s test accuracy (%) at every rate of ``grid``, BatchNorm frozen, mean over the seeds."""
+    split = load_digits_split()
+    return [
+        statistics.fmean(
+            fine_tune(
+                method, context.quick, few_shot(split.finetune_pool, protocol.shots, seed), split.finetune_test,
+                seed=seed, steps=protocol.steps, lr=lr, head_lr=protocol.head_lr, bn_train=False,
+                device=context.device, snella_sparsity=protocol.snella_sparsity, measure_memory=False,
+            ).accuracy
+            for seed in range(protocol.seeds)
+        )
+        for lr in grid
+    ]  # fmt: skip
+
+
 def measure_curve(key: str, context: Context) -> Part:
     """Method ``key``'s mean test accuracy over the seeds at every rate of the grid, BatchNorm frozen.
 
@@ -514,26 +543,83 @@ def measure_curve(key: str, context: Context) -> Part:
     validation images.
     """
     method, protocol = all_methods()[key], settings(context)
-    split = load_digits_split()
     part = Part(facts=[f"lr curve: every rate of the grid on each of seeds 0..{protocol.seeds - 1}, scored on the test set."])
-    means = []
-    for lr in protocol.lr_grid:
-        accuracies = [
-            fine_tune(
-                method, context.quick, few_shot(split.finetune_pool, protocol.shots, seed), split.finetune_test,
-                seed=seed, steps=protocol.steps, lr=lr, head_lr=protocol.head_lr, bn_train=False,
-                device=context.device, snella_sparsity=protocol.snella_sparsity, measure_memory=False,
-            ).accuracy
-            for seed in range(protocol.seeds)
-        ]  # fmt: skip
-        means.append(statistics.fmean(accuracies))
+    means = curve_on_test_set(method, protocol, context, protocol.lr_grid)
     header = ("Method", *(f"test acc. % at lr {lr:g}" for lr in protocol.lr_grid))
     part.table(CURVE, header, [(method.name, *(f"{accuracy:.1f}" for accuracy in means))])
     gap = shared_rate_gap(protocol.lr_grid, means)
     if gap is not None:
-        part.table(CURVE_ROBUSTNESS, ROBUSTNESS_HEADER, [robustness_row(method.name, protocol.lr_grid, means, gap)])
+        row = robustness_row(method.name, protocol.lr_grid, means, gap)
+        part.table(CURVE_ROBUSTNESS, robustness_header("test"), [row])
     part.data = {"name": method.name, "ours": method.ours, "curve": {"lr": list(protocol.lr_grid), "accuracy": means},
                  "shared_rate_gap": gap}  # fmt: skip
+    return part
+
+
+WINDOW_KEY = "lr-window"
+WINDOW_CURVE = "LoRA's good window: peft LoRA r=8 at lora_alpha = r x multiple, test accuracy % per lr (BatchNorm frozen)"
+WINDOW_SUMMARY = "LoRA's good window: the rates within 2 points of each curve's best (BatchNorm frozen)"
+# How far below a curve's best a rate may score and still count as good: the shared-rate target's 2 points.
+WINDOW_POINTS = 2.0
+
+
+def good_window(grid: Sequence[float], accuracy: Sequence[float], points: float = WINDOW_POINTS) -> tuple[float, float]:
+    """The lowest and highest rate of the run of consecutive ``grid`` rates around the best
+    ``accuracy`` that all score within ``points`` of it.
+
+    >>> good_window((1e-3, 3e-3, 1e-2, 3e-2), (88.0, 91.0, 92.0, 20.0))
+    (0.003, 0.01)
+    """
+    if len(grid) != len(accuracy):
+        raise ValueError(f"grid and accuracy must have one entry per rate, got {len(grid)} and {len(accuracy)}")
+    best = max(range(len(grid)), key=lambda index: accuracy[index])
+    low = high = best
+    while low > 0 and accuracy[low - 1] >= accuracy[best] - points:
+        low -= 1
+    while high < len(grid) - 1 and accuracy[high + 1] >= accuracy[best] - points:
+        high += 1
+    return grid[low], grid[high]
+
+
+def measure_window(context: Context) -> Part:
+    """Whether any one scale rule could meet the shared-rate target: peft LoRA r=8's test curve on
+    :attr:`Settings.window_grid` at ``lora_alpha`` = r x each of :attr:`Settings.window_multiples`.
+
+    A scale rule multiplies an adapter's first step by a constant, as ``lora_alpha`` does LoRA's;
+    the target asks the curve to stay within 2 points of its best over the factor 3 from 1e-3 to
+    3e-3. The table gives, per multiple, the run of rates within 2 points of the fine grid's best
+    (its width is the factor a scale rule has to play with) and the shared-rate gap on the
+    protocol's own grid. Information, no target.
+    """
+    protocol = settings(context)
+    part = Part(facts=[
+        f"lr window: peft LoRA r={ANCHOR_RANK} (lora_alpha = r x {', '.join(map(str, protocol.window_multiples))}) on the "
+        f"rates {', '.join(f'{lr:g}' for lr in protocol.window_grid)}, each on seeds 0..{protocol.seeds - 1}, BatchNorm "
+        "frozen, scored on the test set; the shared-rate gap is taken on the rates of the protocol's grid only.",
+    ])  # fmt: skip
+    curve_rows, window_rows, data = [], [], []
+    for multiple in protocol.window_multiples:
+        name = f"peft LoRA r={ANCHOR_RANK}, lora_alpha={ANCHOR_RANK * multiple}"
+        method = Method(name, prepare_peft("LoraConfig", ANCHOR_RANK, lora_alpha=ANCHOR_RANK * multiple), ours=False)
+        means = curve_on_test_set(method, protocol, context, protocol.window_grid)
+        low, high = good_window(protocol.window_grid, means)
+        on_grid = [(lr, accuracy) for lr, accuracy in zip(protocol.window_grid, means) if lr in protocol.lr_grid]
+        gap = shared_rate_gap([lr for lr, _ in on_grid], [accuracy for _, accuracy in on_grid])
+        best = max(means)
+        curve_rows.append((name, *(f"{accuracy:.1f}" for accuracy in means)))
+        window_rows.append((
+            name, f"{best:.1f} ({protocol.window_grid[means.index(best)]:g})", f"{low:g} to {high:g}",
+            f"{high / low:.3g}", "-" if gap is None else f"{gap:+.1f}",
+        ))  # fmt: skip
+        data.append({"lora_alpha": ANCHOR_RANK * multiple, "lr": list(protocol.window_grid), "accuracy": means,
+                     "window": [low, high], "shared_rate_gap": gap})  # fmt: skip
+    part.table(WINDOW_CURVE, ("Method", *(f"test acc. % at lr {lr:g}" for lr in protocol.window_grid)), curve_rows)
+    window_header = (
+        "Method", "Best test acc. % (lr)", f"Rates within {WINDOW_POINTS:g} points of the best",
+        "Window width (highest / lowest rate)", "Worse shared rate - best, protocol grid",
+    )  # fmt: skip
+    part.table(WINDOW_SUMMARY, window_header, window_rows)
+    part.data = {"curves": data}
     return part
 
 
@@ -886,6 +972,7 @@ def summary(parts: dict[str, Part]) -> Part:
     """What only several cases together show: the cost targets against peft LoRA r=8 on the CNN
     and at transformer width, and the accuracy targets in each BatchNorm mode."""
     frozen, adapting, scale, curves = {}, {}, {}, {}
+    methods = all_methods()
     for key, part in parts.items():
         if not part.data:
             continue
@@ -895,7 +982,7 @@ def summary(parts: dict[str, Part]) -> Part:
             scale[key.removeprefix(SCALE_PREFIX)] = part.data
         elif key.startswith(BN_TRAIN_PREFIX):
             adapting[key.removeprefix(BN_TRAIN_PREFIX)] = part.data
-        else:
+        elif key in methods:
             frozen[key] = part.data
     result = Part()
     _cnn_cost(frozen, result)
@@ -911,7 +998,8 @@ def summary(parts: dict[str, Part]) -> Part:
 
 def plot(parts: dict[str, Part]) -> dict[str, Callable[[Path], None]]:
     """Accuracy against trainable parameters (BatchNorm frozen), for the methods that ran."""
-    ran = [part.data for key, part in parts.items() if part.data and ":" not in key]
+    methods = all_methods()
+    ran = [part.data for key, part in parts.items() if part.data and key in methods]
     title = "Few-shot digits 5-9, BatchNorm frozen: accuracy vs trainable"
     return {"accuracy": functools.partial(plot_accuracy, ran, title=title)} if ran else {}
 
@@ -923,6 +1011,7 @@ AREA = Area(
         *cases(measure_method, all_methods()),
         *cases(functools.partial(measure_method, bn_train=True), BN_TRAIN_KEYS, BN_TRAIN_PREFIX),
         *cases(measure_curve, CURVE_KEYS, CURVE_PREFIX),
+        Case(WINDOW_KEY, measure_window),
         Case("parameters", measure_parameters),
         *cases(measure_scale, SCALE_KEYS, SCALE_PREFIX),
     ),

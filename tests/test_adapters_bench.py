@@ -317,6 +317,47 @@ def test_test_set_curve_trains_every_rate_on_every_seed(tiny_model, monkeypatch)
     ]
 
 
+def test_lr_window_trains_lora_at_each_alpha_on_every_rate_and_every_seed(tiny_model, monkeypatch):
+    grid, multiples = (1e-3, 2e-3, 3e-3, 1e-2), (1, 3)
+    protocol = bench.Settings(seeds=2, shots=2, steps=2, lr_grid=(1e-3, 3e-3, 1e-2), window_grid=grid,
+                              window_multiples=multiples)  # fmt: skip
+    monkeypatch.setattr(bench, "QUICK", protocol)
+    calls, methods = [], {}
+    real_fine_tune = bench.fine_tune
+
+    def recording(method, quick, train, evaluate, **options):
+        calls.append((method.name, options["lr"], options["seed"], options["bn_train"]))
+        methods[method.name] = method
+        return real_fine_tune(method, quick, train, evaluate, **options)
+
+    monkeypatch.setattr(bench, "fine_tune", recording)
+    part = bench.measure_window(Context(quick=True, repeats=1, threads=1, device=torch.device("cpu")))
+    names = [f"peft LoRA r=8, lora_alpha={8 * multiple}" for multiple in multiples]
+    assert calls == [(name, lr, seed, False) for name in names for lr in grid for seed in (0, 1)]
+    for name, multiple in zip(names, multiples):
+        model = bench.fine_tuning_model(True, bench.FINETUNE_CLASSES, 0)
+        methods[name].prepare(model)
+        scalings = [module.scaling["default"] for module in model.modules() if hasattr(module, "scaling")]
+        assert scalings and all(scaling == multiple for scaling in scalings)  # lora_alpha / r
+    curves, windows = part.tables
+    for row, data in zip(windows["rows"], part.data["curves"]):
+        low, high = bench.good_window(grid, data["accuracy"])
+        assert data["window"] == [low, high] and row[2] == f"{low:g} to {high:g}"
+        on_grid = [data["accuracy"][grid.index(lr)] for lr in protocol.lr_grid]
+        assert data["shared_rate_gap"] == pytest.approx(bench.shared_rate_gap(protocol.lr_grid, on_grid))
+    assert [row[0] for row in curves["rows"]] == names
+    assert bench.summary({"lr-window": part}).checks == []  # information: no target, not a method's row
+
+
+def test_good_window_is_the_run_of_rates_around_the_best_within_two_points():
+    grid = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    assert bench.good_window(grid, (90.0, 90.0, 91.5, 20.0, 91.0)) == (1e-3, 1e-2)  # 1e-1 is past a collapse
+    assert bench.good_window(grid, (95.0, 90.0, 94.0, 94.5, 93.5)) == (1e-3, 1e-3)
+    assert bench.good_window(grid, (20.0, 20.0, 20.0, 20.0, 20.0)) == (1e-3, 1e-1)
+    with pytest.raises(ValueError, match="one entry per rate"):
+        bench.good_window(grid, (1.0,))
+
+
 def test_a_failing_method_is_a_row_with_its_error(monkeypatch):
     def broken(method, settings, context, *, bn_train):
         raise RuntimeError("cannot adapt\nsecond line")
@@ -509,7 +550,7 @@ def test_cases_are_the_baselines_every_adapter_in_both_batchnorm_modes_and_at_wi
     scale = [name.removeprefix("scale:") for name in names if name.startswith("scale:")]
     curves = [name.removeprefix("lr-curve:") for name in names if name.startswith("lr-curve:")]
     assert bn_train == ["head", "lora8", *adapters] and scale == curves == ["lora8", *adapters]
-    assert "parameters" in names and len(names) == len(set(names))
+    assert "parameters" in names and "lr-window" in names and len(names) == len(set(names))
 
 
 # --------------------------------------------------------------------------- head rate, BatchNorm mode
