@@ -556,9 +556,9 @@ def measure_curve(key: str, context: Context) -> Part:
     return part
 
 
-WINDOW_KEY = "lr-window"
-WINDOW_CURVE = "LoRA's good window: peft LoRA r=8 at lora_alpha = r x multiple, test accuracy % per lr (BatchNorm frozen)"
-WINDOW_SUMMARY = "LoRA's good window: the rates within 2 points of each curve's best (BatchNorm frozen)"
+WINDOW_PREFIX = "lr-window:"
+WINDOW_CURVE = "Good windows: test accuracy % per lr on a finer grid, mean of the seeds (BatchNorm frozen)"
+WINDOW_SUMMARY = "Good windows: the rates within 2 points of each curve's best (BatchNorm frozen)"
 # How far below a curve's best a rate may score and still count as good: the shared-rate target's 2 points.
 WINDOW_POINTS = 2.0
 
@@ -581,38 +581,51 @@ def good_window(grid: Sequence[float], accuracy: Sequence[float], points: float 
     return grid[low], grid[high]
 
 
-def measure_window(context: Context) -> Part:
-    """Whether any one scale rule could meet the shared-rate target: peft LoRA r=8's test curve on
-    :attr:`Settings.window_grid` at ``lora_alpha`` = r x each of :attr:`Settings.window_multiples`.
+def window_methods(key: str, protocol: Settings) -> list[Method]:
+    """The curves of case ``lr-window:<key>``: method ``key`` at its defaults and, for peft LoRA r=8,
+    also at ``lora_alpha`` = r x each further multiple of :attr:`Settings.window_multiples`."""
+    method = all_methods()[key]
+    if key != ANCHOR_KEY:
+        return [method]
+    return [method, *(
+        Method(f"{ANCHOR}, lora_alpha={ANCHOR_RANK * multiple}",
+               prepare_peft("LoraConfig", ANCHOR_RANK, lora_alpha=ANCHOR_RANK * multiple), ours=False)
+        for multiple in protocol.window_multiples if multiple != 1
+    )]  # fmt: skip
 
-    A scale rule multiplies an adapter's first step by a constant, as ``lora_alpha`` does LoRA's;
-    the target asks the curve to stay within 2 points of its best over the factor 3 from 1e-3 to
-    3e-3. The table gives, per multiple, the run of rates within 2 points of the fine grid's best
-    (its width is the factor a scale rule has to play with) and the shared-rate gap on the
-    protocol's own grid. Information, no target.
+
+def measure_window(key: str, context: Context) -> Part:
+    """How wide a range of rates trains method ``key`` well: its test curve on the finer
+    :attr:`Settings.window_grid`, and the run of rates within 2 points of the best.
+
+    The shared-rate target asks every adapter's curve to stay within 2 points of its best over the
+    factor 3 from 1e-3 to 3e-3. A scale rule multiplies an adapter's first step by a constant, as
+    ``lora_alpha`` does LoRA's, so it can move a curve along the rates but not widen its good
+    window: for peft LoRA r=8 the case also runs ``lora_alpha`` = r x each of
+    :attr:`Settings.window_multiples`. The shared-rate gap is taken on the protocol grid's rates.
+    Information, no target.
     """
     protocol = settings(context)
     part = Part(facts=[
-        f"lr window: peft LoRA r={ANCHOR_RANK} (lora_alpha = r x {', '.join(map(str, protocol.window_multiples))}) on the "
-        f"rates {', '.join(f'{lr:g}' for lr in protocol.window_grid)}, each on seeds 0..{protocol.seeds - 1}, BatchNorm "
-        "frozen, scored on the test set; the shared-rate gap is taken on the rates of the protocol's grid only.",
+        f"lr window: the rates {', '.join(f'{lr:g}' for lr in protocol.window_grid)}, each on seeds "
+        f"0..{protocol.seeds - 1}, BatchNorm frozen, scored on the test set; peft LoRA r={ANCHOR_RANK} at "
+        f"lora_alpha = r x {', '.join(map(str, protocol.window_multiples))}; the shared-rate gap on the protocol "
+        "grid's rates only.",
     ])  # fmt: skip
     curve_rows, window_rows, data = [], [], []
-    for multiple in protocol.window_multiples:
-        name = f"peft LoRA r={ANCHOR_RANK}, lora_alpha={ANCHOR_RANK * multiple}"
-        method = Method(name, prepare_peft("LoraConfig", ANCHOR_RANK, lora_alpha=ANCHOR_RANK * multiple), ours=False)
+    for method in window_methods(key, protocol):
         means = curve_on_test_set(method, protocol, context, protocol.window_grid)
         low, high = good_window(protocol.window_grid, means)
         on_grid = [(lr, accuracy) for lr, accuracy in zip(protocol.window_grid, means) if lr in protocol.lr_grid]
         gap = shared_rate_gap([lr for lr, _ in on_grid], [accuracy for _, accuracy in on_grid])
         best = max(means)
-        curve_rows.append((name, *(f"{accuracy:.1f}" for accuracy in means)))
+        curve_rows.append((method.name, *(f"{accuracy:.1f}" for accuracy in means)))
         window_rows.append((
-            name, f"{best:.1f} ({protocol.window_grid[means.index(best)]:g})", f"{low:g} to {high:g}",
+            method.name, f"{best:.1f} ({protocol.window_grid[means.index(best)]:g})", f"{low:g} to {high:g}",
             f"{high / low:.3g}", "-" if gap is None else f"{gap:+.1f}",
         ))  # fmt: skip
-        data.append({"lora_alpha": ANCHOR_RANK * multiple, "lr": list(protocol.window_grid), "accuracy": means,
-                     "window": [low, high], "shared_rate_gap": gap})  # fmt: skip
+        data.append({"name": method.name, "lr": list(protocol.window_grid), "accuracy": means, "window": [low, high],
+                     "shared_rate_gap": gap})  # fmt: skip
     part.table(WINDOW_CURVE, ("Method", *(f"test acc. % at lr {lr:g}" for lr in protocol.window_grid)), curve_rows)
     window_header = (
         "Method", "Best test acc. % (lr)", f"Rates within {WINDOW_POINTS:g} points of the best",
@@ -1011,7 +1024,7 @@ AREA = Area(
         *cases(measure_method, all_methods()),
         *cases(functools.partial(measure_method, bn_train=True), BN_TRAIN_KEYS, BN_TRAIN_PREFIX),
         *cases(measure_curve, CURVE_KEYS, CURVE_PREFIX),
-        Case(WINDOW_KEY, measure_window),
+        *cases(measure_window, CURVE_KEYS, WINDOW_PREFIX),
         Case("parameters", measure_parameters),
         *cases(measure_scale, SCALE_KEYS, SCALE_PREFIX),
     ),

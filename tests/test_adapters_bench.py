@@ -331,8 +331,8 @@ def test_lr_window_trains_lora_at_each_alpha_on_every_rate_and_every_seed(tiny_m
         return real_fine_tune(method, quick, train, evaluate, **options)
 
     monkeypatch.setattr(bench, "fine_tune", recording)
-    part = bench.measure_window(Context(quick=True, repeats=1, threads=1, device=torch.device("cpu")))
-    names = [f"peft LoRA r=8, lora_alpha={8 * multiple}" for multiple in multiples]
+    part = bench.measure_window("lora8", Context(quick=True, repeats=1, threads=1, device=torch.device("cpu")))
+    names = ["peft LoRA r=8", *(f"peft LoRA r=8, lora_alpha={8 * multiple}" for multiple in multiples[1:])]
     assert calls == [(name, lr, seed, False) for name in names for lr in grid for seed in (0, 1)]
     for name, multiple in zip(names, multiples):
         model = bench.fine_tuning_model(True, bench.FINETUNE_CLASSES, 0)
@@ -346,7 +346,11 @@ def test_lr_window_trains_lora_at_each_alpha_on_every_rate_and_every_seed(tiny_m
         on_grid = [data["accuracy"][grid.index(lr)] for lr in protocol.lr_grid]
         assert data["shared_rate_gap"] == pytest.approx(bench.shared_rate_gap(protocol.lr_grid, on_grid))
     assert [row[0] for row in curves["rows"]] == names
-    assert bench.summary({"lr-window": part}).checks == []  # information: no target, not a method's row
+    assert bench.summary({"lr-window:lora8": part}).checks == []  # information: no target, not a method's row
+    calls.clear()
+    adapter = bench.measure_window("AtomParam", Context(quick=True, repeats=1, threads=1, device=torch.device("cpu")))
+    assert calls == [("AtomParam", lr, seed, False) for lr in grid for seed in (0, 1)]  # an adapter: its defaults only
+    assert [row[0] for row in adapter.tables[0]["rows"]] == ["AtomParam"]
 
 
 def test_good_window_is_the_run_of_rates_around_the_best_within_two_points():
@@ -550,7 +554,8 @@ def test_cases_are_the_baselines_every_adapter_in_both_batchnorm_modes_and_at_wi
     scale = [name.removeprefix("scale:") for name in names if name.startswith("scale:")]
     curves = [name.removeprefix("lr-curve:") for name in names if name.startswith("lr-curve:")]
     assert bn_train == ["head", "lora8", *adapters] and scale == curves == ["lora8", *adapters]
-    assert "parameters" in names and "lr-window" in names and len(names) == len(set(names))
+    windows = [name.removeprefix("lr-window:") for name in names if name.startswith("lr-window:")]
+    assert windows == curves and "parameters" in names and len(names) == len(set(names))
 
 
 # --------------------------------------------------------------------------- head rate, BatchNorm mode
