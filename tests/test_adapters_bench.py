@@ -295,62 +295,65 @@ def test_shared_rate_gap_needs_both_shared_rates():
 
 
 def test_test_set_curve_trains_every_rate_on_every_seed(tiny_model, monkeypatch):
-    monkeypatch.setattr(bench, "QUICK", bench.Settings(seeds=2, shots=2, steps=2, lr_grid=(1e-3, 3e-3, 1e-2)))
+    grid = (1e-3, 2e-3, 3e-3, 1e-2)
+    protocol = bench.Settings(seeds=2, shots=2, steps=2, lr_grid=(1e-3, 3e-3, 1e-2), curve_grid=grid)
+    monkeypatch.setattr(bench, "QUICK", protocol)
     calls = []
     real_fine_tune = bench.fine_tune
 
     def recording(method, quick, train, evaluate, **options):
-        calls.append((options["lr"], options["seed"], options["bn_train"], len(evaluate)))
+        calls.append((method.name, options["lr"], options["seed"], options["bn_train"], len(evaluate)))
         return real_fine_tune(method, quick, train, evaluate, **options)
 
     monkeypatch.setattr(bench, "fine_tune", recording)
     part = bench.measure_curve("AtomParam", Context(quick=True, repeats=1, threads=1, device=torch.device("cpu")))
     test_size = len(load_digits_split().finetune_test)
-    assert calls == [(lr, seed, False, test_size) for lr in (1e-3, 3e-3, 1e-2) for seed in (0, 1)]
+    assert calls == [("AtomParam", lr, seed, False, test_size) for lr in grid for seed in (0, 1)]
     curve, shared = part.tables
     means = part.data["curve"]["accuracy"]
+    assert part.data["curve"]["lr"] == list(grid) and part.data["variants"] == []
     assert [float(cell) for cell in curve["rows"][0][1:]] == pytest.approx(means, abs=0.05)
-    assert part.data["shared_rate_gap"] == pytest.approx(min(means[:2]) - max(means))
+    on_grid = [means[0], means[2], means[3]]  # the protocol grid's rates: 2e-3 is not one
+    assert part.data["shared_rate_gap"] == pytest.approx(min(on_grid[:2]) - max(on_grid))
+    low, high = bench.good_window(grid, means)
+    assert part.data["window"] == [low, high] and shared["rows"][0][-2] == f"{low:g} to {high:g}"
+    assert shared["header"][1] == "Best test acc. % (lr)"
     checks = bench.summary({"lr-curve:AtomParam": part}).checks
     assert [check.name for check in checks] == [
         "[BatchNorm frozen] AtomParam test accuracy at the worse of lr 1e-3 and 3e-3 - the grid's best"
     ]
 
 
-def test_lr_window_trains_lora_at_each_alpha_on_every_rate_and_every_seed(tiny_model, monkeypatch):
-    grid, multiples = (1e-3, 2e-3, 3e-3, 1e-2), (1, 3)
-    protocol = bench.Settings(seeds=2, shots=2, steps=2, lr_grid=(1e-3, 3e-3, 1e-2), window_grid=grid,
-                              window_multiples=multiples)  # fmt: skip
+def test_loras_curve_also_runs_at_each_lora_alpha_multiple(tiny_model, monkeypatch):
+    grid, multiples = (1e-3, 3e-3), (1, 3)
+    protocol = bench.Settings(seeds=1, shots=2, steps=2, lr_grid=grid, curve_grid=grid, lora_alpha_multiples=multiples)
     monkeypatch.setattr(bench, "QUICK", protocol)
     calls, methods = [], {}
     real_fine_tune = bench.fine_tune
 
     def recording(method, quick, train, evaluate, **options):
-        calls.append((method.name, options["lr"], options["seed"], options["bn_train"]))
+        calls.append((method.name, options["lr"]))
         methods[method.name] = method
         return real_fine_tune(method, quick, train, evaluate, **options)
 
     monkeypatch.setattr(bench, "fine_tune", recording)
-    part = bench.measure_window("lora8", Context(quick=True, repeats=1, threads=1, device=torch.device("cpu")))
-    names = ["peft LoRA r=8", *(f"peft LoRA r=8, lora_alpha={8 * multiple}" for multiple in multiples[1:])]
-    assert calls == [(name, lr, seed, False) for name in names for lr in grid for seed in (0, 1)]
+    part = bench.measure_curve("lora8", Context(quick=True, repeats=1, threads=1, device=torch.device("cpu")))
+    names = ["peft LoRA r=8", "peft LoRA r=8, lora_alpha=24"]
+    assert calls == [(name, lr) for name in names for lr in grid]
     for name, multiple in zip(names, multiples):
         model = bench.fine_tuning_model(True, bench.FINETUNE_CLASSES, 0)
         methods[name].prepare(model)
         scalings = [module.scaling["default"] for module in model.modules() if hasattr(module, "scaling")]
         assert scalings and all(scaling == multiple for scaling in scalings)  # lora_alpha / r
-    curves, windows = part.tables
-    for row, data in zip(windows["rows"], part.data["curves"]):
-        low, high = bench.good_window(grid, data["accuracy"])
-        assert data["window"] == [low, high] and row[2] == f"{low:g} to {high:g}"
-        on_grid = [data["accuracy"][grid.index(lr)] for lr in protocol.lr_grid]
-        assert data["shared_rate_gap"] == pytest.approx(bench.shared_rate_gap(protocol.lr_grid, on_grid))
-    assert [row[0] for row in curves["rows"]] == names
-    assert bench.summary({"lr-window:lora8": part}).checks == []  # information: no target, not a method's row
-    calls.clear()
-    adapter = bench.measure_window("AtomParam", Context(quick=True, repeats=1, threads=1, device=torch.device("cpu")))
-    assert calls == [("AtomParam", lr, seed, False) for lr in grid for seed in (0, 1)]  # an adapter: its defaults only
-    assert [row[0] for row in adapter.tables[0]["rows"]] == ["AtomParam"]
+    curve, shared = part.tables
+    assert [row[0] for row in curve["rows"]] == [row[0] for row in shared["rows"]] == names
+    assert part.data["name"] == names[0] and [variant["name"] for variant in part.data["variants"]] == names[1:]
+    assert bench.summary({"lr-curve:lora8": part}).checks == []  # the anchor's rows are information
+
+
+def test_curve_grid_must_hold_the_protocol_grid():
+    with pytest.raises(ValueError, match="curve_grid"):
+        bench.Settings(lr_grid=(1e-3, 3e-3), curve_grid=(1e-3, 1e-2))
 
 
 def test_good_window_is_the_run_of_rates_around_the_best_within_two_points():
@@ -554,8 +557,7 @@ def test_cases_are_the_baselines_every_adapter_in_both_batchnorm_modes_and_at_wi
     scale = [name.removeprefix("scale:") for name in names if name.startswith("scale:")]
     curves = [name.removeprefix("lr-curve:") for name in names if name.startswith("lr-curve:")]
     assert bn_train == ["head", "lora8", *adapters] and scale == curves == ["lora8", *adapters]
-    windows = [name.removeprefix("lr-window:") for name in names if name.startswith("lr-window:")]
-    assert windows == curves and "parameters" in names and len(names) == len(set(names))
+    assert "parameters" in names and len(names) == len(set(names))
 
 
 # --------------------------------------------------------------------------- head rate, BatchNorm mode
