@@ -606,15 +606,14 @@ def measure_curve(key: str, context: Context) -> Part:
             robustness_rows.append(
                 (*robustness_row(method.name, grid, grid_means, gap), f"{low:g} to {high:g}", f"{high / low:.3g}")
             )
-        curves.append({"name": method.name, "ours": method.ours, "lr": list(protocol.curve_grid), "accuracy": means,
-                       "shared_rate_gap": gap, "window": [low, high]})  # fmt: skip
+        curves.append({"name": method.name, "ours": method.ours, "curve": {"lr": list(protocol.curve_grid),
+                       "accuracy": means}, "shared_rate_gap": gap, "window": [low, high]})  # fmt: skip
     header = ("Method", *(f"test acc. % at lr {lr:g}" for lr in protocol.curve_grid))
     part.table(CURVE, header, curve_rows)
     if robustness_rows:
         window = (f"Rates within {WINDOW_POINTS:g} points of the best", "Window width (highest / lowest rate)")
         part.table(CURVE_ROBUSTNESS, (*robustness_header("test"), *window), robustness_rows)
-    part.data = {**curves[0], "curve": {"lr": curves[0]["lr"], "accuracy": curves[0]["accuracy"]},
-                 "variants": curves[1:]}  # fmt: skip
+    part.data = {**curves[0], "variants": curves[1:]}
     return part
 
 
