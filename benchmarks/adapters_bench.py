@@ -446,6 +446,7 @@ def robustness_header(scored: str) -> tuple[str, ...]:
     return ("Method", f"Best {scored} acc. % (lr)", *(f"{scored} acc. % at lr {lr:g}" for lr in SHARED_LRS),
             "Worse shared rate - best")  # fmt: skip
 
+
 BN_MODES = {False: "BatchNorm frozen", True: "BatchNorm statistics adapting"}
 BN_TRAIN_PREFIX = "bn-train:"
 # BatchNorm adapting is measured for what the targets compare: head only, LoRA r=8, ours.
