@@ -317,11 +317,49 @@ def test_test_set_curve_trains_every_rate_on_every_seed(tiny_model, monkeypatch)
     assert part.data["shared_rate_gap"] == pytest.approx(min(on_grid[:2]) - max(on_grid))
     low, high = bench.good_window(grid, means)
     assert part.data["window"] == [low, high] and shared["rows"][0][-2] == f"{low:g} to {high:g}"
-    assert shared["header"][1] == "Best test acc. % (lr)"
     checks = bench.summary({"lr-curve:AtomParam": part}).checks
     assert [check.name for check in checks] == [
         "[BatchNorm frozen] AtomParam test accuracy at the worse of lr 1e-3 and 3e-3 - the grid's best"
     ]
+
+
+def test_curve_gap_is_on_the_protocol_grid_and_the_window_on_the_finer_one(monkeypatch):
+    # A peak at 2e-3, a rate only the finer grid has: the gap ignores it, the window is built around it.
+    grid = (1e-3, 2e-3, 3e-3, 1e-2, 3e-2)
+    accuracy = {1e-3: 80.0, 2e-3: 95.0, 3e-3: 93.5, 1e-2: 90.0, 3e-2: 20.0}
+    protocol = bench.Settings(seeds=2, shots=2, steps=2, lr_grid=(1e-3, 3e-3, 1e-2, 3e-2), curve_grid=grid)
+    monkeypatch.setattr(bench, "QUICK", protocol)
+
+    def scripted(method, quick, train, evaluate, *, lr, seed, **options):
+        return bench.Run(lr=lr, accuracy=accuracy[lr] + (1.0 if seed else -1.0), loss=0.0, trainable=1,
+                         step_ms=[], init_deviation=0.0, peak_bytes=None)  # fmt: skip
+
+    monkeypatch.setattr(bench, "fine_tune", scripted)
+    part = bench.measure_curve("AtomParam", Context(quick=True, repeats=1, threads=1, device=torch.device("cpu")))
+    assert part.data["curve"]["accuracy"] == pytest.approx([accuracy[lr] for lr in grid])  # seeds averaged
+    assert part.data["shared_rate_gap"] == pytest.approx(80.0 - 93.5)  # best of 1e-3, 3e-3, 1e-2, 3e-2
+    assert part.data["window"] == [2e-3, 3e-3]  # 93.5 is within 2 of 95; 80 and 90 are not
+    curve, shared = part.tables
+    assert shared["rows"] == [
+        ["AtomParam", "93.5 (0.003)", "80.0", "93.5", "-13.5", "95.0 (0.002)", "0.002 to 0.003", "1.5"]
+    ]
+    assert shared["header"][1] == "Best test acc. % (lr), protocol grid" and len(shared["header"]) == 8
+
+
+def test_curve_rows_show_the_window_when_the_grid_lacks_a_shared_rate(monkeypatch):
+    protocol = bench.Settings(seeds=1, shots=2, steps=2, lr_grid=(1e-3, 1e-2), curve_grid=(1e-3, 1e-2))
+    monkeypatch.setattr(bench, "QUICK", protocol)
+
+    def scripted(method, quick, train, evaluate, *, lr, seed, **options):
+        return bench.Run(lr=lr, accuracy=90.0 if lr == 1e-3 else 89.0, loss=0.0, trainable=1, step_ms=[],
+                         init_deviation=0.0, peak_bytes=None)  # fmt: skip
+
+    monkeypatch.setattr(bench, "fine_tune", scripted)
+    part = bench.measure_curve("AtomParam", Context(quick=True, repeats=1, threads=1, device=torch.device("cpu")))
+    assert part.data["shared_rate_gap"] is None
+    row = ["AtomParam", "90.0 (0.001)", "90.0", "-", "-", "90.0 (0.001)", "0.001 to 0.01", "10"]
+    assert part.tables[1]["rows"] == [row]
+    assert bench.summary({"lr-curve:AtomParam": part}).checks == []  # no gap, no check
 
 
 def test_loras_curve_also_runs_at_each_lora_alpha_multiple(tiny_model, monkeypatch):
@@ -351,9 +389,13 @@ def test_loras_curve_also_runs_at_each_lora_alpha_multiple(tiny_model, monkeypat
     assert bench.summary({"lr-curve:lora8": part}).checks == []  # the anchor's rows are information
 
 
-def test_curve_grid_must_hold_the_protocol_grid():
-    with pytest.raises(ValueError, match="curve_grid"):
+def test_curve_grid_must_hold_the_protocol_grid_in_ascending_order():
+    with pytest.raises(ValueError, match="must hold every rate"):
         bench.Settings(lr_grid=(1e-3, 3e-3), curve_grid=(1e-3, 1e-2))
+    with pytest.raises(ValueError, match="ascending"):
+        bench.Settings(lr_grid=(1e-3,), curve_grid=(1e-2, 1e-3))
+    with pytest.raises(ValueError, match="ascending"):
+        bench.Settings(lr_grid=(1e-3,), curve_grid=(1e-3, 1e-3, 1e-2))
 
 
 def test_good_window_is_the_run_of_rates_around_the_best_within_two_points():
