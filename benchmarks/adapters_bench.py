@@ -42,7 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import decomp.adapters
-from benchmarks.adapters_data import Dataset, few_shot, fine_tuning_model, load_digits_split, validation_set
+from benchmarks.adapters_data import (
+    Dataset,
+    DigitsSplit,
+    few_shot,
+    fine_tuning_model,
+    load_digits_split,
+    validation_set,
+)
 from benchmarks.harness import Area, Case, Check, Comparison, Context, Part, Timing, cases, main, timeit
 from benchmarks.targets import target
 from decomp.adapters.base import AdapterParam
@@ -535,9 +542,10 @@ CURVE_ROBUSTNESS = "One learning rate for all, on the test set: the shared rates
 WINDOW_POINTS = 2.0
 
 
-def curve_on_test_set(method: Method, protocol: Settings, context: Context, grid: Sequence[float]) -> list[float]:
+def curve_on_test_set(
+    method: Method, protocol: Settings, context: Context, split: DigitsSplit, grid: Sequence[float]
+) -> list[float]:
     """``method``'s test accuracy (%) at every rate of ``grid``, BatchNorm frozen, mean over the seeds."""
-    split = load_digits_split()
     return [
         statistics.fmean(
             fine_tune(
@@ -604,10 +612,11 @@ def measure_curve(key: str, context: Context) -> Part:
         f"grid's rates ({', '.join(f'{lr:g}' for lr in protocol.lr_grid)}), the good window over all of them; "
         f"peft LoRA r={ANCHOR_RANK} at lora_alpha = r x {multiples}.",
     ])  # fmt: skip
+    split = load_digits_split()
     on_grid = [index for index, lr in enumerate(protocol.curve_grid) if lr in protocol.lr_grid]
     curve_rows, robustness_rows, curves = [], [], []
     for method in curve_methods(key, protocol):
-        means = curve_on_test_set(method, protocol, context, protocol.curve_grid)
+        means = curve_on_test_set(method, protocol, context, split, protocol.curve_grid)
         grid, grid_means = [protocol.curve_grid[i] for i in on_grid], [means[i] for i in on_grid]
         gap = shared_rate_gap(grid, grid_means)
         low, high = good_window(protocol.curve_grid, means)
@@ -979,7 +988,6 @@ def summary(parts: dict[str, Part]) -> Part:
     """What only several cases together show: the cost targets against peft LoRA r=8 on the CNN
     and at transformer width, and the accuracy targets in each BatchNorm mode."""
     frozen, adapting, scale, curves = {}, {}, {}, {}
-    methods = all_methods()
     for key, part in parts.items():
         if not part.data:
             continue
@@ -989,7 +997,7 @@ def summary(parts: dict[str, Part]) -> Part:
             scale[key.removeprefix(SCALE_PREFIX)] = part.data
         elif key.startswith(BN_TRAIN_PREFIX):
             adapting[key.removeprefix(BN_TRAIN_PREFIX)] = part.data
-        elif key in methods:
+        else:
             frozen[key] = part.data
     result = Part()
     _cnn_cost(frozen, result)
@@ -1005,8 +1013,7 @@ def summary(parts: dict[str, Part]) -> Part:
 
 def plot(parts: dict[str, Part]) -> dict[str, Callable[[Path], None]]:
     """Accuracy against trainable parameters (BatchNorm frozen), for the methods that ran."""
-    methods = all_methods()
-    ran = [part.data for key, part in parts.items() if part.data and key in methods]
+    ran = [part.data for key, part in parts.items() if part.data and ":" not in key]
     title = "Few-shot digits 5-9, BatchNorm frozen: accuracy vs trainable"
     return {"accuracy": functools.partial(plot_accuracy, ran, title=title)} if ran else {}
 
